@@ -1,0 +1,144 @@
+"""Build the SparkSession: Delta extension and catalog, the Delta jars, and local tuning.
+
+Under ``spark-submit`` the JVM already exists with its master and packages, so only the SQL settings
+are applied. Run from plain Python (the CLI, tests), the session gets the Delta jars through Spark's
+resolver with a project-controlled Ivy cache, so only the very first start needs Maven Central.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from functools import lru_cache
+
+from lakehouse.config import Settings
+
+
+class JavaMissing(RuntimeError):
+    """No usable Java runtime: Spark cannot start."""
+
+
+def delta_package() -> str:
+    """The Maven coordinate of the Delta jar matching the installed pyspark and delta-spark."""
+    from importlib.metadata import version
+
+    import pyspark
+
+    spark_mm = ".".join(pyspark.__version__.split(".")[:2])
+    return f"io.delta:delta-spark_{spark_mm}_2.13:{version('delta-spark')}"
+
+
+@lru_cache(maxsize=1)
+def java_version() -> int:
+    """Major version of the Java that Spark will launch; raises JavaMissing with the fix."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    if not java or not os.path.exists(java):
+        where = f"JAVA_HOME={java_home} has no bin/java" if java_home else "no `java` on PATH"
+        raise JavaMissing(
+            f"Java 17+ is required by Spark but was not found ({where}). Install it "
+            "(Debian/Ubuntu: `apt-get install openjdk-17-jre-headless`; macOS: `brew install openjdk@17`) "
+            "or set JAVA_HOME to a JDK 17+ folder."
+        )
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise JavaMissing(f"`{java} -version` failed ({exc}); install Java 17+ or fix JAVA_HOME.") from None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if not match:
+        raise JavaMissing(f"could not read the Java version from `{java} -version`: {out.strip()[:200]}")
+    major = int(match.group(1))
+    if major == 1 and match.group(2):  # "1.8" style
+        major = int(match.group(2))
+    if major < 17:
+        raise JavaMissing(
+            f"Java {major} found at {java}, but Spark 4 needs Java 17 or newer. Install JDK 17+ and "
+            "point JAVA_HOME at it."
+        )
+    return major
+
+
+def under_spark_submit() -> bool:
+    """True when this Python process was launched by spark-submit (the JVM gateway already exists)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def _jar_manifest(settings: Settings):
+    return settings.ivy_dir / f"resolved-{delta_package().replace(':', '_')}.txt"
+
+
+def _cached_jars(settings: Settings) -> list[str]:
+    """The jar files resolved by an earlier start, if they are all still there (skips Ivy)."""
+    manifest = _jar_manifest(settings)
+    if not manifest.exists():
+        return []
+    jars = [line.strip() for line in manifest.read_text().splitlines() if line.strip()]
+    return jars if jars and all(os.path.exists(j) for j in jars) else []
+
+
+def _remember_jars(settings: Settings, spark) -> None:
+    manifest = _jar_manifest(settings)
+    if manifest.exists():
+        return
+    # Keep Delta's own two jars only: its transitive pulls (older Jackson, Hadoop client, log4j)
+    # duplicate what Spark already ships and could shadow it on the classpath.
+    jars = [j.removeprefix("file://").removeprefix("file:")
+            for j in spark.sparkContext.getConf().get("spark.jars", "").split(",")
+            if os.path.basename(j).startswith(("io.delta_delta-spark", "io.delta_delta-storage"))]
+    if jars and all(os.path.exists(j) for j in jars):
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text("\n".join(jars) + "\n")
+        os.replace(tmp, manifest)
+
+
+def build_spark(settings: Settings, app_name: str = "lakehouse"):
+    """Create (or return) the SparkSession configured for Delta and this machine.
+
+    Args:
+        settings: resolved Settings; its ``spark_master``, ``shuffle_partitions`` and ``ivy_dir``
+            are used when the session is created here (not under spark-submit).
+        app_name: shown in the Spark UI and logs.
+    """
+    from pyspark.sql import SparkSession
+
+    sql_conf = {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.sql.shuffle.partitions": str(settings.shuffle_partitions),
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.adaptive.enabled": "true",
+        # Delta: write statistics so MERGE and batch-id lookups can skip files, and do not let
+        # auto-compaction rewrite files behind the stream's back.
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        # Log replay runs as a Spark job with 50 partitions by default: far too many for 2 cores.
+        "spark.databricks.delta.snapshotPartitions": "2",
+        "spark.databricks.delta.merge.repartitionBeforeWrite.enabled": "true",
+    }
+    builder = SparkSession.builder.appName(app_name)
+    if not under_spark_submit():
+        java_version()
+        settings.ivy_dir.mkdir(parents=True, exist_ok=True)
+        jars = _cached_jars(settings)
+        builder = builder.config("spark.jars", ",".join(jars)) if jars else (
+            builder.config("spark.jars.packages", delta_package())
+            .config("spark.jars.ivy", str(settings.ivy_dir))
+        )
+        builder = (
+            builder.master(settings.spark_master)
+            .config("spark.driver.memory", settings.driver_memory)
+            .config("spark.ui.enabled", "false")
+            .config("spark.driver.bindAddress", "127.0.0.1")
+            .config("spark.driver.host", "127.0.0.1")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.sql.warehouse.dir", str(settings.data_root / "spark-warehouse"))
+            .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={settings.data_root / 'derby'}")
+        )
+    for key, value in sql_conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    if not under_spark_submit():
+        _remember_jars(settings, spark)
+    spark.sparkContext.setLogLevel(os.environ.get("LAKEHOUSE_SPARK_LOG_LEVEL", "ERROR"))
+    return spark

@@ -1,0 +1,373 @@
+"""Streaming ingestion: inbox JSON lines -> bronze -> silver (+ quarantine, data-quality), exactly once.
+
+One Structured Streaming query per inbox (events, labels), each with its own checkpoint. A single
+``foreachBatch`` does all the layers of a micro-batch, in this order:
+
+1. bronze: append every line as received (idempotent by txnAppId/txnVersion);
+2. validate with the expectation suite; quarantine the failures (idempotent append);
+3. silver: deduplicate the batch within itself, then an insert-only MERGE keyed by ``event_id``
+   whose condition names the batch's partitions, so it reads only those (idempotent DML);
+4. data-quality: one row per batch with the counts measured from the three tables, and whether
+   ``records in = inserted + duplicates + quarantined`` holds (idempotent append).
+
+A crash anywhere replays the same batch (Spark's offset log fixes which files it holds); each table
+write of the replay is skipped if it committed before, and every count is measured from the tables,
+so the replay records exactly what an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    BooleanType, IntegerType, LongType, MapType, StringType, StructField, StructType, TimestampType,
+)
+
+from lakehouse import quality
+from lakehouse.config import Settings
+from lakehouse.io import delta
+from lakehouse.transforms import bronze as bronze_t
+from lakehouse.transforms import silver as silver_t
+
+#: Schema of the lines a stream reads from an inbox (the text source plus file metadata).
+LINES_SCHEMA = StructType(
+    [
+        StructField("value", StringType(), True),
+        StructField("source_file", StringType(), True),
+        StructField("file_modified_at", TimestampType(), True),
+    ]
+)
+
+DQ_SCHEMA = StructType(
+    [
+        StructField("kind", StringType(), False),
+        StructField("batch_id", LongType(), False),
+        StructField("app_id", StringType(), False),
+        StructField("source_files", IntegerType(), False),
+        StructField("records_in", LongType(), False),
+        StructField("inserted", LongType(), False),
+        StructField("duplicates", LongType(), False),
+        StructField("duplicates_in_batch", LongType(), False),
+        StructField("duplicates_existing", LongType(), False),
+        StructField("quarantined", LongType(), False),
+        StructField("warned", LongType(), False),
+        StructField("check_failures", MapType(StringType(), LongType()), False),
+        StructField("reconciled", BooleanType(), False),
+        StructField("processed_at", TimestampType(), False),
+    ]
+)
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be used; the message names the folder and the fix."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What differs between the events and the labels inbox."""
+
+    kind: str
+    inbox: Path
+    bronze: str
+    silver: str
+    validation_frame: Callable[[DataFrame], DataFrame]
+    to_silver: Callable[[DataFrame], DataFrame]
+    keys: tuple[str, ...]
+    partition_by: tuple[str, ...]
+
+
+def layer(settings: Settings, kind: str) -> Layer:
+    if kind == "events":
+        return Layer("events", settings.events_inbox, "bronze_events", "silver_transactions",
+                     silver_t.event_validation_frame, silver_t.silver_events,
+                     keys=("event_date", "event_id"), partition_by=("event_date",))
+    if kind == "labels":
+        return Layer("labels", settings.labels_inbox, "bronze_labels", "silver_labels",
+                     silver_t.label_validation_frame, silver_t.silver_labels,
+                     keys=("event_id",), partition_by=())
+    raise ValueError(f"unknown stream {kind!r}; expected 'events' or 'labels'")
+
+
+# ---- tables ---------------------------------------------------------------------------------------
+
+def _schema_of(spark: SparkSession, lay: Layer, settings: Settings) -> dict[str, StructType]:
+    """Table schemas derived from the transforms themselves, so they cannot drift apart."""
+    lines = spark.createDataFrame([], LINES_SCHEMA)
+    b = bronze_t.to_bronze(lines, 0, datetime(2000, 1, 1, tzinfo=timezone.utc))
+    checked = quality.apply_checks(lay.validation_frame(b), quality.checks_for(lay.kind, settings))
+    return {
+        "bronze": b.schema,
+        "silver": lay.to_silver(checked).schema,
+        "quarantine": silver_t.quarantine_rows(checked, lay.kind).schema,
+    }
+
+
+def ensure_tables(spark: SparkSession, settings: Settings, kinds=("events", "labels")) -> None:
+    """Create every bronze/silver table the streams write, if missing."""
+    cdf = {"delta.enableChangeDataFeed": "true"}
+    for kind in kinds:
+        lay = layer(settings, kind)
+        schemas = _schema_of(spark, lay, settings)
+        delta.ensure_table(spark, settings.table_path(lay.bronze), schemas["bronze"])
+        delta.ensure_table(spark, settings.table_path(lay.silver), schemas["silver"],
+                           partition_by=lay.partition_by, properties=cdf)
+        delta.ensure_table(spark, settings.table_path("silver_quarantine"), schemas["quarantine"])
+    delta.ensure_table(spark, settings.table_path("silver_dq_batches"), DQ_SCHEMA)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+APP_FILE = "lakehouse_app.json"
+
+
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"The checkpoint at {path} is corrupt or belongs to another query ({why}). Fix: run "
+        f"`lakehouse stream --reset` to rebuild bronze and silver from the inbox files (they are kept), "
+        f"or restore the folder from a backup."
+    )
+
+
+def check_checkpoint(path: Path, kind: str, inbox: Path) -> None:
+    """Refuse a checkpoint that Spark could not resume from, with a message that names the fix."""
+    if not path.exists():
+        return
+    app = path / APP_FILE
+    if app.exists():
+        try:
+            meta = json.loads(app.read_text())
+        except ValueError:
+            raise _corrupt(path, f"{APP_FILE} is not JSON") from None
+        if meta.get("kind") != kind or meta.get("inbox") != str(inbox):
+            raise _corrupt(path, f"it was made for the {meta.get('kind')} stream of {meta.get('inbox')}, "
+                                 f"not the {kind} stream of {inbox}")
+    metadata = path / "metadata"
+    if metadata.exists():
+        try:
+            json.loads(metadata.read_text().splitlines()[0])
+        except (ValueError, IndexError):
+            raise _corrupt(path, "its metadata file is unreadable") from None
+    for log in ("offsets", "commits"):
+        for f in sorted((path / log).glob("[0-9]*")) if (path / log).is_dir() else []:
+            head = f.read_bytes()[:3]
+            if not head.startswith(b"v"):
+                raise _corrupt(path, f"{log}/{f.name} is not a Spark log entry")
+
+
+def app_id_for(path: Path, kind: str, inbox: Path) -> str:
+    """The stable id of this query's writes (txnAppId), kept beside Spark's checkpoint.
+
+    A new checkpoint gets a new id, so a rebuilt stream's batch 0 is never mistaken for the old one.
+    """
+    check_checkpoint(path, kind, inbox)
+    app = path / APP_FILE
+    if app.exists():
+        return json.loads(app.read_text())["app_id"]
+    path.mkdir(parents=True, exist_ok=True)
+    app_id = f"lakehouse-{kind}-{uuid.uuid4()}"
+    tmp = app.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"app_id": app_id, "kind": kind, "inbox": str(inbox)}))
+    tmp.replace(app)
+    return app_id
+
+
+# ---- the micro-batch ------------------------------------------------------------------------------
+
+@dataclass
+class BatchResult:
+    kind: str
+    batch_id: int
+    records_in: int
+    inserted: int
+    duplicates: int
+    quarantined: int
+    reconciled: bool
+
+
+class IngestBatch:
+    """The foreachBatch function of one inbox stream."""
+
+    def __init__(self, settings: Settings, kind: str, app_id: str,
+                 on_batch: Callable[[BatchResult], None] | None = None):
+        self.settings = settings
+        self.layer = layer(settings, kind)
+        self.checks = quality.checks_for(kind, settings)
+        self.app_id = app_id
+        self.on_batch = on_batch
+
+    def _path(self, name: str) -> str:
+        return str(self.settings.table_path(name))
+
+    def __call__(self, lines: DataFrame, batch_id: int) -> None:
+        spark = lines.sparkSession
+        lay, app, s = self.layer, self.app_id, self.settings
+        ingested_at = datetime.now(timezone.utc)
+
+        bronze = bronze_t.to_bronze(lines, batch_id, ingested_at).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            delta.append_once(bronze, self._path(lay.bronze), app, batch_id)
+            checked = quality.apply_checks(lay.validation_frame(bronze), self.checks)
+            checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
+            stats = checked.agg(
+                F.count(F.lit(1)).alias("rows"),
+                F.sum(F.when(silver_t.is_quarantined(checked), 0).otherwise(1)).alias("valid"),
+                F.sum(F.when(F.size("warned_checks") > 0, 1).otherwise(0)).alias("warned"),
+                F.sum(F.size("failed_fatal")).alias("fatal"),
+                F.countDistinct("source_file").alias("files"),
+                *[F.sum(F.when(F.array_contains("failed_checks", c.name)
+                               | F.array_contains("warned_checks", c.name), 1).otherwise(0)).alias(c.name)
+                  for c in self.checks],
+            ).first()
+            if stats["fatal"]:
+                fatal = [c.name for c in self.checks if c.severity == quality.FAIL and stats[c.name]]
+                raise quality.ExpectationFailed(
+                    f"{lay.kind} batch {batch_id}: checks with severity 'fail' failed: {', '.join(fatal)}"
+                )
+            delta.append_once(silver_t.quarantine_rows(checked, lay.kind),
+                              self._path("silver_quarantine"), app, batch_id)
+
+            deduped = lay.to_silver(checked).persist(StorageLevel.MEMORY_AND_DISK)
+            n_deduped = deduped.count()
+            prune = {}
+            if lay.partition_by:
+                col = lay.partition_by[0]
+                prune[col] = [str(r[0]) for r in deduped.select(col).distinct().collect()]
+            if n_deduped:
+                with delta.idempotent_dml(spark, app, batch_id):
+                    delta.merge_insert_new(spark, deduped, self._path(lay.silver), lay.keys, prune)
+            deduped.unpersist()
+
+            # Counts measured from the tables: they hold whatever any attempt of this batch wrote.
+            def written(table: str, extra=None) -> int:
+                df = delta.read(spark, self._path(table)).where(F.col("batch_id") == batch_id)
+                if extra is not None:
+                    df = df.where(extra)
+                return df.count()
+
+            records_in = written(lay.bronze)
+            quarantined = written("silver_quarantine", F.col("kind") == lay.kind)
+            date_filter = None
+            for col, values in prune.items():
+                date_filter = F.col(col).isin(values)
+            inserted = written(lay.silver, date_filter) if n_deduped else 0
+            valid = int(stats["valid"] or 0)
+            dup_in_batch = valid - n_deduped
+            dup_existing = n_deduped - inserted
+            duplicates = dup_in_batch + dup_existing
+            reconciled = (records_in == int(stats["rows"])
+                          and records_in == inserted + duplicates + quarantined
+                          and dup_existing >= 0)
+            row = {
+                "kind": lay.kind, "batch_id": batch_id, "app_id": app,
+                "source_files": int(stats["files"] or 0), "records_in": records_in,
+                "inserted": inserted, "duplicates": duplicates,
+                "duplicates_in_batch": dup_in_batch, "duplicates_existing": dup_existing,
+                "quarantined": quarantined, "warned": int(stats["warned"] or 0),
+                "check_failures": {c.name: int(stats[c.name] or 0) for c in self.checks},
+                "reconciled": reconciled, "processed_at": ingested_at,
+            }
+            delta.append_once(spark.createDataFrame([row], DQ_SCHEMA),
+                              self._path("silver_dq_batches"), app, batch_id)
+            checked.unpersist()
+        finally:
+            bronze.unpersist()
+        if self.on_batch:
+            self.on_batch(BatchResult(lay.kind, batch_id, records_in, inserted, duplicates,
+                                      quarantined, reconciled))
+
+
+# ---- queries --------------------------------------------------------------------------------------
+
+def inbox_lines(spark: SparkSession, inbox: Path, max_files: int) -> DataFrame:
+    """The inbox as a stream of text lines with their file's path and modification time.
+
+    Files whose names start with '.' or '_' are ignored by Spark: writers use such a temporary name
+    and rename the finished file, so a half-written file is never read.
+    """
+    inbox.mkdir(parents=True, exist_ok=True)
+    return (
+        spark.readStream.format("text")
+        .option("maxFilesPerTrigger", max_files)
+        .load(str(inbox))
+        .select(
+            F.col("value"),
+            F.col("_metadata.file_path").alias("source_file"),
+            F.col("_metadata.file_modification_time").alias("file_modified_at"),
+        )
+    )
+
+
+def start_query(spark: SparkSession, settings: Settings, kind: str, once: bool,
+                on_batch: Callable[[BatchResult], None] | None = None):
+    lay = layer(settings, kind)
+    checkpoint = settings.checkpoint(kind)
+    app_id = app_id_for(checkpoint, kind, lay.inbox)
+    writer = (
+        inbox_lines(spark, lay.inbox, settings.max_files_per_trigger)
+        .writeStream.queryName(f"ingest_{kind}")
+        .option("checkpointLocation", str(checkpoint))
+        .foreachBatch(IngestBatch(settings, kind, app_id, on_batch))
+    )
+    writer = writer.trigger(availableNow=True) if once else writer.trigger(
+        processingTime=f"{settings.trigger_seconds} seconds")
+    try:
+        return writer.start()
+    except Exception as exc:  # Spark refuses to resume: say which folder and what to do
+        if "checkpoint" in str(exc).lower() or "offset" in str(exc).lower():
+            raise _corrupt(checkpoint, str(exc).splitlines()[0][:300]) from exc
+        raise
+
+
+def run_streams(
+    spark: SparkSession,
+    settings: Settings,
+    once: bool,
+    kinds=("events", "labels"),
+    on_batch: Callable[[BatchResult], None] | None = None,
+    stop_event: threading.Event | None = None,
+) -> None:
+    """Run the ingestion queries; with ``once`` process what is in the inboxes and return.
+
+    Continuous mode runs until ``stop_event`` is set or a query fails.
+    """
+    ensure_tables(spark, settings, kinds)
+    queries = [start_query(spark, settings, kind, once, on_batch) for kind in kinds]
+    try:
+        if once:
+            for q in queries:
+                _await(q, settings.checkpoint(q.name.removeprefix("ingest_")))
+        else:
+            stop_event = stop_event or threading.Event()
+            while not stop_event.is_set():
+                for q in queries:
+                    if not q.isActive:
+                        _await(q, settings.checkpoint(q.name.removeprefix("ingest_")))
+                        return
+                stop_event.wait(0.5)
+    finally:
+        for q in queries:
+            if q.isActive:
+                q.stop()
+
+
+def _await(query, checkpoint: Path) -> None:
+    try:
+        query.awaitTermination()
+    except Exception as exc:
+        text = str(exc)
+        lowered = text.lower()
+        if ("checkpoint" in lowered or "offsets" in lowered or "metadata" in lowered) and (
+            "corrupt" in lowered or "parse" in lowered or "invalid" in lowered or "malformed" in lowered
+            or "unsupported" in lowered or "log file" in lowered
+        ):
+            raise _corrupt(checkpoint, text.splitlines()[0][:300]) from exc
+        raise

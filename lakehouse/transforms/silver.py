@@ -1,0 +1,132 @@
+"""Silver: parse, type, validate and deduplicate bronze records.
+
+Every field is parsed as a string and typed with ``try_cast``, so a wrong type becomes a named
+expectation failure instead of a silently nulled value. ``validation_frame`` builds the columns the
+expectation suite (:mod:`lakehouse.quality`) looks at; the valid rows become typed silver rows, the
+others quarantine rows that keep the raw text and the names of the checks they failed.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from lakehouse.reference import FX_TO_USD
+from lakehouse.schemas import CORRUPT_COLUMN, EVENT_FIELDS, LABEL_FIELDS, RAW_EVENT_SCHEMA, RAW_LABEL_SCHEMA
+
+#: Columns of silver_transactions, in order.
+SILVER_EVENT_COLUMNS = (
+    "event_id", "user_id", "merchant_id", "amount", "currency", "amount_base", "country",
+    "event_time", "event_date", "source_file", "batch_id", "ingested_at",
+)
+#: Columns of silver_labels, in order.
+SILVER_LABEL_COLUMNS = (
+    "event_id", "is_fraud", "scenario", "reported_at", "source_file", "batch_id", "ingested_at",
+)
+#: Columns of silver_quarantine, in order.
+QUARANTINE_COLUMNS = (
+    "kind", "record_key", "failed_checks", "raw", "raw_bytes", "source_file", "file_modified_at",
+    "batch_id", "ingested_at",
+)
+
+
+def _clean(col: Column) -> Column:
+    """Trimmed string, with an empty string read as missing."""
+    trimmed = F.trim(col)
+    return F.when(trimmed == "", None).otherwise(trimmed)
+
+
+def _parse(bronze: DataFrame, schema, fields: tuple[str, ...]) -> DataFrame:
+    parsed = F.from_json(
+        F.col("raw"), schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_COLUMN}
+    )
+    out = bronze.withColumn("_p", parsed)
+    valid_json = F.col("_p").isNotNull() & F.col(f"_p.{CORRUPT_COLUMN}").isNull()
+    known = F.lit(False)
+    for name in fields:
+        known = known | F.col(f"_p.{name}").isNotNull()
+    return (
+        out.withColumn("is_valid_json", valid_json)
+        # Only asked of valid JSON, so a broken line fails one check, not two.
+        .withColumn("has_known_fields", F.when(valid_json, known))
+        # The text source decodes invalid UTF-8 bytes to U+FFFD; a feed of UTF-8 JSON never sends it.
+        .withColumn("is_valid_utf8", ~F.col("raw").contains("\ufffd"))
+    )
+
+
+def _arrival_lag(ts_col: str) -> Column:
+    """Seconds from the event to the arrival of its file (negative: the event is in the future)."""
+    return F.col("file_modified_at").cast("double") - F.col(ts_col).cast("double")
+
+
+def event_validation_frame(bronze: DataFrame) -> DataFrame:
+    """Bronze event rows with every column the event checks need, fields typed with try_cast."""
+    fx = F.create_map(*[x for code, rate in sorted(FX_TO_USD.items()) for x in (F.lit(code), F.lit(rate))])
+    p = _parse(bronze, RAW_EVENT_SCHEMA, EVENT_FIELDS)
+    return (
+        p.withColumn("event_id", _clean(F.col("_p.event_id")))
+        .withColumn("user_id", _clean(F.col("_p.user_id")))
+        .withColumn("merchant_id", _clean(F.col("_p.merchant_id")))
+        .withColumn("amount_raw", _clean(F.col("_p.amount")))
+        .withColumn("amount", F.expr("try_cast(amount_raw AS double)"))
+        .withColumn(
+            "amount_is_number",
+            F.when(F.col("amount_raw").isNull(), None).otherwise(F.col("amount").isNotNull()),
+        )
+        .withColumn("currency", F.upper(_clean(F.col("_p.currency"))))
+        .withColumn("amount_base", F.round(F.col("amount") * F.element_at(fx, F.col("currency")), 6))
+        .withColumn("country", F.upper(_clean(F.col("_p.country"))))
+        .withColumn("event_time_raw", _clean(F.col("_p.event_time")))
+        .withColumn("event_time", F.try_to_timestamp(F.col("event_time_raw")))
+        .withColumn("arrival_lag_seconds", _arrival_lag("event_time"))
+        .withColumn("record_key", F.col("event_id"))
+        .drop("_p")
+    )
+
+
+def label_validation_frame(bronze: DataFrame) -> DataFrame:
+    """Bronze label rows with every column the label checks need."""
+    p = _parse(bronze, RAW_LABEL_SCHEMA, LABEL_FIELDS)
+    return (
+        p.withColumn("event_id", _clean(F.col("_p.event_id")))
+        .withColumn("is_fraud_raw", F.lower(_clean(F.col("_p.is_fraud"))))
+        .withColumn("is_fraud", F.col("is_fraud_raw") == "true")
+        .withColumn("scenario", F.lower(_clean(F.col("_p.scenario"))))
+        .withColumn("reported_at_raw", _clean(F.col("_p.reported_at")))
+        .withColumn("reported_at", F.try_to_timestamp(F.col("reported_at_raw")))
+        .withColumn("arrival_lag_seconds", _arrival_lag("reported_at"))
+        .withColumn("record_key", F.col("event_id"))
+        .drop("_p")
+    )
+
+
+def is_quarantined(checked: DataFrame) -> Column:
+    return F.size("failed_checks") > 0
+
+
+def quarantine_rows(checked: DataFrame, kind: str) -> DataFrame:
+    """Rows that failed a quarantine check, with the raw text and the names of the failed checks."""
+    return checked.where(is_quarantined(checked)).select(
+        F.lit(kind).alias("kind"), *[c for c in QUARANTINE_COLUMNS if c != "kind"]
+    )
+
+
+def dedup_first(df: DataFrame, key: str, order: list[Column]) -> DataFrame:
+    """One row per ``key``: the first by ``order``, which must be a total order so a replayed batch
+    keeps the very same row (re-deliveries are exact copies, so usually any row would do)."""
+    w = Window.partitionBy(key).orderBy(*order)
+    return df.withColumn("_rn", F.row_number().over(w)).where("_rn = 1").drop("_rn")
+
+
+def silver_events(checked: DataFrame) -> DataFrame:
+    """Valid event rows, typed, one per event_id (the first delivery wins)."""
+    valid = checked.where(~is_quarantined(checked))
+    first = dedup_first(valid, "event_id", [F.col("source_file"), F.col("raw")])
+    return first.withColumn("event_date", F.to_date("event_time")).select(*SILVER_EVENT_COLUMNS)
+
+
+def silver_labels(checked: DataFrame) -> DataFrame:
+    """Valid labels, one per event_id: the earliest report wins (a chargeback is final)."""
+    valid = checked.where(~is_quarantined(checked))
+    first = dedup_first(valid, "event_id", [F.col("reported_at"), F.col("source_file"), F.col("raw")])
+    return first.select(*SILVER_LABEL_COLUMNS)
