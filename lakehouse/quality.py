@@ -28,7 +28,7 @@ WARN, QUARANTINE, FAIL = "warn", "quarantine", "fail"
 SEVERITIES = (WARN, QUARANTINE, FAIL)
 
 #: ISO-8601 timestamp with an explicit offset or Z; a local time without offset is ambiguous.
-ISO_TS_WITH_OFFSET = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|z|[+-]\d{2}:?\d{2})$"
+ISO_TS_WITH_OFFSET = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|z|[+-]\d{2}:?\d{2})$"
 #: Largest base-currency amount accepted without a warning (a review limit, not a rejection).
 REVIEW_LIMIT_BASE = 50_000.0
 #: Largest amount accepted at all: beyond it the value is corrupt, not a payment.

@@ -142,3 +142,16 @@ def build_spark(settings: Settings, app_name: str = "lakehouse"):
         _remember_jars(settings, spark)
     spark.sparkContext.setLogLevel(os.environ.get("LAKEHOUSE_SPARK_LOG_LEVEL", "ERROR"))
     return spark
+
+
+if __name__ == "__main__":  # `python -m lakehouse.spark`: resolve and cache the Delta jars
+    import sys
+
+    try:
+        session = build_spark(Settings.from_env(), app_name="lakehouse-warmup")
+    except JavaMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    session.range(1).count()
+    print(f"Spark {session.version} with {delta_package()} is ready")
+    session.stop()

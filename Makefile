@@ -1,0 +1,64 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv, install the pinned
+# dependencies (pyproject.toml + constraints.txt), resolve the Delta jars into .cache/ivy once, and
+# reuse all of it on later runs.
+
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { command -v $$p; break; }; done)
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP     := $(VENV)/.dev-installed
+JARS_STAMP    := .cache/ivy/.jars-resolved
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench install dev jars check-python check-java unit integration dags clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+check-python:
+	@test -n "$(PYTHON)" || { echo "error: Python 3.11+ not found; install python3.11 (or newer) and retry" >&2; exit 2; }
+
+check-java:
+	@command -v java >/dev/null 2>&1 || test -x "$$JAVA_HOME/bin/java" || { \
+	  echo "error: Java 17+ not found; install it (Debian/Ubuntu: apt-get install openjdk-17-jre-headless) or set JAVA_HOME" >&2; exit 2; }
+
+$(RUNTIME_STAMP): pyproject.toml constraints.txt | check-python
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	@echo ">> installing runtime dependencies (first run: a few minutes)"
+	$(PIP) install --progress-bar on -c constraints.txt -e .
+	@touch $@
+
+$(DEV_STAMP): $(RUNTIME_STAMP)
+	@echo ">> installing test dependencies (pytest, Airflow)"
+	$(PIP) install --progress-bar on -c constraints.txt -e ".[dev,airflow]"
+	@touch $@
+
+$(JARS_STAMP): $(RUNTIME_STAMP) | check-java
+	@echo ">> resolving the Delta jars from Maven Central into .cache/ivy (first run only)"
+	$(BIN)/python -m lakehouse.spark
+	@touch $@
+
+install: $(RUNTIME_STAMP) $(JARS_STAMP)  ## runtime install + Delta jars
+dev: $(DEV_STAMP) $(JARS_STAMP)          ## runtime + test dependencies
+jars: $(JARS_STAMP)                      ## resolve and cache the Delta jars
+
+demo: install  ## run the main job end to end on embedded defaults
+	$(BIN)/lakehouse demo
+
+test: dev  ## run the whole test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: dev  ## unit tests only
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: dev  ## integration tests only
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+bench: install  ## benchmarks; JSON results under bench/results/
+	$(BIN)/python bench/run.py
+
+clean:  ## remove generated data (keeps .venv and the jar cache)
+	rm -rf data spark-warehouse metastore_db derby.log .pytest_cache

@@ -1,0 +1,306 @@
+"""The ``lakehouse`` command. Thin: parse arguments, build Settings, call the library.
+
+Every sub-command has ``--help``. Errors the user can fix (no Java, Postgres unreachable, a corrupt
+checkpoint, a bad setting) end the command with one clear message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rich.console import Console
+
+from lakehouse.config import QUERIES, TABLES, Settings
+
+console = Console(stderr=True)
+out = Console()
+
+
+class UserError(RuntimeError):
+    """An error with a message that tells the user what to do."""
+
+
+# ---- generate -------------------------------------------------------------------------------------
+
+def _parse_start(text: str | None):
+    if not text:
+        return None
+    ts = datetime.fromisoformat(text)
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+
+
+def cmd_generate(args, settings: Settings) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lakehouse.generator import GeneratorConfig, generate_backlog, run_live
+
+    knobs = dict(seed=args.seed, n_users=args.users, n_merchants=args.merchants, days=args.days,
+                 start=_parse_start(args.start), n_events=args.events,
+                 duplicate_rate=args.duplicate_rate, late_rate=args.late_rate,
+                 malformed_rate=args.malformed_rate)
+    if args.file_events:
+        knobs["file_events"] = args.file_events
+    config = GeneratorConfig(**{k: v for k, v in knobs.items() if v is not None})
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("generate", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        if args.live:
+            summary = run_live(settings.events_inbox, settings.labels_inbox, config,
+                               rate=args.rate, duration_s=args.duration, progress=report)
+        else:
+            summary = generate_backlog(settings.events_inbox, settings.labels_inbox, config, progress=report)
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str))
+    out.print_json(json.dumps(summary, default=str))
+    return 0
+
+
+# ---- stream ---------------------------------------------------------------------------------------
+
+def reset_stream(settings: Settings) -> list[str]:
+    """Remove the stream checkpoints and every table built from the inboxes (the inboxes stay)."""
+    removed = []
+    for query in QUERIES:
+        path = settings.checkpoint(query)
+        if path.exists():
+            shutil.rmtree(path)
+            removed.append(str(path))
+    for name, (layer, _) in TABLES.items():
+        path = settings.table_path(name)
+        if layer in ("bronze", "silver") and path.exists():
+            shutil.rmtree(path)
+            removed.append(str(path))
+    return removed
+
+
+def cmd_stream(args, settings: Settings) -> int:
+    from lakehouse import streaming, summary
+    from lakehouse.spark import build_spark
+
+    if args.reset:
+        for path in reset_stream(settings):
+            console.print(f"[yellow]removed[/] {path}")
+    if args.trigger_seconds:
+        settings = settings.replace(trigger_seconds=args.trigger_seconds)
+    if args.max_files:
+        settings = settings.replace(max_files_per_trigger=args.max_files)
+    kinds = tuple(args.only) if args.only else QUERIES
+    console.print(f"[bold]starting Spark[/] ({settings.spark_master}) ...")
+    spark = build_spark(settings, app_name="lakehouse-stream")
+    started = time.time()
+    totals = {"records_in": 0, "inserted": 0}
+
+    def on_batch(r) -> None:
+        totals["records_in"] += r.records_in
+        totals["inserted"] += r.inserted
+        rate = totals["records_in"] / max(time.time() - started, 1e-9)
+        mark = "[green]ok[/]" if r.reconciled else "[red]NOT RECONCILED[/]"
+        console.print(
+            f"{r.kind:>6} batch {r.batch_id:>4}: in {r.records_in:>8,}  inserted {r.inserted:>8,}  "
+            f"duplicates {r.duplicates:>6,}  quarantined {r.quarantined:>6,}  {mark}  ({rate:,.0f} rec/s)"
+        )
+
+    stop = threading.Event()
+    if not args.once:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        console.print(f"streaming {', '.join(kinds)} every {settings.trigger_seconds}s; Ctrl-C stops")
+    streaming.run_streams(spark, settings, once=args.once, kinds=kinds, on_batch=on_batch, stop_event=stop)
+    rec = summary.reconciliation(spark, settings)
+    out.print_json(json.dumps({"reconciliation": rec, "seconds": round(time.time() - started, 1)}))
+    if any(not v["reconciled"] for v in rec.values()):
+        console.print("[red]reconciliation failed: see silver_dq_batches[/]")
+        return 1
+    return 0
+
+
+# ---- pg -------------------------------------------------------------------------------------------
+
+def cmd_pg(args, settings: Settings) -> int:
+    from lakehouse.io import postgres
+
+    if args.action == "start":
+        dsn = postgres.start(settings)
+        console.print("[green]Postgres is running[/]")
+        out.print(dsn)
+    elif args.action == "stop":
+        was = postgres.stop(settings)
+        console.print("stopped" if was else "was not running")
+    elif args.action == "status":
+        out.print_json(json.dumps(postgres.status(settings), default=str))
+    elif args.action == "url":
+        out.print(postgres.resolve_dsn(settings))
+    return 0
+
+
+# ---- info -----------------------------------------------------------------------------------------
+
+def cmd_info(args, settings: Settings) -> int:
+    info = settings.as_dict()
+    try:
+        from lakehouse.io import postgres
+
+        info["pg_dsn_resolved"] = postgres.resolve_dsn(settings)
+        info["pg_mode"] = "external" if settings.pg_dsn else "embedded"
+    except Exception as exc:  # info must work even when Postgres is not set up
+        info["pg_dsn_resolved"] = None
+        info["pg_error"] = str(exc)
+    if args.json:
+        out.print(json.dumps(info, indent=2, default=str), soft_wrap=True, highlight=False)
+        return 0
+    out.print(f"[bold]data root[/]   {info['data_root']}")
+    out.print(f"[bold]inboxes[/]     {info['events_inbox']}  |  {info['labels_inbox']}")
+    out.print(f"[bold]postgres[/]    {info['pg_dsn_resolved']} ({info['pg_mode'] if 'pg_mode' in info else '?'})")
+    out.print(f"[bold]mlflow[/]      {info['mlflow_tracking_uri']}")
+    out.print("[bold]tables[/]")
+    for name, path in info["tables"].items():
+        out.print(f"  {name:<22} {path}")
+    out.print("[bold]checkpoints[/]")
+    for name, path in info["checkpoints"].items():
+        out.print(f"  {name:<22} {path}")
+    return 0
+
+
+# ---- demo -----------------------------------------------------------------------------------------
+
+def cmd_demo(args, settings: Settings) -> int:
+    """Generate a few simulated days, stream them to silver, print the summary."""
+    from lakehouse import streaming, summary
+    from lakehouse.generator import GeneratorConfig, generate_backlog
+    from lakehouse.io import postgres
+    from lakehouse.spark import build_spark
+
+    steps = 4
+    console.rule("[bold]lakehouse demo")
+    console.print(f"[1/{steps}] Postgres ({'external' if settings.pg_dsn else 'embedded'}) ...")
+    dsn = postgres.start(settings)
+    console.print(f"      {dsn}")
+    console.print(f"[2/{steps}] generating {args.days} simulated days (seed {args.seed}) ...")
+    t0 = time.time()
+    gen = generate_backlog(settings.events_inbox, settings.labels_inbox,
+                           GeneratorConfig(seed=args.seed, days=args.days, n_users=args.users))
+    console.print(f"      {gen['lines_written']:,} event lines in {gen['files']} files, "
+                  f"{gen['labels_written']:,} labels ({time.time() - t0:.1f}s)")
+    console.print(f"[3/{steps}] streaming the inboxes to bronze and silver (availableNow) ...")
+    spark = build_spark(settings, app_name="lakehouse-demo")
+    t0 = time.time()
+
+    def on_batch(r) -> None:
+        console.print(f"      {r.kind} batch {r.batch_id}: {r.records_in:,} in, {r.inserted:,} new, "
+                      f"{r.duplicates:,} dup, {r.quarantined:,} quarantined")
+
+    streaming.run_streams(spark, settings, once=True, on_batch=on_batch)
+    console.print(f"      done in {time.time() - t0:.1f}s")
+    console.print(f"[4/{steps}] summary")
+    result = {
+        "tables": summary.table_counts(spark, settings),
+        "reconciliation": summary.reconciliation(spark, settings),
+        "quarantine_by_check": summary.quarantine_by_check(spark, settings),
+        "generator": {k: gen[k] for k in ("events", "duplicates", "malformed", "fraud_events",
+                                          "labels_written") if k in gen},
+    }
+    out.print_json(json.dumps(result, default=str))
+    ok = all(v["reconciled"] for v in result["reconciliation"].values())
+    console.print("[green]every batch reconciled[/]" if ok else "[red]reconciliation failed[/]")
+    console.print(f"next: `lakehouse info` for paths; tables under {settings.delta_root}")
+    return 0 if ok else 1
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lakehouse",
+        description="Real-time fraud and risk signal pipeline: inbox JSON -> Delta -> Postgres.",
+        epilog="Configuration comes from environment variables (LAKEHOUSE_DATA, LAKEHOUSE_PG_DSN, ...); "
+               "`lakehouse info` shows what they resolve to.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="write synthetic payment events and fraud labels to the inboxes",
+                       description="Write synthetic card-payment events (with fraud scenarios and stream "
+                                   "defects) to the events inbox and delayed fraud labels to the labels inbox.")
+    g.add_argument("--seed", type=int, default=42, help="random seed; same seed and --start give identical files")
+    g.add_argument("--days", type=float, default=None, help="simulated days of traffic (backlog mode)")
+    g.add_argument("--events", type=int, default=None, help="target number of events instead of --days volume")
+    g.add_argument("--start", default=None, help="simulation start, ISO date/time in UTC (default: today - days)")
+    g.add_argument("--users", type=int, default=None, help="number of simulated card holders")
+    g.add_argument("--merchants", type=int, default=None, help="number of simulated merchants")
+    g.add_argument("--duplicate-rate", type=float, default=None, help="share of events re-delivered")
+    g.add_argument("--late-rate", type=float, default=None, help="share of events delivered late")
+    g.add_argument("--malformed-rate", type=float, default=None, help="share of malformed records")
+    g.add_argument("--file-events", type=int, default=None, help="lines per inbox file")
+    g.add_argument("--live", action="store_true", help="replay in real time instead of a backlog")
+    g.add_argument("--rate", type=float, default=100.0, help="live mode: events per second")
+    g.add_argument("--duration", type=float, default=60.0, help="live mode: seconds to run")
+    g.add_argument("--summary", default=None, help="also write the JSON summary to this file")
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("stream", help="stream the inboxes into Delta bronze and silver",
+                       description="Spark Structured Streaming from the inboxes to bronze, silver, "
+                                   "quarantine and data-quality tables, exactly once.")
+    s.add_argument("--once", action="store_true", help="process what is in the inboxes, then exit (availableNow)")
+    s.add_argument("--only", action="append", choices=list(QUERIES), help="run only this stream (repeatable)")
+    s.add_argument("--trigger-seconds", type=float, default=None, help="continuous mode: micro-batch interval")
+    s.add_argument("--max-files", type=int, default=None, help="inbox files per micro-batch at most")
+    s.add_argument("--reset", action="store_true",
+                   help="delete the checkpoints and bronze/silver tables first, then rebuild from the inboxes")
+    s.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("pg", help="the serving Postgres: start, stop, status, url",
+                       description="Manage the embedded Postgres (or check the one named by LAKEHOUSE_PG_DSN).")
+    p.add_argument("action", choices=["start", "stop", "status", "url"], help="what to do")
+    p.set_defaults(func=cmd_pg)
+
+    i = sub.add_parser("info", help="show resolved paths, tables and the DSN",
+                       description="Show the resolved settings: paths, every Delta table location, the DSN.")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="run the main job end to end on embedded defaults",
+                       description="Start Postgres, generate a few simulated days, stream them, print a summary.")
+    d.add_argument("--days", type=float, default=3.0, help="simulated days to generate")
+    d.add_argument("--users", type=int, default=2000, help="simulated card holders")
+    d.add_argument("--seed", type=int, default=7, help="random seed")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        try:
+            settings = Settings.from_env()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        return args.func(args, settings)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+    except Exception as exc:
+        if _is_user_error(exc):
+            console.print(f"[bold red]error:[/] {exc}")
+            return 2
+        raise
+
+
+def _is_user_error(exc: Exception) -> bool:
+    names = {"JavaMissing", "CheckpointError", "PostgresUnavailable", "UserError", "ExpectationFailed"}
+    return type(exc).__name__ in names
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Shared fixtures: one SparkSession for the whole run (starting one takes ~10 s on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lakehouse.config import Settings
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from lakehouse.spark import build_spark
+
+    root = tmp_path_factory.mktemp("spark-session")
+    settings = Settings.from_env({"LAKEHOUSE_DATA": str(root), "LAKEHOUSE_SPARK_MASTER": "local[2]",
+                                  "LAKEHOUSE_SHUFFLE_PARTITIONS": "2"})
+    session = build_spark(settings, app_name="lakehouse-tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    """Settings rooted in a fresh temporary data folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")}
+    env.update(LAKEHOUSE_DATA=str(tmp_path / "data"), LAKEHOUSE_SHUFFLE_PARTITIONS="2",
+               LAKEHOUSE_SPARK_MASTER="local[2]")
+    return Settings.from_env(env)
+
+
+def write_lines(folder: Path, name: str, lines: list[str | bytes], mtime: float | None = None) -> Path:
+    """Write an inbox file atomically (temp name, then rename), as a producer would."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    data = b"".join((l if isinstance(l, bytes) else l.encode()) + b"\n" for l in lines)
+    tmp.write_bytes(data)
+    final = folder / name
+    os.replace(tmp, final)
+    if mtime is not None:
+        os.utime(final, (mtime, mtime))
+    return final
