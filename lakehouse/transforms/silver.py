@@ -11,6 +11,7 @@ from __future__ import annotations
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from lakehouse.quality import ISO_TS_WITH_OFFSET
 from lakehouse.reference import FX_TO_USD
 from lakehouse.schemas import CORRUPT_COLUMN, EVENT_FIELDS, LABEL_FIELDS, RAW_EVENT_SCHEMA, RAW_LABEL_SCHEMA
 
@@ -49,9 +50,16 @@ def _parse(bronze: DataFrame, schema, fields: tuple[str, ...]) -> DataFrame:
         out.withColumn("is_valid_json", valid_json)
         # Only asked of valid JSON, so a broken line fails one check, not two.
         .withColumn("has_known_fields", F.when(valid_json, known))
-        # The text source decodes invalid UTF-8 bytes to U+FFFD; a feed of UTF-8 JSON never sends it.
-        .withColumn("is_valid_utf8", ~F.col("raw").contains("\ufffd"))
+        # The text source decodes undecodable bytes to U+FFFD (and other readers may hand over raw
+        # bytes unchecked); a UTF-8 JSON feed never sends either.
+        .withColumn("is_valid_utf8", F.expr("is_valid_utf8(raw)") & ~F.col("raw").contains("\ufffd"))
     )
+
+
+def _iso_timestamp(raw: Column) -> Column:
+    """The instant of an ISO-8601 string with an offset; null for anything else (the format check
+    reports it), so "12345" is not read as the year 12345."""
+    return F.when(raw.rlike(ISO_TS_WITH_OFFSET), F.try_to_timestamp(raw))
 
 
 def _arrival_lag(ts_col: str) -> Column:
@@ -77,7 +85,7 @@ def event_validation_frame(bronze: DataFrame) -> DataFrame:
         .withColumn("amount_base", F.round(F.col("amount") * F.element_at(fx, F.col("currency")), 6))
         .withColumn("country", F.upper(_clean(F.col("_p.country"))))
         .withColumn("event_time_raw", _clean(F.col("_p.event_time")))
-        .withColumn("event_time", F.try_to_timestamp(F.col("event_time_raw")))
+        .withColumn("event_time", _iso_timestamp(F.col("event_time_raw")))
         .withColumn("arrival_lag_seconds", _arrival_lag("event_time"))
         .withColumn("record_key", F.col("event_id"))
         .drop("_p")
@@ -93,7 +101,7 @@ def label_validation_frame(bronze: DataFrame) -> DataFrame:
         .withColumn("is_fraud", F.col("is_fraud_raw") == "true")
         .withColumn("scenario", F.lower(_clean(F.col("_p.scenario"))))
         .withColumn("reported_at_raw", _clean(F.col("_p.reported_at")))
-        .withColumn("reported_at", F.try_to_timestamp(F.col("reported_at_raw")))
+        .withColumn("reported_at", _iso_timestamp(F.col("reported_at_raw")))
         .withColumn("arrival_lag_seconds", _arrival_lag("reported_at"))
         .withColumn("record_key", F.col("event_id"))
         .drop("_p")

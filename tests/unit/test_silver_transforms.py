@@ -60,13 +60,22 @@ CASES = [
     ("", ["record_is_valid_json"]),
     ("[1, 2]", ["record_is_valid_json"]),
     ('{"sku": "A-1", "qty": 3}', ["record_has_known_fields"]),
-    (event(user_id="u\ufffd"), ["record_is_valid_utf8"]),
+    (event(user_id="u\ufffd"), ["record_is_valid_utf8"]),  # what an undecodable byte became
 ]
 
 
 def test_each_bad_record_fails_exactly_its_check(spark, settings):
     got = failures(spark, settings, [line for line, _ in CASES])
     assert got == {line: expected for line, expected in CASES}
+
+
+def test_invalid_utf8_bytes_are_quarantined(spark, settings):
+    # The text source hands over the file's bytes unchecked; build such a row the same way.
+    raw = event(user_id="J\u00fcrgen").encode("latin-1")
+    df = spark.createDataFrame([(bytearray(raw), "f", ARRIVAL)], "value binary, source_file string, file_modified_at timestamp")
+    df = df.selectExpr("cast(value as string) as value", "source_file", "file_modified_at")
+    checked = quality.apply_checks(event_validation_frame(to_bronze(df, 0, ARRIVAL)), quality.event_checks(settings))
+    assert checked.select("failed_checks").first()[0] == ["record_is_valid_utf8"]
 
 
 def test_oversized_record_is_quarantined_by_size(spark, settings):

@@ -1,0 +1,158 @@
+"""Inbox files -> bronze, silver, quarantine and data-quality tables, with real Spark and Delta."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from pyspark.sql import functions as F
+
+from lakehouse import streaming, summary
+from lakehouse.io import delta
+from tests.conftest import write_lines
+from tests.integration.inbox_data import FILE_MTIME, event_line, label_line, write_feed
+
+pytestmark = pytest.mark.integration
+
+
+def table(spark, settings, name):
+    return delta.read(spark, settings.table_path(name))
+
+
+def dq_rows(spark, settings):
+    return [r.asDict() for r in table(spark, settings, "silver_dq_batches").orderBy("kind", "batch_id").collect()]
+
+
+def test_feed_lands_in_silver_exactly_once_and_reconciles(spark, settings):
+    expected = write_feed(settings.events_inbox, settings.labels_inbox, n_files=6, per_file=800)
+    streaming.run_streams(spark, settings.replace(max_files_per_trigger=2), once=True)
+
+    silver = table(spark, settings, "silver_transactions")
+    ids = [r.event_id for r in silver.select("event_id").collect()]
+    assert len(ids) == len(set(ids)) == len(expected["valid_ids"])
+    assert set(ids) == expected["valid_ids"]
+    assert table(spark, settings, "bronze_events").count() == expected["lines"]
+    quarantined = table(spark, settings, "silver_quarantine").where("kind = 'events'")
+    assert quarantined.count() == expected["bad"]
+
+    rec = summary.reconciliation(spark, settings)
+    assert rec["events"]["records_in"] == expected["lines"]
+    assert rec["events"]["inserted"] == len(expected["valid_ids"])
+    assert rec["events"]["quarantined"] == expected["bad"]
+    assert rec["events"]["duplicates"] == expected["lines"] - expected["bad"] - len(expected["valid_ids"])
+    assert rec["events"]["batches"] == 3  # 6 files, 2 per micro-batch
+    assert all(r["reconciled"] for r in dq_rows(spark, settings))
+    assert rec["labels"]["inserted"] == expected["labels"] and rec["labels"]["duplicates"] == 5
+    # Silver is partitioned by event date, so a MERGE reads only the dates of its batch.
+    assert delta.read(spark, settings.table_path("silver_transactions")).inputFiles()
+    detail = spark.sql(f"DESCRIBE DETAIL delta.`{settings.table_path('silver_transactions')}`").first()
+    assert detail["partitionColumns"] == ["event_date"]
+
+
+def test_rerun_and_redelivery_are_counted_not_inserted(spark, settings):
+    write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(10)], mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    version = delta.table_version(spark, settings.table_path("silver_transactions"))
+
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))  # nothing new: no batch
+    assert delta.table_version(spark, settings.table_path("silver_transactions")) == version
+
+    # The same events delivered again in a new file, plus one new event.
+    write_lines(settings.events_inbox, "b.jsonl", [event_line(i) for i in range(5)] + [event_line(99)],
+                mtime=FILE_MTIME + 10)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert table(spark, settings, "silver_transactions").count() == 11
+    last = dq_rows(spark, settings)[-1]
+    assert (last["records_in"], last["inserted"], last["duplicates_existing"], last["duplicates_in_batch"]) == (6, 1, 5, 0)
+    assert last["reconciled"]
+
+
+def test_bad_input_gets_a_clear_outcome(spark, settings):
+    inbox = settings.events_inbox
+    write_lines(inbox, "good.jsonl", [event_line(i) for i in range(3)], mtime=FILE_MTIME)
+    write_lines(inbox, "empty.jsonl", [], mtime=FILE_MTIME)
+    latin1 = event_line(10, user_id="JXrgen").encode().replace(b"JXrgen", "J\u00fcrgen".encode("latin-1"))
+    write_lines(inbox, "latin1.jsonl", [latin1], mtime=FILE_MTIME)
+    write_lines(inbox, "foreign.csv", ["sku,qty", "A-1,3"], mtime=FILE_MTIME)
+    write_lines(inbox, "foreign.jsonl", [json.dumps({"order": 1, "items": [1, 2]})], mtime=FILE_MTIME)
+    write_lines(inbox, "types.jsonl", [event_line(20, amount={"v": 1}), event_line(21, event_time=12345),
+                                       event_line(22, amount=...), event_line(23, country=...)], mtime=FILE_MTIME)
+    big = [event_line(1000 + i) for i in range(30_000)]
+    write_lines(inbox, "big.jsonl", big, mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+
+    q = {r["raw"]: sorted(r["failed_checks"]) for r in table(spark, settings, "silver_quarantine").collect()}
+    by_file = {os.path.basename(r["source_file"]): r["n"] for r in table(spark, settings, "silver_quarantine")
+               .groupBy("source_file").agg(F.count(F.lit(1)).alias("n")).collect()}
+    assert by_file == {"latin1.jsonl": 1, "foreign.csv": 2, "foreign.jsonl": 1, "types.jsonl": 4}
+    assert q["sku,qty"] == ["record_is_valid_json"]
+    assert q[json.dumps({"order": 1, "items": [1, 2]})] == ["record_has_known_fields"]
+    assert sorted(v for k, v in q.items() if any(f"e0000{n}" in k for n in (20, 21, 22, 23))) == sorted(
+        [["amount_is_number"], ["event_time_is_iso8601_with_offset"], ["amount_not_null"], ["country_not_null"]])
+    assert [v for k, v in q.items() if "e000010" in k] == [["record_is_valid_utf8"]]
+    assert table(spark, settings, "silver_transactions").count() == 3 + 30_000
+    rec = summary.reconciliation(spark, settings)["events"]
+    assert rec["records_in"] == 3 + 1 + 2 + 1 + 4 + 30_000 and rec["reconciled"]
+
+
+def test_replayed_batch_after_a_crash_writes_nothing_twice(spark, settings, monkeypatch):
+    """Crash between the silver MERGE and the data-quality row, then replay the same batch."""
+    write_lines(settings.events_inbox, "a.jsonl",
+                [event_line(i) for i in range(20)] + [event_line(3), "{broken"], mtime=FILE_MTIME)
+    streaming.ensure_tables(spark, settings, ("events",))
+    lines = (spark.read.format("text").load(str(settings.events_inbox))
+             .select("value", F.col("_metadata.file_path").alias("source_file"),
+                     F.col("_metadata.file_modification_time").alias("file_modified_at")))
+    batch = streaming.IngestBatch(settings, "events", app_id="test-app")
+
+    real_append = delta.append_once
+
+    def crash_on_dq(df, path, app_id, version):
+        if str(path).endswith("dq_batches"):
+            raise RuntimeError("simulated crash")
+        return real_append(df, path, app_id, version)
+
+    monkeypatch.setattr(delta, "append_once", crash_on_dq)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        batch(lines, 0)
+    monkeypatch.setattr(delta, "append_once", real_append)
+    versions = {n: delta.table_version(spark, settings.table_path(n))
+                for n in ("bronze_events", "silver_quarantine", "silver_transactions")}
+
+    batch(lines, 0)   # the replay
+    batch(lines, 0)   # and once more, as if the replay too had died before Spark's commit
+
+    for name, version in versions.items():  # bronze, quarantine, silver: not written again
+        assert delta.table_version(spark, settings.table_path(name)) == version, name
+    assert table(spark, settings, "bronze_events").count() == 22
+    assert table(spark, settings, "silver_transactions").count() == 20
+    dq = dq_rows(spark, settings)
+    assert len(dq) == 1
+    assert (dq[0]["records_in"], dq[0]["inserted"], dq[0]["duplicates"], dq[0]["quarantined"]) == (22, 20, 1, 1)
+    assert dq[0]["reconciled"]
+
+
+def test_labels_stream_into_silver_labels(spark, settings):
+    write_lines(settings.labels_inbox, "l.jsonl",
+                [label_line(1), label_line(2), label_line(1), label_line(5, is_fraud="yes")], mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("labels",))
+    got = {r.event_id: r.is_fraud for r in table(spark, settings, "silver_labels").collect()}
+    assert got == {"e000001": True, "e000002": True}
+    rec = summary.reconciliation(spark, settings)["labels"]
+    assert (rec["records_in"], rec["inserted"], rec["duplicates"], rec["quarantined"]) == (4, 2, 1, 1)
+
+
+def test_mismatched_checkpoint_is_refused_with_the_fix(spark, settings):
+    write_lines(settings.events_inbox, "a.jsonl", [event_line(1)], mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    # Someone copies the events checkpoint over the labels one.
+    import shutil
+    shutil.copytree(settings.checkpoint("events"), settings.checkpoint("labels"))
+    with pytest.raises(streaming.CheckpointError, match="lakehouse stream --reset"):
+        streaming.run_streams(spark, settings, once=True, kinds=("labels",))
+    # A corrupt offset log is refused too.
+    offsets = sorted((settings.checkpoint("events") / "offsets").glob("[0-9]*"))
+    offsets[-1].write_bytes(b"\x00garbage")
+    with pytest.raises(streaming.CheckpointError, match="corrupt"):
+        streaming.run_streams(spark, settings, once=True, kinds=("events",))
