@@ -47,8 +47,9 @@ def bench_ingest(root: Path, n_events: int, max_files: int) -> dict:
     batches = []
 
     def on_batch(r):
-        batches.append({"batch_id": r.batch_id, "records_in": r.records_in, "at": time.time()})
-        console.print(f"  batch {r.batch_id}: {r.records_in:,} records ({time.time() - t0:.1f}s)")
+        batches.append({"batch_id": r.batch_id, "records_in": r.records_in, "at": time.time(),
+                        "step_seconds": r.seconds})
+        console.print(f"  batch {r.batch_id}: {r.records_in:,} records ({time.time() - t0:.1f}s) {r.seconds}")
 
     t0 = time.time()
     streaming.run_streams(spark, settings, once=True, kinds=("events",), on_batch=on_batch)
@@ -65,6 +66,7 @@ def bench_ingest(root: Path, n_events: int, max_files: int) -> dict:
         "events_per_second": round(rec["records_in"] / seconds),
         "steady_events_per_second": round(steady) if steady else None,
         "reconciled": rec["reconciled"], "records_in": rec["records_in"], "inserted": rec["inserted"],
+        "batch_step_seconds": [b["step_seconds"] for b in batches],
     }
 
 

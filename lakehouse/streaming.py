@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -191,6 +192,7 @@ class BatchResult:
     duplicates: int
     quarantined: int
     reconciled: bool
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class IngestBatch:
@@ -211,10 +213,18 @@ class IngestBatch:
         spark = lines.sparkSession
         lay, app, s = self.layer, self.app_id, self.settings
         ingested_at = datetime.now(timezone.utc)
+        seconds: dict[str, float] = {}
+        clock = [time.perf_counter()]
+
+        def lap(step: str) -> None:  # where a batch spends its time, for the progress line and bench
+            now = time.perf_counter()
+            seconds[step] = round(now - clock[0], 3)
+            clock[0] = now
 
         bronze = bronze_t.to_bronze(lines, batch_id, ingested_at).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             delta.append_once(bronze, self._path(lay.bronze), app, batch_id)
+            lap("bronze")
             checked = quality.apply_checks(lay.validation_frame(bronze), self.checks)
             checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
             stats = checked.agg(
@@ -227,6 +237,7 @@ class IngestBatch:
                                | F.array_contains("warned_checks", c.name), 1).otherwise(0)).alias(c.name)
                   for c in self.checks],
             ).first()
+            lap("validate")
             if stats["fatal"]:
                 fatal = [c.name for c in self.checks if c.severity == quality.FAIL and stats[c.name]]
                 raise quality.ExpectationFailed(
@@ -234,6 +245,7 @@ class IngestBatch:
                 )
             delta.append_once(silver_t.quarantine_rows(checked, lay.kind),
                               self._path("silver_quarantine"), app, batch_id)
+            lap("quarantine")
 
             deduped = lay.to_silver(checked).persist(StorageLevel.MEMORY_AND_DISK)
             n_deduped = deduped.count()
@@ -241,10 +253,12 @@ class IngestBatch:
             if lay.partition_by:
                 col = lay.partition_by[0]
                 prune[col] = [str(r[0]) for r in deduped.select(col).distinct().collect()]
+            lap("dedup")
             if n_deduped:
                 with delta.idempotent_dml(spark, app, batch_id):
                     delta.merge_insert_new(spark, deduped, self._path(lay.silver), lay.keys, prune)
             deduped.unpersist()
+            lap("merge")
 
             # Counts measured from the tables: they hold whatever any attempt of this batch wrote.
             def written(table: str, extra=None) -> int:
@@ -259,6 +273,7 @@ class IngestBatch:
             for col, values in prune.items():
                 date_filter = F.col(col).isin(values)
             inserted = written(lay.silver, date_filter) if n_deduped else 0
+            lap("count")
             valid = int(stats["valid"] or 0)
             dup_in_batch = valid - n_deduped
             dup_existing = n_deduped - inserted
@@ -277,12 +292,13 @@ class IngestBatch:
             }
             delta.append_once(spark.createDataFrame([row], DQ_SCHEMA),
                               self._path("silver_dq_batches"), app, batch_id)
+            lap("dq")
             checked.unpersist()
         finally:
             bronze.unpersist()
         if self.on_batch:
             self.on_batch(BatchResult(lay.kind, batch_id, records_in, inserted, duplicates,
-                                      quarantined, reconciled))
+                                      quarantined, reconciled, seconds))
 
 
 # ---- queries --------------------------------------------------------------------------------------

@@ -39,7 +39,9 @@ def _clean(col: Column) -> Column:
 
 def _parse(bronze: DataFrame, schema, fields: tuple[str, ...]) -> DataFrame:
     parsed = F.from_json(
-        F.col("raw"), schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_COLUMN}
+        F.col("raw"), schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_COLUMN,
+         # strict JSON: Spark's parser accepts single-quoted strings unless told otherwise
+         "allowSingleQuotes": "false"}
     )
     out = bronze.withColumn("_p", parsed)
     valid_json = F.col("_p").isNotNull() & F.col(f"_p.{CORRUPT_COLUMN}").isNull()
