@@ -8,7 +8,7 @@ else in the package hard-codes a path or a DSN.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -68,7 +68,6 @@ class Settings:
     spark_master: str = "local[*]"
     shuffle_partitions: int = 4
     driver_memory: str = "4g"
-    base_currency: str = "USD"
     #: Streaming: how many inbox files one micro-batch takes at most, and the trigger interval.
     max_files_per_trigger: int = 400
     trigger_seconds: float = 2.0
@@ -80,7 +79,6 @@ class Settings:
     #: Gold: lateness accepted by the five-minute windows.
     allowed_lateness_minutes: int = 10
     mlflow_tracking_uri: str = ""
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -98,7 +96,6 @@ class Settings:
             spark_master=env.get("LAKEHOUSE_SPARK_MASTER") or "local[*]",
             shuffle_partitions=_env_int(env, "LAKEHOUSE_SHUFFLE_PARTITIONS", 4),
             driver_memory=env.get("LAKEHOUSE_DRIVER_MEMORY") or "4g",
-            base_currency=(env.get("LAKEHOUSE_BASE_CURRENCY") or "USD").upper(),
             max_files_per_trigger=_env_int(env, "LAKEHOUSE_MAX_FILES_PER_TRIGGER", 400),
             trigger_seconds=_env_float(env, "LAKEHOUSE_TRIGGER_SECONDS", 2.0),
             future_tolerance_minutes=_env_int(env, "LAKEHOUSE_FUTURE_TOLERANCE_MINUTES", 5),
@@ -163,8 +160,6 @@ class Settings:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "extra":
-                continue
             out[f.name] = str(value) if isinstance(value, Path) else value
         out.update(
             events_inbox=str(self.events_inbox),

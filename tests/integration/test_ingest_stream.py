@@ -156,3 +156,24 @@ def test_mismatched_checkpoint_is_refused_with_the_fix(spark, settings):
     offsets[-1].write_bytes(b"\x00garbage")
     with pytest.raises(streaming.CheckpointError, match="corrupt"):
         streaming.run_streams(spark, settings, once=True, kinds=("events",))
+
+
+def test_generated_feed_reconciles_with_the_generator_ground_truth(spark, settings):
+    from lakehouse.generator import GeneratorConfig, generate_backlog
+
+    gen = generate_backlog(settings.events_inbox, settings.labels_inbox,
+                           GeneratorConfig(seed=5, days=1.0, n_users=400, n_merchants=80, file_events=1500,
+                                           malformed_rate=0.01, duplicate_rate=0.03))
+    streaming.run_streams(spark, settings.replace(max_files_per_trigger=6), once=True)
+    rec = summary.reconciliation(spark, settings)
+    assert rec["events"]["records_in"] == gen["lines_written"]
+    assert rec["events"]["inserted"] == gen["events"]
+    assert rec["events"]["duplicates"] == gen["duplicates"]
+    assert rec["events"]["quarantined"] == gen["malformed"]
+    assert rec["events"]["reconciled"] and rec["labels"]["reconciled"]
+    assert rec["labels"]["inserted"] == gen["labels_written"]
+    silver = table(spark, settings, "silver_transactions")
+    assert silver.select("event_id").distinct().count() == gen["events"]
+    # Fraud is only in the labels: every label points at an event that reached silver.
+    labels = table(spark, settings, "silver_labels")
+    assert labels.join(silver, "event_id", "left_anti").count() == 0

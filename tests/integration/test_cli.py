@@ -1,0 +1,60 @@
+"""The `lakehouse` command as a user meets it: --help everywhere, info, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+COMMANDS = [[], ["generate"], ["stream"], ["pg"], ["info"], ["demo"]]
+
+
+def run(args, env_extra=None, **kw):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "lakehouse.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "lakehouse")
+def test_every_command_has_help(cmd):
+    res = run([*cmd, "--help"])
+    assert res.returncode == 0 and "usage: lakehouse" in res.stdout
+
+
+def test_info_json_lists_every_table_and_the_dsn(tmp_path):
+    res = run(["info", "--json"], {"LAKEHOUSE_DATA": str(tmp_path)})
+    info = json.loads(res.stdout)
+    assert info["tables"]["silver_transactions"] == str(tmp_path / "delta" / "silver" / "transactions")
+    assert info["checkpoints"]["events"] == str(tmp_path / "checkpoints" / "events")
+    assert info["events_inbox"] == str(tmp_path / "inbox" / "events")
+    assert info["pg_mode"] == "embedded" and "dbname=lakehouse" in info["pg_dsn_resolved"]
+    external = json.loads(run(["info", "--json"], {"LAKEHOUSE_DATA": str(tmp_path),
+                                                   "LAKEHOUSE_PG_DSN": "host=db.example port=5433 dbname=x"}).stdout)
+    assert external["pg_mode"] == "external" and external["pg_dsn_resolved"] == "host=db.example port=5433 dbname=x"
+
+
+def test_missing_java_is_one_clear_error(tmp_path):
+    res = run(["stream", "--once"], {"LAKEHOUSE_DATA": str(tmp_path), "JAVA_HOME": str(tmp_path / "nojava"),
+                                     "PATH": os.path.dirname(sys.executable)})
+    assert res.returncode == 2
+    assert "Java 17+ is required" in res.stderr and "JAVA_HOME" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unreachable_postgres_is_one_clear_error(tmp_path):
+    res = run(["pg", "start"], {"LAKEHOUSE_DATA": str(tmp_path),
+                                "LAKEHOUSE_PG_DSN": "host=127.0.0.1 port=1 dbname=x connect_timeout=2"})
+    assert res.returncode == 2
+    assert "unreachable" in res.stderr and "LAKEHOUSE_PG_DSN" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_bad_setting_is_one_clear_error(tmp_path):
+    res = run(["info"], {"LAKEHOUSE_DATA": str(tmp_path), "LAKEHOUSE_MAX_FILES_PER_TRIGGER": "lots"})
+    assert res.returncode == 2 and "LAKEHOUSE_MAX_FILES_PER_TRIGGER" in res.stderr
