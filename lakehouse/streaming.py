@@ -371,8 +371,22 @@ def run_streams(
                 stop_event.wait(0.5)
     finally:
         for q in queries:
-            if q.isActive:
-                q.stop()
+            _stop_between_batches(q)
+
+
+def _stop_between_batches(query, timeout: float = 120.0) -> None:
+    """Stop a query once its current micro-batch is done, so a Ctrl-C does not leave a batch half
+    written (a replay would complete it exactly once anyway, but a clean stop needs no replay)."""
+    deadline = time.time() + timeout
+    while query.isActive and time.time() < deadline:
+        try:
+            if not query.status.get("isTriggerActive", False):
+                break
+        except Exception:  # the query ended while we looked
+            break
+        time.sleep(0.1)
+    if query.isActive:
+        query.stop()
 
 
 def _await(query, checkpoint: Path) -> None:

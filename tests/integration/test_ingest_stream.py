@@ -177,3 +177,37 @@ def test_generated_feed_reconciles_with_the_generator_ground_truth(spark, settin
     # Fraud is only in the labels: every label points at an event that reached silver.
     labels = table(spark, settings, "silver_labels")
     assert labels.join(silver, "event_id", "left_anti").count() == 0
+
+
+def test_continuous_mode_picks_up_new_files_until_stopped(spark, settings):
+    import threading
+    import time
+
+    fast = settings.replace(trigger_seconds=0.5)
+    stop = threading.Event()
+    errors = []
+
+    def run():
+        try:
+            streaming.run_streams(spark, fast, once=False, kinds=("events",), stop_event=stop)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        for n, name in enumerate(["first.jsonl", "second.jsonl"]):
+            write_lines(settings.events_inbox, name, [event_line(100 * n + i) for i in range(5)], mtime=FILE_MTIME)
+            deadline = time.time() + 120
+            while time.time() < deadline and not errors:
+                path = settings.table_path("silver_transactions")
+                if delta.is_delta_table(path) and delta.read(spark, path).count() == 5 * (n + 1):
+                    break
+                time.sleep(1)
+            assert not errors, errors
+            assert delta.read(spark, settings.table_path("silver_transactions")).count() == 5 * (n + 1)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert summary.reconciliation(spark, settings)["events"]["inserted"] == 10
