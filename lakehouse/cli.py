@@ -215,7 +215,8 @@ def cmd_demo(args, settings: Settings) -> int:
     out.print_json(json.dumps(result, default=str))
     ok = all(v["reconciled"] for v in result["reconciliation"].values())
     console.print("[green]every batch reconciled[/]" if ok else "[red]reconciliation failed[/]")
-    console.print(f"next: `lakehouse info` for paths; tables under {settings.delta_root}")
+    console.print(f"next: `lakehouse info` for paths; tables under {settings.delta_root}; "
+                  "`lakehouse pg stop` stops the embedded Postgres")
     return 0 if ok else 1
 
 
