@@ -205,6 +205,10 @@ class IngestBatch:
         self.checks = quality.checks_for(kind, settings)
         self.app_id = app_id
         self.on_batch = on_batch
+        self.cached_columns = {
+            *bronze_t.BRONZE_COLUMNS, *silver_t.SILVER_EVENT_COLUMNS, *silver_t.SILVER_LABEL_COLUMNS,
+            *silver_t.QUARANTINE_COLUMNS, "failed_checks", "warned_checks", "failed_fatal",
+        }
 
     def _path(self, name: str) -> str:
         return str(self.settings.table_path(name))
@@ -221,12 +225,15 @@ class IngestBatch:
             seconds[step] = round(now - clock[0], 3)
             clock[0] = now
 
-        bronze = bronze_t.to_bronze(lines, batch_id, ingested_at).persist(StorageLevel.MEMORY_AND_DISK)
+        # One cached frame serves every step: the inbox files are read and parsed once, and only
+        # the columns some table needs are kept in the cache.
+        bronze = bronze_t.to_bronze(lines, batch_id, ingested_at)
+        checked = quality.apply_checks(lay.validation_frame(bronze), self.checks)
+        keep = [c for c in checked.columns if c in self.cached_columns]
+        checked = checked.select(*keep).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            delta.append_once(bronze, self._path(lay.bronze), app, batch_id)
+            delta.append_once(checked.select(*bronze_t.BRONZE_COLUMNS), self._path(lay.bronze), app, batch_id)
             lap("bronze")
-            checked = quality.apply_checks(lay.validation_frame(bronze), self.checks)
-            checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
             stats = checked.agg(
                 F.count(F.lit(1)).alias("rows"),
                 F.sum(F.when(silver_t.is_quarantined(checked), 0).otherwise(1)).alias("valid"),
@@ -243,16 +250,21 @@ class IngestBatch:
                 raise quality.ExpectationFailed(
                     f"{lay.kind} batch {batch_id}: checks with severity 'fail' failed: {', '.join(fatal)}"
                 )
-            delta.append_once(silver_t.quarantine_rows(checked, lay.kind),
-                              self._path("silver_quarantine"), app, batch_id)
+            n_quarantine = int(stats["rows"]) - int(stats["valid"] or 0)
+            if n_quarantine:  # an empty append would commit nothing worth a version
+                delta.append_once(silver_t.quarantine_rows(checked, lay.kind),
+                                  self._path("silver_quarantine"), app, batch_id)
             lap("quarantine")
 
             deduped = lay.to_silver(checked).persist(StorageLevel.MEMORY_AND_DISK)
-            n_deduped = deduped.count()
             prune = {}
             if lay.partition_by:
                 col = lay.partition_by[0]
-                prune[col] = [str(r[0]) for r in deduped.select(col).distinct().collect()]
+                per_value = deduped.groupBy(col).count().collect()
+                prune[col] = sorted(str(r[0]) for r in per_value)
+                n_deduped = sum(r["count"] for r in per_value)
+            else:
+                n_deduped = deduped.count()
             lap("dedup")
             if n_deduped:
                 with delta.idempotent_dml(spark, app, batch_id):
@@ -260,19 +272,23 @@ class IngestBatch:
             deduped.unpersist()
             lap("merge")
 
-            # Counts measured from the tables: they hold whatever any attempt of this batch wrote.
-            def written(table: str, extra=None) -> int:
+            # Counts measured from the tables: the metrics of the commit this batch made (in this
+            # attempt or an earlier one), or, if that commit is too far back in history, a count of
+            # the rows carrying this batch id.
+            def written(table: str, metric: str, extra=None) -> int:
+                n = delta.rows_committed(spark, self._path(table), app, batch_id, metric)
+                if n is not None:
+                    return n
                 df = delta.read(spark, self._path(table)).where(F.col("batch_id") == batch_id)
-                if extra is not None:
-                    df = df.where(extra)
-                return df.count()
+                return (df.where(extra) if extra is not None else df).count()
 
-            records_in = written(lay.bronze)
-            quarantined = written("silver_quarantine", F.col("kind") == lay.kind)
+            records_in = written(lay.bronze, "numOutputRows")
+            quarantined = (written("silver_quarantine", "numOutputRows", F.col("kind") == lay.kind)
+                           if n_quarantine else 0)
             date_filter = None
             for col, values in prune.items():
                 date_filter = F.col(col).isin(values)
-            inserted = written(lay.silver, date_filter) if n_deduped else 0
+            inserted = written(lay.silver, "numTargetRowsInserted", date_filter) if n_deduped else 0
             lap("count")
             valid = int(stats["valid"] or 0)
             dup_in_batch = valid - n_deduped
@@ -293,9 +309,8 @@ class IngestBatch:
             delta.append_once(spark.createDataFrame([row], DQ_SCHEMA),
                               self._path("silver_dq_batches"), app, batch_id)
             lap("dq")
-            checked.unpersist()
         finally:
-            bronze.unpersist()
+            checked.unpersist()
         if self.on_batch:
             self.on_batch(BatchResult(lay.kind, batch_id, records_in, inserted, duplicates,
                                       quarantined, reconciled, seconds))

@@ -17,6 +17,12 @@ from pyspark.sql.types import StructType
 
 TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 TXN_VERSION = "spark.databricks.delta.write.txnVersion"
+USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
+
+
+def commit_tag(app_id: str, version: int) -> str:
+    """Written into the commit's userMetadata, so the commit of a batch can be found in history."""
+    return f"{app_id}#{int(version)}"
 
 
 def is_delta_table(path: Path | str) -> bool:
@@ -48,6 +54,7 @@ def append_once(df: DataFrame, path: Path | str, app_id: str, version: int) -> N
         .mode("append")
         .option("txnAppId", app_id)
         .option("txnVersion", int(version))
+        .option("userMetadata", commit_tag(app_id, version))
         .save(str(path))
     )
 
@@ -61,11 +68,25 @@ def idempotent_dml(spark: SparkSession, app_id: str, version: int):
     """
     spark.conf.set(TXN_APP_ID, app_id)
     spark.conf.set(TXN_VERSION, str(int(version)))
+    spark.conf.set(USER_METADATA, commit_tag(app_id, version))
     try:
         yield
     finally:
-        spark.conf.unset(TXN_APP_ID)
-        spark.conf.unset(TXN_VERSION)
+        for key in (TXN_APP_ID, TXN_VERSION, USER_METADATA):
+            spark.conf.unset(key)
+
+
+def rows_committed(spark: SparkSession, path: Path | str, app_id: str, version: int, metric: str,
+                   depth: int = 25) -> int | None:
+    """The ``metric`` (e.g. numOutputRows) of the commit that (app_id, version) made, read from the
+    table's recent history; None when that commit is not among the last ``depth`` commits."""
+    from delta.tables import DeltaTable
+
+    tag = commit_tag(app_id, version)
+    for row in DeltaTable.forPath(spark, str(path)).history(depth).select("userMetadata", "operationMetrics").collect():
+        if row["userMetadata"] == tag:
+            return int((row["operationMetrics"] or {}).get(metric, 0))
+    return None
 
 
 def merge_insert_new(

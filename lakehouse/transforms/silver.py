@@ -8,7 +8,7 @@ others quarantine rows that keep the raw text and the names of the checks they f
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from lakehouse.quality import ISO_TS_WITH_OFFSET
@@ -121,22 +121,24 @@ def quarantine_rows(checked: DataFrame, kind: str) -> DataFrame:
     )
 
 
-def dedup_first(df: DataFrame, key: str, order: list[Column]) -> DataFrame:
-    """One row per ``key``: the first by ``order``, which must be a total order so a replayed batch
-    keeps the very same row (re-deliveries are exact copies, so usually any row would do)."""
-    w = Window.partitionBy(key).orderBy(*order)
-    return df.withColumn("_rn", F.row_number().over(w)).where("_rn = 1").drop("_rn")
+def dedup_first(df: DataFrame, key: str, order: list[str]) -> DataFrame:
+    """One row per ``key``: the smallest by the ``order`` columns (then by every other column), so a
+    replayed batch keeps the very same row. A hash aggregate: no sort of the batch."""
+    rest = [c for c in df.columns if c != key and c not in order]
+    first = F.min(F.struct(*[F.col(c) for c in order + rest])).alias("_first")
+    return df.groupBy(key).agg(first).select(key, *[F.col(f"_first.{c}").alias(c) for c in order + rest])
 
 
 def silver_events(checked: DataFrame) -> DataFrame:
     """Valid event rows, typed, one per event_id (the first delivery wins)."""
     valid = checked.where(~is_quarantined(checked))
-    first = dedup_first(valid, "event_id", [F.col("source_file"), F.col("raw")])
-    return first.withColumn("event_date", F.to_date("event_time")).select(*SILVER_EVENT_COLUMNS)
+    valid = valid.withColumn("event_date", F.to_date("event_time"))
+    first = dedup_first(valid.select(*SILVER_EVENT_COLUMNS, "raw"), "event_id", ["source_file", "raw"])
+    return first.select(*SILVER_EVENT_COLUMNS)
 
 
 def silver_labels(checked: DataFrame) -> DataFrame:
     """Valid labels, one per event_id: the earliest report wins (a chargeback is final)."""
     valid = checked.where(~is_quarantined(checked))
-    first = dedup_first(valid, "event_id", [F.col("reported_at"), F.col("source_file"), F.col("raw")])
+    first = dedup_first(valid.select(*SILVER_LABEL_COLUMNS, "raw"), "event_id", ["reported_at", "source_file", "raw"])
     return first.select(*SILVER_LABEL_COLUMNS)
