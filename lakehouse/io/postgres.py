@@ -713,16 +713,7 @@ def status(settings) -> dict:
     out: dict = {"mode": "external" if _is_external(settings) else "embedded", "running": False,
                  "dsn": _redact(dsn), "data_dir": None, "version": None}
     if _is_external(settings):
-        try:
-            conn = _connect_dsn(dsn, external=True, connect_timeout=5)
-        except PostgresUnavailable as exc:
-            out["error"] = str(exc)
-            return out
-        try:
-            out.update(running=True, version=_version(conn))
-        finally:
-            conn.close()
-        return out
+        return _probe(out, dsn, external=True)
 
     pgdata = Path(settings.pg_data_dir)
     out.update(data_dir=str(pgdata), socket_dir=str(socket_dir(settings)), pid=None,
@@ -735,8 +726,13 @@ def status(settings) -> dict:
         out.update(state="stopped", error=f"The embedded Postgres server is not running. {START_HINT}")
         return out
     out.update(pid=info["pid"], state=info.get("state") or "starting")
+    return _probe(out, _embedded_dsn(settings, dbname="postgres"), external=False)
+
+
+def _probe(out: dict, dsn: str, external: bool) -> dict:
+    """Fill ``running``/``version`` (or ``error``) of a status dict by connecting once."""
     try:
-        conn = _connect_dsn(_embedded_dsn(settings, dbname="postgres"), external=False, connect_timeout=5)
+        conn = _connect_dsn(dsn, external=external, connect_timeout=5)
     except PostgresUnavailable as exc:
         out["error"] = str(exc)
         return out
