@@ -1,0 +1,480 @@
+"""Idempotent, exactly-once mirror of row batches (Delta versions, stream batches) into Postgres tables.
+
+One call of :func:`upsert_batch` applies one batch in **one Postgres transaction**:
+
+1. ``pg_advisory_xact_lock`` on (schema, source, table): concurrent writers of the same mirror queue up.
+2. Ledger check: if ``<schema>._mirror_ledger`` says ``(source, table)`` already applied a version
+   ``>= version``, nothing is written and 0 is returned (a replayed batch, or a retry whose first try
+   committed but lost its acknowledgement).
+3. ``COPY`` the rows (CSV written by pyarrow into an in-memory buffer) into a ``TEMP`` staging table
+   (``LIKE target INCLUDING DEFAULTS ... ON COMMIT DROP``, plus an ordinal column).
+4. ``INSERT INTO target SELECT DISTINCT ON (key) ... ORDER BY key, ordinal DESC`` (the last row of a key
+   wins) ``ON CONFLICT (key) DO UPDATE SET <every non-key column> = EXCLUDED.<column>`` ``WHERE`` the
+   stored row ``IS DISTINCT FROM`` the new one, so unchanged rows are not rewritten.
+5. Optional deletes by key (COPY of the keys into a second staging table, then ``DELETE ... USING``).
+   Deletes run after the upsert, so a key both upserted and deleted in one batch ends up deleted.
+6. Upsert of the ledger row ``(source, table, version, rows, now())``; ``COMMIT``.
+
+The data and the ledger commit together, so a batch is applied exactly once however often it is
+retried, and a failure anywhere leaves both untouched. :func:`with_retries` runs such a call with a
+fresh connection per attempt and exponential back-off while Postgres is unreachable.
+
+Value conversion (pandas ``DataFrame`` or pyarrow ``Table`` in, target column types from
+:class:`MirrorTable`):
+
+* nulls (``None``, ``NaN``, ``NaT``, ``pd.NA``) become SQL ``NULL``; float ``NaN`` is ``NULL`` too;
+  ``inf``/``-inf`` are kept (float columns accept them);
+* timezone-aware timestamps are written as UTC instants; naive timestamps are taken as UTC (the
+  transaction runs with ``TIME ZONE 'UTC'``); precision is truncated to microseconds (Postgres' own);
+* floats holding whole numbers (a pandas int column with a missing value) are cast back to integers
+  for integer target columns (a fractional value raises);
+* text is quoted CSV (commas, quotes, newlines, unicode are safe); empty strings stay empty strings,
+  distinct from ``NULL``; bytes go to ``bytea`` as hex. Text containing NUL (``\\x00``) is rejected by
+  Postgres itself. Nested values (lists, dicts) are not supported: serialize them (e.g. to JSON) first.
+
+Column types in :class:`MirrorTable` are SQL written by the programmer (``"timestamptz"``,
+``"double precision"``, ``"numeric(12,2)"``), not user input; names are always quoted identifiers.
+Rows may carry extra columns (ignored) but must have every declared column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+from lakehouse.io import postgres
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Ledger table (one row per (source, table) mirrored into the schema).
+LEDGER_TABLE = "_mirror_ledger"
+#: Ordinal column added to the staging table (keeps the last row of a duplicated key).
+ORD_COLUMN = "_mirror_ord"
+#: Postgres identifier length limit (bytes).
+MAX_IDENTIFIER = 63
+#: Bytes handed to the server per COPY data message.
+COPY_CHUNK = 1 << 20
+
+_INT_TYPES = re.compile(r"^(smallint|integer|int|bigint|int2|int4|int8|smallserial|serial|bigserial|"
+                        r"serial2|serial4|serial8)$")
+
+
+# ---- table definitions ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MirrorTable:
+    """A mirrored Postgres table: ``name`` in the target schema, ordered ``columns`` as
+    ``(column, postgres type)``, primary ``key`` columns and extra ``indexes`` (tuples of columns)."""
+
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    key: tuple[str, ...]
+    indexes: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from config files) and store tuples, so instances stay hashable.
+        object.__setattr__(self, "columns", tuple((str(c), str(t)) for c, t in self.columns))
+        object.__setattr__(self, "key", (self.key,) if isinstance(self.key, str) else tuple(self.key))
+        object.__setattr__(self, "indexes", tuple(((ix,) if isinstance(ix, str) else tuple(ix))
+                                                  for ix in self.indexes))
+        if not self.name:
+            raise ValueError("MirrorTable needs a name")
+        if not self.columns:
+            raise ValueError(f"MirrorTable {self.name!r} has no columns")
+        names = [c for c, _ in self.columns]
+        dupes = sorted({c for c in names if names.count(c) > 1})
+        if dupes:
+            raise ValueError(f"MirrorTable {self.name!r}: duplicate columns {dupes}")
+        if ORD_COLUMN in names:
+            raise ValueError(f"MirrorTable {self.name!r}: column name {ORD_COLUMN!r} is reserved")
+        if not self.key:
+            raise ValueError(f"MirrorTable {self.name!r} needs a primary key (key=...)")
+        unknown = [c for c in (*self.key, *(c for ix in self.indexes for c in ix)) if c not in names]
+        if unknown:
+            raise ValueError(f"MirrorTable {self.name!r}: key/index columns {sorted(set(unknown))} are "
+                             f"not among its columns {names}")
+        if any(not ix for ix in self.indexes):
+            raise ValueError(f"MirrorTable {self.name!r}: an index needs at least one column")
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c for c, _ in self.columns)
+
+    @property
+    def value_columns(self) -> tuple[str, ...]:
+        """Non-key columns (the ones an upsert updates)."""
+        return tuple(c for c, _ in self.columns if c not in self.key)
+
+    def column_type(self, column: str) -> str:
+        return dict(self.columns)[column]
+
+    def index_name(self, columns: tuple[str, ...]) -> str:
+        """``<table>_<cols>_idx``, shortened with a hash when longer than Postgres allows."""
+        name = f"{self.name}_{'_'.join(columns)}_idx"
+        if len(name.encode()) <= MAX_IDENTIFIER:
+            return name
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        head = name.encode()[:MAX_IDENTIFIER - len(digest) - 5].decode(errors="ignore")
+        return f"{head}_{digest}_idx"
+
+
+# ---- transactions -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _transaction(conn) -> Iterator[Any]:
+    """A cursor inside a transaction of its own: COMMIT on success, ROLLBACK on any exception.
+
+    The connection must be idle (no transaction of the caller's in progress); autocommit connections
+    are switched off for the duration and restored.
+    """
+    status = conn.info.transaction_status
+    if status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+        raise RuntimeError("the connection has a transaction in progress; commit or roll it back before "
+                           "mirroring (each mirror call runs in a transaction of its own)")
+    was_autocommit = conn.autocommit
+    if was_autocommit:
+        conn.autocommit = False
+    try:
+        try:
+            with conn.cursor() as cur:
+                yield cur
+        except BaseException:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()  # the connection may be gone (server down); the server rolls back then
+            raise
+        conn.commit()
+    finally:
+        if was_autocommit and not conn.closed:
+            with contextlib.suppress(psycopg2.Error):
+                conn.autocommit = True
+
+
+def _lock_key(*parts: str) -> str:
+    return "\x1f".join(("lakehouse.pg_mirror", *parts))
+
+
+def _advisory_lock(cur, *parts: str) -> None:
+    """Transaction-scoped advisory lock on ``parts`` (released at COMMIT/ROLLBACK)."""
+    cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_lock_key(*parts),))
+
+
+def _qualified(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+
+def _idents(names: Iterable[str]) -> sql.Composed:
+    return sql.SQL(", ").join(sql.Identifier(n) for n in names)
+
+
+# ---- schema -----------------------------------------------------------------------------------
+def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
+    """Create ``schema``, the ledger and every table (with primary key and indexes) unless they exist.
+
+    Idempotent and safe to run concurrently. A table that already exists gets any declared column it
+    lacks (``ALTER TABLE ... ADD COLUMN``, nullable); existing columns, types and keys are not changed.
+    Commits (runs in a transaction of its own).
+    """
+    tables = list(tables)
+    with _transaction(conn) as cur:
+        _advisory_lock(cur, "schema", schema)
+        cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        cur.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (source text NOT NULL, table_name text NOT NULL, "
+            "version bigint NOT NULL, rows bigint NOT NULL DEFAULT 0, "
+            "applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (source, table_name))"
+        ).format(_qualified(schema, LEDGER_TABLE)))
+        for table in tables:
+            _ensure_table(cur, schema, table)
+
+
+def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
+    target = _qualified(schema, table.name)
+    cur.execute("SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+                (schema, table.name))
+    existing = {r[0] for r in cur.fetchall()}
+    if not existing:
+        cols = sql.SQL(", ").join(
+            sql.SQL("{} {}{}").format(sql.Identifier(c), sql.SQL(t),
+                                      sql.SQL(" NOT NULL") if c in table.key else sql.SQL(""))
+            for c, t in table.columns)
+        cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+            target, cols, _idents(table.key)))
+    else:
+        missing_keys = [c for c in table.key if c not in existing]
+        if missing_keys:
+            raise ValueError(f"{schema}.{table.name} exists without key columns {missing_keys}; migrate "
+                             "or drop it (a primary key cannot be added by the mirror)")
+        for column, pgtype in table.columns:
+            if column not in existing:
+                log.info("adding column %s %s to %s.%s", column, pgtype, schema, table.name)
+                cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                    target, sql.Identifier(column), sql.SQL(pgtype)))
+    for columns in table.indexes:
+        cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+            sql.Identifier(table.index_name(columns)), target, _idents(columns)))
+
+
+# ---- ledger -----------------------------------------------------------------------------------
+def _read_version(cur, schema: str, source: str, table_name: str) -> int | None:
+    cur.execute(sql.SQL("SELECT version FROM {} WHERE source = %s AND table_name = %s").format(
+        _qualified(schema, LEDGER_TABLE)), (source, table_name))
+    row = cur.fetchone()
+    return None if row is None else int(row[0])
+
+
+def applied_version(conn, schema: str, source: str, table_name: str) -> int | None:
+    """The last version of ``source`` applied to ``table_name`` (None: never, or no ledger yet).
+
+    Runs inside the caller's transaction when one is open, otherwise in a short one of its own.
+    """
+    def query(cur) -> int | None:
+        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(schema, LEDGER_TABLE).as_string(conn),))
+        if cur.fetchone()[0] is None:
+            return None
+        return _read_version(cur, schema, source, table_name)
+
+    if conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+        with _transaction(conn) as cur:
+            return query(cur)
+    with conn.cursor() as cur:
+        return query(cur)
+
+
+def _record_version(cur, schema: str, source: str, table_name: str, version: int, rows: int) -> None:
+    cur.execute(sql.SQL(
+        "INSERT INTO {} AS l (source, table_name, version, rows, applied_at) "
+        "VALUES (%s, %s, %s, %s, now()) ON CONFLICT (source, table_name) DO UPDATE SET "
+        "version = EXCLUDED.version, rows = EXCLUDED.rows, applied_at = EXCLUDED.applied_at"
+    ).format(_qualified(schema, LEDGER_TABLE)), (source, table_name, int(version), int(rows)))
+
+
+# ---- rows -> CSV ------------------------------------------------------------------------------
+def _to_arrow(rows, columns: tuple[str, ...], what: str):
+    """``rows`` (pandas DataFrame or pyarrow Table) as a pyarrow Table of exactly ``columns``."""
+    import pyarrow as pa
+
+    if isinstance(rows, pa.RecordBatch):
+        rows = pa.Table.from_batches([rows])
+    if isinstance(rows, pa.Table):
+        present = rows.column_names
+    else:
+        import pandas as pd
+
+        if not isinstance(rows, pd.DataFrame):
+            raise TypeError(f"{what} must be a pandas DataFrame or a pyarrow Table, not "
+                            f"{type(rows).__name__}")
+        present = [str(c) for c in rows.columns]
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise ValueError(f"{what} lacks columns {missing} (has {list(present)})")
+    if isinstance(rows, pa.Table):
+        return rows.select(list(columns))
+    frame = rows.loc[:, list(columns)]
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)  # NaN/None/NaT/pd.NA -> null
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise TypeError(f"{what}: cannot convert a column for Postgres ({exc}); give each column one "
+                        "type (serialize nested values, e.g. to JSON text, first)") from exc
+
+
+def _prepare_column(arr, pgtype: str, column: str):
+    """One Arrow column, converted so its CSV text is what Postgres' ``pgtype`` parses exactly."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = arr.type
+    base = pgtype.strip().lower()
+    if pa.types.is_dictionary(t):
+        arr = arr.cast(t.value_type)
+        t = arr.type
+    if pa.types.is_floating(t):
+        if arr.null_count < len(arr):
+            arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, t), arr)  # NaN -> NULL
+        if _INT_TYPES.match(base):
+            try:
+                arr = arr.cast(pa.int64())  # safe cast: fractional values raise
+            except pa.ArrowInvalid as exc:
+                raise ValueError(f"column {column!r} ({pgtype}) has non-integer values: {exc}") from None
+        elif pa.types.is_float16(t):
+            arr = arr.cast(pa.float32())
+    elif pa.types.is_timestamp(t):
+        arr = arr.cast(pa.timestamp("us", tz="UTC" if t.tz else None), safe=False)  # UTC, truncate to µs
+    elif pa.types.is_time(t) and t.unit == "ns":
+        arr = arr.cast(pa.time64("us"), safe=False)
+    elif pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        arr = pa.array([None if v is None else "\\x" + v.hex() for v in arr.to_pylist()], pa.string())
+    elif pa.types.is_null(t):
+        arr = pa.nulls(len(arr), pa.string())
+    elif pa.types.is_nested(t):
+        raise TypeError(f"column {column!r} ({pgtype}) holds nested values ({t}); serialize them (e.g. "
+                        "to JSON text) first")
+    return arr
+
+
+def _csv_buffer(rows, table: MirrorTable, columns: tuple[str, ...], what: str,
+                with_ordinal: bool) -> tuple[io.BytesIO, int]:
+    """CSV (every non-null value quoted, NULL = empty unquoted field) of ``columns`` of ``rows``."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    data = _to_arrow(rows, columns, what)
+    arrays = [_prepare_column(data.column(c), table.column_type(c), c) for c in columns]
+    names = list(columns)
+    if with_ordinal:
+        arrays.append(pa.array(np.arange(data.num_rows, dtype=np.int64)))
+        names.append(ORD_COLUMN)
+    buf = io.BytesIO()
+    if data.num_rows:
+        pacsv.write_csv(pa.Table.from_arrays(arrays, names=names), buf,
+                        pacsv.WriteOptions(include_header=False, quoting_style="all_valid"))
+    buf.seek(0)
+    return buf, data.num_rows
+
+
+def _copy(cur, target: sql.Composable, columns: Iterable[str], buf: io.BytesIO) -> None:
+    cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv, ENCODING 'UTF8')").format(
+        target, _idents(columns)).as_string(cur), buf, size=COPY_CHUNK)
+
+
+# ---- the batch --------------------------------------------------------------------------------
+def _stage_rows(cur, schema: str, table: MirrorTable, rows) -> sql.Identifier | None:
+    """COPY ``rows`` into a temporary staging table (dropped at commit); its name, None if no rows."""
+    buf, n = _csv_buffer(rows, table, table.column_names, "rows", with_ordinal=True)
+    if n == 0:
+        return None
+    stage = sql.Identifier(f"_mirror_stage_{table.name}"[:MAX_IDENTIFIER])
+    cur.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
+        stage, _qualified(schema, table.name)))
+    cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint").format(stage, sql.Identifier(ORD_COLUMN)))
+    _copy(cur, stage, (*table.column_names, ORD_COLUMN), buf)
+    return stage
+
+
+def _merge(cur, schema: str, table: MirrorTable, stage: sql.Identifier) -> int:
+    """Upsert the staging table into the target (last row per key wins; no-op updates skipped)."""
+    cols = _idents(table.column_names)
+    key = _idents(table.key)
+    query = sql.SQL("INSERT INTO {target} AS t ({cols}) SELECT DISTINCT ON ({key}) {cols} FROM {stage} "
+                    "ORDER BY {key}, {ord} DESC ON CONFLICT ({key}) ").format(
+        target=_qualified(schema, table.name), cols=cols, key=key, stage=stage,
+        ord=sql.Identifier(ORD_COLUMN))
+    values = table.value_columns
+    if values:  # "(t.a, t.b) IS DISTINCT FROM (EXCLUDED.a, EXCLUDED.b)": skip updates that change nothing
+        query += sql.SQL("DO UPDATE SET {sets} WHERE ({old}) IS DISTINCT FROM ({new})").format(
+            sets=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in values),
+            old=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in values),
+            new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in values))
+    else:
+        query += sql.SQL("DO NOTHING")
+    cur.execute(query)
+    return max(cur.rowcount, 0)
+
+
+def _apply_deletes(cur, schema: str, table: MirrorTable, deletes) -> int:
+    """Delete the target rows whose key is in ``deletes``; returns how many were deleted."""
+    buf, n = _csv_buffer(deletes, table, table.key, "deletes", with_ordinal=False)
+    if n == 0:
+        return 0
+    stage = sql.Identifier(f"_mirror_delete_{table.name}"[:MAX_IDENTIFIER])
+    cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+        stage, _idents(table.key), _qualified(schema, table.name)))
+    _copy(cur, stage, table.key, buf)
+    match = sql.SQL(" AND ").join(sql.SQL("t.{c} = d.{c}").format(c=sql.Identifier(c)) for c in table.key)
+    cur.execute(sql.SQL("DELETE FROM {} AS t USING {} AS d WHERE {}").format(
+        _qualified(schema, table.name), stage, match))
+    return max(cur.rowcount, 0)
+
+
+def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, version: int,
+                 deletes=None) -> int:
+    """Apply one batch to ``schema.table`` exactly once; returns the number of rows inserted or changed.
+
+    ``rows``: pandas DataFrame or pyarrow Table with (at least) the table's columns. ``source`` names
+    where the rows come from (e.g. the Delta table path or stream name) and ``version`` their Delta
+    version or micro-batch id; a ``(source, table)`` pair whose ledger version is already ``>= version``
+    is skipped (returns 0). ``deletes``: optional frame with the key columns of rows to delete (applied
+    after the upsert). Rows whose stored values already equal the new ones are not rewritten and not
+    counted. Everything, ledger included, commits in one transaction or not at all. The connection
+    must not be inside a transaction; ``ensure_schema`` must have created the table and ledger.
+    """
+    version = int(version)
+    with _transaction(conn) as cur:
+        cur.execute("SET LOCAL TIME ZONE 'UTC'")
+        _advisory_lock(cur, "batch", schema, source, table.name)
+        done = _read_version(cur, schema, source, table.name)
+        if done is not None and done >= version:
+            log.info("%s.%s: %s version %d already applied (ledger at %d); skipped", schema, table.name,
+                     source, version, done)
+            return 0
+        t0 = time.monotonic()
+        stage = _stage_rows(cur, schema, table, rows)
+        upserted = _merge(cur, schema, table, stage) if stage is not None else 0
+        deleted = _apply_deletes(cur, schema, table, deletes) if deletes is not None else 0
+        _record_version(cur, schema, source, table.name, version, upserted)
+    log.info("%s.%s: applied %s version %d (%d rows upserted, %d deleted) in %.2f s", schema, table.name,
+             source, version, upserted, deleted, time.monotonic() - t0)
+    return upserted
+
+
+# ---- retries ----------------------------------------------------------------------------------
+#: Errors that mean "Postgres is (temporarily) unreachable or aborted us": worth a retry with a new
+#: connection. OperationalError covers lost connections, admin shutdown, serialization failures and
+#: deadlocks; InterfaceError a connection that was already closed under us.
+RETRYABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, postgres.PostgresUnavailable)
+
+
+def with_retries(fn: Callable[[Any], T], settings, attempts: int | None = 8, backoff: float = 0.5,
+                 max_backoff: float = 30, on_retry: Callable[[int, BaseException, float], None] | None = None,
+                 deadline: float | None = None) -> T:
+    """``fn(conn)`` with a fresh connection (``postgres.connect(settings)``), retried while Postgres is away.
+
+    On a retryable error (connection refused or lost, server shut down, serialization failure,
+    deadlock: see :data:`RETRYABLE`) the connection is closed, ``on_retry(attempt, exc, delay)`` is
+    called (``attempt`` = the 1-based attempt that failed), and the call is retried after ``delay`` =
+    ``backoff * 2**(attempt-1)`` capped at ``max_backoff`` seconds. The last error is re-raised after
+    ``attempts`` attempts (``None``: no limit), or when ``deadline`` seconds (measured from this call;
+    ``None``: none) would pass before the next attempt. With ``attempts=None`` and ``deadline=None`` it
+    retries forever. Other errors propagate at once. ``fn`` must be safe to run again (e.g.
+    :func:`upsert_batch`, whose ledger makes a retried batch a no-op if an earlier try committed).
+    """
+    if attempts is not None and attempts < 1:
+        raise ValueError("attempts must be >= 1 (or None for no limit)")
+    end = None if deadline is None else time.monotonic() + deadline
+    attempt = 0
+    while True:
+        attempt += 1
+        conn = None
+        try:
+            conn = postgres.connect(settings)
+            return fn(conn)
+        except RETRYABLE as exc:
+            delay = min(max_backoff, backoff * (2 ** (attempt - 1)))
+            if attempts is not None and attempt >= attempts:
+                raise
+            if end is not None and time.monotonic() + delay > end:
+                raise
+            log.warning("Postgres call failed (attempt %d%s): %s; retrying in %.2f s", attempt,
+                        f"/{attempts}" if attempts else "", str(exc).strip().splitlines()[0] if str(exc).strip()
+                        else type(exc).__name__, delay)
+            if on_retry is not None:
+                on_retry(attempt, exc, delay)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        time.sleep(delay)

@@ -1,0 +1,169 @@
+"""Feature transforms on hand-made tiny frames: window edges, ties, look-back, label delay, and the
+equivalence of a micro-batch (few targets, wide history) with a backfill (targets == history)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from pyspark.sql import Row
+from pyspark.testing import assertDataFrameEqual
+
+from lakehouse.transforms.features import (
+    FEATURE_COLUMNS,
+    ID_COLUMNS,
+    USER_WINDOW_COLUMNS,
+    transaction_features,
+    user_windows_5m,
+)
+
+TX_SCHEMA = ("event_id string, user_id string, merchant_id string, amount double, currency string, "
+             "amount_base double, country string, event_time timestamp, event_date date")
+LABEL_SCHEMA = "event_id string, is_fraud boolean, scenario string, reported_at timestamp"
+WED = datetime(2026, 11, 4, tzinfo=timezone.utc)  # a Wednesday, 00:00 UTC
+
+
+def at(day=0, hour=12, minute=0, second=0, micro=0) -> datetime:
+    return WED + timedelta(days=day, hours=hour, minutes=minute, seconds=second, microseconds=micro)
+
+
+def tx_frame(spark, rows):
+    """rows: (event_id, user_id, merchant_id, country, amount_base, event_time)."""
+    return spark.createDataFrame(
+        [(e, u, m, a, "USD", a, c, t, t.date()) for e, u, m, c, a, t in rows], TX_SCHEMA)
+
+
+def labels_frame(spark, rows=()):
+    """rows: (event_id, is_fraud, reported_at)."""
+    return spark.createDataFrame([(e, f, "card_testing" if f else "none", r) for e, f, r in rows], LABEL_SCHEMA)
+
+
+def features(spark, rows, labels=(), cols=None):
+    tx = tx_frame(spark, rows)
+    out = transaction_features(tx, tx, labels_frame(spark, labels))
+    return {r["event_id"]: r for r in out.select("event_id", *(cols or FEATURE_COLUMNS)).collect()}
+
+
+def test_user_windows_5m_half_open_edges(spark):
+    # 12:05:00 sits exactly on a boundary: in the windows starting 12:01..12:05, not in [12:00, 12:05).
+    tx = tx_frame(spark, [("a", "u1", "m1", "FR", 10.0, at(minute=5)),
+                          ("b", "u1", "m2", "DE", 20.0, at(minute=3, second=30)),
+                          ("c", "u2", "m1", "FR", 5.0, at(minute=7))])
+    got = user_windows_5m(tx)
+    assert tuple(got.columns) == USER_WINDOW_COLUMNS
+
+    def w(user, start_minute, n, total, mx, merchants, countries):
+        return Row(user_id=user, window_start=at(minute=start_minute), window_end=at(minute=start_minute + 5),
+                   tx_count=n, amount_sum=total, amount_mean=total / n, amount_max=mx,
+                   distinct_merchants=merchants, distinct_countries=countries)
+
+    expected = [w("u1", s, 1, 20.0, 20.0, 1, 1) for s in (-1, 0)]            # b alone
+    expected += [w("u1", s, 2, 30.0, 20.0, 2, 2) for s in (1, 2, 3)]         # a and b
+    expected += [w("u1", s, 1, 10.0, 10.0, 1, 1) for s in (4, 5)]            # a alone
+    expected += [w("u2", s, 1, 5.0, 5.0, 1, 1) for s in (3, 4, 5, 6, 7)]
+    assertDataFrameEqual(got, spark.createDataFrame(expected, got.schema))
+    assert [f.dataType.simpleString() for f in got.schema.fields][3:] == [
+        "bigint", "double", "double", "double", "bigint", "bigint"]
+
+
+def test_trailing_window_is_open_at_the_left_and_ties_count_each_other(spark):
+    # Rule: windows are (t - W, t]. "a" is exactly 5 minutes before "b"/"c", so it is NOT in their
+    # 5m window; "a2" one second later is. "b" and "c" share a timestamp: each counts the other.
+    got = features(spark, [("a", "u1", "m1", "FR", 10.0, at()),
+                           ("a2", "u1", "m1", "FR", 20.0, at(second=1)),
+                           ("c", "u1", "m2", "FR", 40.0, at(minute=5)),
+                           ("b", "u1", "m1", "FR", 30.0, at(minute=5))])
+    count_5m = {k: r["user_tx_count_5m"] for k, r in got.items()}
+    assert count_5m == {"a": 1, "a2": 2, "b": 3, "c": 3}
+    assert {k: r["user_amount_sum_5m"] for k, r in got.items()} == {"a": 10.0, "a2": 30.0, "b": 90.0, "c": 90.0}
+    assert {k: r["user_tx_count_1h"] for k, r in got.items()} == {"a": 1, "a2": 2, "b": 4, "c": 4}
+    # Previous in (event_time, event_id) order: "c" follows "b" at the same instant.
+    assert {k: r["seconds_since_prev_user_tx"] for k, r in got.items()} == {
+        "a": None, "a2": 1.0, "b": 299.0, "c": 0.0}
+    # Mean over (t - 30d, t], current included: b and c see all four (mean 25).
+    assert {k: r["user_amount_ratio_30d"] for k, r in got.items()} == {"a": 1.0, "a2": 20.0 / 15.0, "b": 1.2, "c": 1.6}
+    # The same rules for the merchant: m1 at 12:05 sees a2 and b, not a.
+    assert got["b"]["merchant_tx_count_5m"] == 2 and got["b"]["merchant_amount_sum_5m"] == 50.0
+    assert got["c"]["country_tx_count_5m"] == 3 and got["c"]["country_tx_count_24h"] == 4
+
+
+def test_first_merchant_first_country_and_unusual_country(spark):
+    got = features(spark, [("x1", "u1", "m1", "FR", 1.0, at(0)),
+                           ("x2", "u1", "m2", "FR", 1.0, at(1)),
+                           ("x3", "u1", "m1", "DE", 1.0, at(2)),
+                           ("x4", "u1", "m1", "FR", 1.0, at(40)),   # 38 days later: outside the look-back
+                           ("y1", "u2", "m1", "DE", 1.0, at(2, minute=1))])
+    flags = {k: (r["is_first_user_merchant"], r["is_first_user_country"], r["is_unusual_country"])
+             for k, r in got.items()}
+    assert flags == {
+        "x1": (True, True, False),     # no history: not unusual
+        "x2": (True, False, False),    # new merchant, known country
+        "x3": (False, True, True),     # known merchant, a country not seen in the last 30 days
+        "x4": (True, True, False),     # "first" means first within the 30-day look-back
+        "y1": (True, True, False),
+    }
+    assert got["x4"]["seconds_since_prev_user_tx"] is None
+    assert got["x3"]["seconds_since_prev_user_tx"] == 86_400.0
+
+
+def test_night_weekend_and_output_columns(spark):
+    rows = [("s", "u1", "m1", "FR", 1.0, at(3, hour=5, minute=59, second=59)),  # Saturday 05:59:59
+            ("u", "u1", "m1", "FR", 1.0, at(4, hour=6)),                          # Sunday 06:00
+            ("m", "u1", "m1", "FR", 1.0, at(5, hour=0))]                          # Monday 00:00
+    tx = tx_frame(spark, rows)
+    out = transaction_features(tx, tx, labels_frame(spark))
+    assert tuple(out.columns) == ID_COLUMNS + FEATURE_COLUMNS
+    types = dict(out.dtypes)
+    assert {c for c in FEATURE_COLUMNS if types[c] == "boolean"} == {
+        "is_first_user_merchant", "is_first_user_country", "is_unusual_country", "is_night", "is_weekend"}
+    assert all(types[c] == "bigint" for c in FEATURE_COLUMNS if "_tx_count_" in c)
+    assert all(types[c] == "double" for c in FEATURE_COLUMNS if "_amount_" in c or "_rate_" in c or "seconds" in c)
+    got = {r["event_id"]: (r["is_night"], r["is_weekend"]) for r in out.collect()}
+    assert got == {"s": (True, True), "u": (False, True), "m": (True, False)}
+
+
+def test_fraud_rate_counts_a_label_only_once_reported(spark):
+    rows = [("f1", "u1", "m1", "FR", 1.0, at(hour=10)),              # fraud, reported at 11:00
+            ("t1", "u2", "m1", "FR", 1.0, at(hour=10, minute=30)),   # before the report
+            ("t2", "u3", "m1", "FR", 1.0, at(hour=11)),              # exactly at the report
+            ("g1", "u4", "m2", "FR", 1.0, at(hour=11, minute=30)),   # another merchant, same country
+            ("t3", "u5", "m1", "FR", 1.0, at(hour=12)),              # after the report
+            ("t4", "u6", "m1", "FR", 1.0, at(1, hour=10))]           # exactly 1 day after f1
+    labels = [("f1", True, at(hour=11)), ("t1", False, at(hour=10, minute=31))]
+    got = features(spark, rows, labels)
+    rate = {k: (r["merchant_fraud_rate_1d"], r["merchant_fraud_rate_7d"], r["merchant_fraud_rate_30d"])
+            for k, r in got.items() if k != "g1"}
+    assert rate == {
+        "f1": (0.0, 0.0, 0.0),              # its own label is not known yet at its event time
+        "t1": (0.0, 0.0, 0.0),              # reported after t1: must not count
+        "t2": (1 / 3, 1 / 3, 1 / 3),        # reported_at == t counts
+        "t3": (0.25, 0.25, 0.25),
+        "t4": (0.0, 0.2, 0.2),              # f1 is exactly 1 day earlier: out of (t - 1d, t]
+    }
+    assert got["g1"]["merchant_fraud_rate_30d"] == 0.0
+    assert got["t3"]["country_fraud_rate_1d"] == 0.2      # f1 among f1, t1, t2, g1, t3
+    assert got["t1"]["country_fraud_rate_1d"] == 0.0
+    assert got["t3"]["merchant_tx_count_1h"] == 1          # t2 at 11:00 is out of (11:00, 12:00]
+
+
+def test_micro_batch_equals_backfill(spark):
+    rows = [("o1", "u1", "m1", "FR", 50.0, at(-45)),                 # beyond every look-back
+            ("e1", "u1", "m1", "FR", 10.0, at(-20)),
+            ("e2", "u1", "m2", "DE", 20.0, at(-1, hour=23)),
+            ("e3", "u2", "m1", "FR", 30.0, at(-1, hour=23)),
+            ("e4", "u1", "m1", "FR", 40.0, at(0, hour=1)),
+            ("e5", "u2", "m2", "DE", 15.0, at(0, hour=1)),            # tie with e4
+            ("e6", "u1", "m1", "ES", 25.0, at(0, hour=1, minute=4)),
+            ("e7", "u3", "m1", "FR", 5.0, at(0, hour=2))]
+    labels = labels_frame(spark, [("e1", True, at(-19)), ("e3", True, at(0, hour=1, minute=30)),
+                                  ("o1", True, at(-44)), ("e2", False, at(0))])
+    history = tx_frame(spark, rows)
+    targets = history.where("event_id in ('e5', 'e6', 'e7')")
+    expected = transaction_features(history, history, labels).where("event_id in ('e5', 'e6', 'e7')")
+    got = transaction_features(targets, history, labels)
+    assertDataFrameEqual(got, expected)
+    # A history trimmed to the look-back gives the same values too.
+    narrow = history.where("event_id != 'o1'")
+    assertDataFrameEqual(transaction_features(targets, narrow, labels), expected)
+    row = {r["event_id"]: r for r in got.collect()}
+    assert row["e6"]["merchant_fraud_rate_30d"] == 0.25  # e1 of e1, e3, e4, e6 (e3 not reported at 01:04)
+    assert row["e7"]["merchant_fraud_rate_30d"] == 0.4                   # e3 reported at 01:30 now counts
