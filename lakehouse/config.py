@@ -20,6 +20,8 @@ TABLES: dict[str, tuple[str, str]] = {
     "silver_labels": ("silver", "labels"),
     "silver_quarantine": ("silver", "quarantine"),
     "silver_dq_batches": ("silver", "dq_batches"),
+    "gold_transaction_features": ("gold", "transaction_features"),
+    "gold_user_features_5m": ("gold", "user_features_5m"),
 }
 
 #: Streaming queries, each with its own checkpoint folder under ``<data>/checkpoints``.

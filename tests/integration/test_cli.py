@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-COMMANDS = [[], ["generate"], ["stream"], ["pg"], ["info"], ["demo"]]
+COMMANDS = [[], ["generate"], ["stream"], ["backfill"], ["mirror"], ["pg"], ["info"], ["demo"]]
 
 
 def run(args, env_extra=None, **kw):
