@@ -115,6 +115,9 @@ def build_spark(settings: Settings, app_name: str = "lakehouse"):
         # Log replay runs as a Spark job with 50 partitions by default: far too many for 2 cores.
         "spark.databricks.delta.snapshotPartitions": "2",
         "spark.databricks.delta.merge.repartitionBeforeWrite.enabled": "true",
+        # The ingest MERGE's source (a deduplicated, cached micro-batch) is deterministic, so Delta
+        # need not copy it aside before merging.
+        "spark.databricks.delta.merge.materializeSource": "none",
     }
     builder = SparkSession.builder.appName(app_name)
     if not under_spark_submit():

@@ -84,13 +84,15 @@ class Layer:
     to_silver: Callable[[DataFrame], DataFrame]
     keys: tuple[str, ...]
     partition_by: tuple[str, ...]
+    partition_of: Callable[[DataFrame], object] | None = None
 
 
 def layer(settings: Settings, kind: str) -> Layer:
     if kind == "events":
         return Layer("events", settings.events_inbox, "bronze_events", "silver_transactions",
                      silver_t.event_validation_frame, silver_t.silver_events,
-                     keys=("event_date", "event_id"), partition_by=("event_date",))
+                     keys=("event_date", "event_id"), partition_by=("event_date",),
+                     partition_of=lambda df: F.to_date("event_time"))
     if kind == "labels":
         return Layer("labels", settings.labels_inbox, "bronze_labels", "silver_labels",
                      silver_t.label_validation_frame, silver_t.silver_labels,
@@ -256,20 +258,23 @@ class IngestBatch:
                                   self._path("silver_quarantine"), app, batch_id)
             lap("quarantine")
 
-            deduped = lay.to_silver(checked).persist(StorageLevel.MEMORY_AND_DISK)
-            prune = {}
+            # Counts and the partitions to prune come from the cached frame; the deduplicated rows
+            # are computed once, inside the MERGE (its source is deterministic, so Delta need not
+            # materialize it first: see spark.py).
+            valid = checked.where(~silver_t.is_quarantined(checked))
             if lay.partition_by:
                 col = lay.partition_by[0]
-                per_value = deduped.groupBy(col).count().collect()
-                prune[col] = sorted(str(r[0]) for r in per_value)
-                n_deduped = sum(r["count"] for r in per_value)
+                per_value = (valid.withColumn(col, lay.partition_of(valid)).groupBy(col)
+                             .agg(F.count_distinct(*lay.keys[1:]).alias("n")).collect())
+                prune = {col: sorted(str(r[0]) for r in per_value)}
+                n_deduped = sum(r["n"] for r in per_value)
             else:
-                n_deduped = deduped.count()
+                prune = {}
+                n_deduped = valid.select(*lay.keys).distinct().count()
             lap("dedup")
             if n_deduped:
                 with delta.idempotent_dml(spark, app, batch_id):
-                    delta.merge_insert_new(spark, deduped, self._path(lay.silver), lay.keys, prune)
-            deduped.unpersist()
+                    delta.merge_insert_new(spark, lay.to_silver(checked), self._path(lay.silver), lay.keys, prune)
             lap("merge")
 
             # Counts measured from the tables: the metrics of the commit this batch made (in this
