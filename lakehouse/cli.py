@@ -231,13 +231,16 @@ def cmd_info(args, settings: Settings) -> int:
 # ---- demo -----------------------------------------------------------------------------------------
 
 def cmd_demo(args, settings: Settings) -> int:
-    """Generate a few simulated days, stream them to silver, print the summary."""
-    from lakehouse import streaming, summary
+    """Generate a few simulated days, stream them to silver, backfill gold, mirror it into Postgres,
+    print the summary."""
+    from datetime import datetime as _dt, timedelta
+
+    from lakehouse import gold, mirror, streaming, summary
     from lakehouse.generator import GeneratorConfig, generate_backlog
     from lakehouse.io import postgres
     from lakehouse.spark import build_spark
 
-    steps = 4
+    steps = 6
     console.rule("[bold]lakehouse demo")
     console.print(f"[1/{steps}] Postgres ({'external' if settings.pg_dsn else 'embedded'}) ...")
     dsn = postgres.start(settings)
@@ -258,9 +261,18 @@ def cmd_demo(args, settings: Settings) -> int:
 
     streaming.run_streams(spark, settings, once=True, on_batch=on_batch)
     console.print(f"      done in {time.time() - t0:.1f}s")
-    console.print(f"[4/{steps}] summary")
+    first = _dt.fromisoformat(gen["start"].replace("Z", "+00:00")).date()
+    last = (_dt.fromisoformat(gen["end"].replace("Z", "+00:00")) - timedelta(microseconds=1)).date()
+    console.print(f"[4/{steps}] backfilling gold features for {first} .. {last} ...")
+    t0 = time.time()
+    gold_rows = gold.backfill(spark, settings, first, last)
+    console.print(f"      {gold_rows} ({time.time() - t0:.1f}s)")
+    console.print(f"[5/{steps}] mirroring gold into Postgres schema {settings.pg_schema} ...")
+    mirrored = mirror.mirror_all(spark, settings, on_retry=_say_retry)
+    console.print(f"[6/{steps}] summary")
     result = {
         "tables": summary.table_counts(spark, settings),
+        "postgres": {r["table"]: {"version": r.get("version"), "rows_written": r.get("rows")} for r in mirrored},
         "reconciliation": summary.reconciliation(spark, settings),
         "quarantine_by_check": summary.quarantine_by_check(spark, settings),
         "generator": {k: gen[k] for k in ("events", "duplicates", "malformed", "fraud_events",
@@ -270,6 +282,7 @@ def cmd_demo(args, settings: Settings) -> int:
     ok = all(v["reconciled"] for v in result["reconciliation"].values())
     console.print("[green]every batch reconciled[/]" if ok else "[red]reconciliation failed[/]")
     console.print(f"next: `lakehouse info` for paths; tables under {settings.delta_root}; "
+                  f"psql \"{dsn}\" for the {settings.pg_schema} schema; "
                   "`lakehouse pg stop` stops the embedded Postgres")
     return 0 if ok else 1
 
@@ -340,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("demo", help="run the main job end to end on embedded defaults",
-                       description="Start Postgres, generate a few simulated days, stream them, print a summary.")
+                       description="Start Postgres, generate a few simulated days, stream them to silver, "
+                                   "backfill gold, mirror it into Postgres, print a summary.")
     d.add_argument("--days", type=float, default=3.0, help="simulated days to generate")
     d.add_argument("--users", type=int, default=2000, help="simulated card holders")
     d.add_argument("--seed", type=int, default=7, help="random seed")

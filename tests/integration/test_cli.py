@@ -58,3 +58,21 @@ def test_unreachable_postgres_is_one_clear_error(tmp_path):
 def test_bad_setting_is_one_clear_error(tmp_path):
     res = run(["info"], {"LAKEHOUSE_DATA": str(tmp_path), "LAKEHOUSE_MAX_FILES_PER_TRIGGER": "lots"})
     assert res.returncode == 2 and "LAKEHOUSE_MAX_FILES_PER_TRIGGER" in res.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    """The README's main job, as a user runs it, on a small simulation."""
+    env = {"LAKEHOUSE_DATA": str(tmp_path / "data"), "LAKEHOUSE_SPARK_MASTER": "local[2]",
+           "LAKEHOUSE_SHUFFLE_PARTITIONS": "2"}
+    try:
+        res = run(["demo", "--days", "0.5", "--users", "150"], env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "every batch reconciled" in res.stderr
+        summary = json.loads(res.stdout[res.stdout.index("{"):])
+        assert summary["tables"]["silver_transactions"] == summary["generator"]["events"]
+        assert summary["tables"]["gold_transaction_features"] == summary["generator"]["events"]
+        assert summary["postgres"]["gold_transaction_features"]["rows_written"] == summary["generator"]["events"]
+        assert summary["reconciliation"]["events"]["reconciled"]
+    finally:
+        run(["pg", "stop"], env)
