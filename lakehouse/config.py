@@ -22,6 +22,8 @@ TABLES: dict[str, tuple[str, str]] = {
     "silver_dq_batches": ("silver", "dq_batches"),
     "gold_transaction_features": ("gold", "transaction_features"),
     "gold_user_features_5m": ("gold", "user_features_5m"),
+    "gold_merchant_risk_daily": ("gold", "merchant_risk_daily"),
+    "gold_country_risk_daily": ("gold", "country_risk_daily"),
 }
 
 #: Streaming queries, each with its own checkpoint folder under ``<data>/checkpoints``.

@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 from lakehouse.config import Settings
 from lakehouse.io import delta
 from lakehouse.transforms import features
+from lakehouse.transforms import risk as risk_t
 
 #: Gold tables: partition column and key (the key is also the Postgres mirror's primary key).
 GOLD_TABLES: dict[str, dict] = {
@@ -23,6 +24,8 @@ GOLD_TABLES: dict[str, dict] = {
                                               ("country", "event_time"), ("event_date",))},
     "gold_user_features_5m": {"partition": "window_date", "key": ("user_id", "window_start"),
                               "indexes": (("window_start",), ("window_date",))},
+    "gold_merchant_risk_daily": {"partition": "day", "key": ("merchant_id", "day"), "indexes": (("day",),)},
+    "gold_country_risk_daily": {"partition": "day", "key": ("country", "day"), "indexes": (("day",),)},
 }
 
 
@@ -30,7 +33,8 @@ def _between(col: str, lo: date, hi: date):
     return (F.col(col) >= F.lit(lo)) & (F.col(col) <= F.lit(hi))
 
 
-def gold_frames(silver: DataFrame, labels: DataFrame, date_from: date, date_to: date) -> dict[str, DataFrame]:
+def gold_frames(silver: DataFrame, labels: DataFrame, date_from: date, date_to: date,
+                as_of: date | None = None) -> dict[str, DataFrame]:
     """The gold rows of [date_from, date_to] (UTC dates), computed from silver. Pure."""
     lookback = timedelta(seconds=features.LOOKBACK_SECONDS + 86_400)
     history = silver.where(_between("event_date", date_from - lookback, date_to))
@@ -41,7 +45,14 @@ def gold_frames(silver: DataFrame, labels: DataFrame, date_from: date, date_to: 
     windows = (features.user_windows_5m(window_events)
                .withColumn("window_date", F.to_date("window_start"))
                .where(_between("window_date", date_from, date_to)))
-    return {"gold_transaction_features": tx, "gold_user_features_5m": windows}
+    baseline_from = date_from - timedelta(days=30)
+    as_of = as_of or date.today()
+    risk = {
+        f"gold_{prefix}_risk_daily": risk_t.risk_daily(history.where(F.col("event_date") >= F.lit(baseline_from)),
+                                                       tx, labels, key, date_from, date_to, baseline_from, as_of)
+        for key, prefix in (("merchant_id", "merchant"), ("country", "country"))
+    }
+    return {"gold_transaction_features": tx, "gold_user_features_5m": windows, **risk}
 
 
 def backfill(spark: SparkSession, settings: Settings, date_from: date, date_to: date) -> dict[str, int]:

@@ -39,7 +39,8 @@ def _pg_rows(settings, name, order):
 
 
 def _assert_pg_equals_gold(spark, settings):
-    for name, order in (("gold_transaction_features", "event_id"), ("gold_user_features_5m", "user_id, window_start")):
+    for name, spec in gold.GOLD_TABLES.items():
+        order = ", ".join(spec["key"])
         want = _gold(spark, settings, name).toPandas().sort_values(order.split(", ")).reset_index(drop=True)
         got = _pg_rows(settings, name, order)[list(want.columns)]
         for col in want.columns:  # Postgres returns timestamptz as aware UTC; Delta as naive UTC
@@ -75,6 +76,7 @@ def test_backfill_is_idempotent_and_mirror_converges(spark, pg):
     result = {r["table"]: r for r in mirror.mirror_all(spark, settings)}
     assert result["gold_transaction_features"]["rows"] > 0
     assert result["gold_user_features_5m"]["rows"] == 0  # windows did not change
+    assert result["gold_merchant_risk_daily"]["rows"] > 0  # fraud counts did
     _assert_pg_equals_gold(spark, settings)
     feats = _pg_rows(settings, "gold_transaction_features", "event_id")
     # Reported on the 21st at 00:00-00:05: invisible to the payments of the 20th, visible after.
