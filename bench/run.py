@@ -142,7 +142,8 @@ def bench_merge(root: Path, sizes: list[int], batch_rows: int, repeats: int) -> 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=1_000_000, help="backlog size for the ingest benchmark")
-    p.add_argument("--max-files", type=int, default=60, help="inbox files per micro-batch")
+    p.add_argument("--max-files", type=int, default=Settings.from_env().max_files_per_trigger,
+                   help="inbox files per micro-batch (default: the stream's setting)")
     p.add_argument("--merge-sizes", default="1000000,10000000", help="silver sizes for the MERGE benchmark")
     p.add_argument("--merge-batch", type=int, default=100_000, help="new rows per MERGE batch")
     p.add_argument("--repeats", type=int, default=4, help="MERGE batches per size (the first is warm-up)")
