@@ -217,7 +217,7 @@ class IngestBatch:
 
     def __call__(self, lines: DataFrame, batch_id: int) -> None:
         spark = lines.sparkSession
-        lay, app, s = self.layer, self.app_id, self.settings
+        lay, app = self.layer, self.app_id
         ingested_at = datetime.now(timezone.utc)
         seconds: dict[str, float] = {}
         clock = [time.perf_counter()]

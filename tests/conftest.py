@@ -42,3 +42,17 @@ def write_lines(folder: Path, name: str, lines: list[str | bytes], mtime: float 
     if mtime is not None:
         os.utime(final, (mtime, mtime))
     return final
+
+
+def stop_postgres(settings: Settings) -> None:
+    """Stop a test's embedded Postgres; if that fails, kill it rather than leak a server."""
+    import signal
+
+    from lakehouse.io import postgres
+
+    try:
+        postgres.stop(settings)
+    finally:
+        info = postgres._running_postmaster(settings)
+        if info is not None:
+            os.kill(info["pid"], signal.SIGKILL)

@@ -9,7 +9,7 @@ import pytest
 
 from lakehouse import gold, mirror, streaming
 from lakehouse.io import delta, postgres
-from tests.conftest import write_lines
+from tests.conftest import stop_postgres, write_lines
 from tests.integration.inbox_data import FILE_MTIME, event_line, label_line
 
 pytestmark = pytest.mark.integration
@@ -21,7 +21,7 @@ DAY = date(2026, 11, 20)
 def pg(settings):
     postgres.start(settings)
     yield settings
-    postgres.stop(settings)
+    stop_postgres(settings)
 
 
 def _gold(spark, settings, name):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
-import signal
 import threading
 import time
 
@@ -23,6 +22,7 @@ from lakehouse.config import Settings
 from lakehouse.io import pg_mirror as mirror
 from lakehouse.io import postgres as pg
 from lakehouse.io.pg_mirror import MirrorTable
+from tests.conftest import stop_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +46,7 @@ def pg_settings(tmp_path):
     settings = Settings.from_env({**env, "LAKEHOUSE_DATA": str(tmp_path / "data")})
     pg.start(settings)
     yield settings
-    try:
-        pg.stop(settings)
-    finally:
-        info = pg._running_postmaster(settings)
-        if info is not None:  # stop failed: do not leak a server
-            os.kill(info["pid"], signal.SIGKILL)
+    stop_postgres(settings)
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import stop_postgres
+
 from lakehouse.config import Settings
 from lakehouse.io import postgres as pg
 
@@ -38,14 +40,8 @@ def make_settings(tmp_path):
 
     yield make
     for settings in made:
-        if settings.pg_dsn:
-            continue
-        try:
-            pg.stop(settings)
-        finally:
-            info = pg._running_postmaster(settings)
-            if info is not None:  # stop failed: do not leak a server
-                os.kill(info["pid"], signal.SIGKILL)
+        if not settings.pg_dsn:
+            stop_postgres(settings)
 
 
 @pytest.fixture
