@@ -48,6 +48,8 @@ def _assert_pg_equals_gold(spark, settings):
                 got[col] = got[col].dt.tz_convert("UTC").dt.tz_localize(None)
             if str(want[col].dtype) == "object" and len(want) and isinstance(want[col].iloc[0], date):
                 got[col] = pd.to_datetime(got[col]).dt.date
+            if pd.api.types.is_float_dtype(want[col]):  # SQL NULL arrives as None, Spark's as NaN
+                got[col] = pd.to_numeric(got[col]).astype("float64")
         pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False)
 
 
