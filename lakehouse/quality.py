@@ -216,17 +216,3 @@ def apply_checks(frame: DataFrame, checks: Iterable[Check]) -> DataFrame:
         .withColumn("failed_fatal", names([c for c in checks if c.severity == FAIL]))
         .drop("_structural_ok")
     )
-
-
-def check_counts(checked: DataFrame, checks: Iterable[Check]) -> dict[str, int]:
-    """Rows failing each check (warnings included), in one aggregation over the checked frame."""
-    checks = list(checks)
-    aggs = [
-        F.sum(
-            F.when(F.array_contains("failed_checks", c.name) | F.array_contains("warned_checks", c.name), 1)
-            .otherwise(0)
-        ).alias(c.name)
-        for c in checks
-    ]
-    row = checked.agg(*aggs).first()
-    return {c.name: int(row[c.name] or 0) for c in checks}
