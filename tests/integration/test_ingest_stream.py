@@ -193,6 +193,8 @@ def test_continuous_mode_picks_up_new_files_until_stopped(spark, settings):
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
+    # Create the tables first, so polling below never meets a table that is half created.
+    streaming.ensure_tables(spark, fast, ("events",))
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
@@ -200,8 +202,7 @@ def test_continuous_mode_picks_up_new_files_until_stopped(spark, settings):
             write_lines(settings.events_inbox, name, [event_line(100 * n + i) for i in range(5)], mtime=FILE_MTIME)
             deadline = time.time() + 120
             while time.time() < deadline and not errors:
-                path = settings.table_path("silver_transactions")
-                if delta.is_delta_table(path) and delta.read(spark, path).count() == 5 * (n + 1):
+                if delta.read(spark, settings.table_path("silver_transactions")).count() == 5 * (n + 1):
                     break
                 time.sleep(1)
             assert not errors, errors
