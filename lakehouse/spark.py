@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from functools import lru_cache
 
 from lakehouse.config import Settings
@@ -121,6 +122,9 @@ def build_spark(settings: Settings, app_name: str = "lakehouse"):
     }
     builder = SparkSession.builder.appName(app_name)
     if not under_spark_submit():
+        # Python workers (pandas UDFs: model scoring) must run this interpreter, which has the
+        # project's packages; Spark's default is whatever `python3` is first on PATH.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         java_version()
         settings.ivy_dir.mkdir(parents=True, exist_ok=True)
         jars = _cached_jars(settings)
