@@ -287,6 +287,21 @@ def cmd_demo(args, settings: Settings) -> int:
     return 0 if ok else 1
 
 
+# ---- dbt (marts) ---------------------------------------------------------------------------------
+
+def cmd_dbt(args, settings: Settings) -> int:
+    from lakehouse.io import dbt
+
+    dbt_args = list(args.dbt_args)
+    if dbt_args[:1] == ["--"]:
+        dbt_args = dbt_args[1:]
+    if not dbt_args:
+        raise UserError("give dbt's arguments, e.g. `lakehouse dbt build` or `lakehouse dbt docs generate`")
+    console.print(f"[bold]dbt {' '.join(dbt_args)}[/] (project {dbt.project_dir()}, Postgres "
+                  f"{'external' if settings.pg_dsn else 'embedded'}) ...")
+    return dbt.run(settings, dbt_args).returncode
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--users", type=int, default=2000, help="simulated card holders")
     d.add_argument("--seed", type=int, default=7, help="random seed")
     d.set_defaults(func=cmd_demo)
+
+    dbtp = sub.add_parser("dbt", help="run dbt (the risk marts) against the project's Postgres, e.g. `dbt build`",
+                          description="Run dbt in dbt/ with the connection of these settings (embedded Postgres "
+                                      "or LAKEHOUSE_PG_DSN); every argument goes to dbt: `lakehouse dbt build`, "
+                                      "`lakehouse dbt build --vars '{velocity_max_tx: 6}'`, `lakehouse dbt docs "
+                                      "generate`, `lakehouse dbt source freshness`.")
+    dbtp.add_argument("dbt_args", nargs=argparse.REMAINDER, help="dbt's command and options")
+    dbtp.set_defaults(func=cmd_dbt)
     return parser
 
 
@@ -381,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: Exception) -> bool:
-    names = {"JavaMissing", "CheckpointError", "PostgresUnavailable", "UserError", "ExpectationFailed"}
+    names = {"JavaMissing", "CheckpointError", "PostgresUnavailable", "UserError", "ExpectationFailed",
+             "DbtUnavailable"}
     return type(exc).__name__ in names
 
 
