@@ -281,6 +281,11 @@ def cmd_demo(args, settings: Settings) -> int:
     out.print_json(json.dumps(result, default=str))
     ok = all(v["reconciled"] for v in result["reconciliation"].values())
     console.print("[green]every batch reconciled[/]" if ok else "[red]reconciliation failed[/]")
+    # dbt marts and the risk summary (dbt engineer): `dbt build`, then the headline risks from the marts.
+    from lakehouse import marts
+
+    console.rule("[bold]dbt marts (schema marts) and risk summary")
+    ok = marts.build_and_summarize(settings, lambda line: console.print(line, highlight=False, markup=False)) and ok
     console.print(f"next: `lakehouse info` for paths; tables under {settings.delta_root}; "
                   f"psql \"{dsn}\" for the {settings.pg_schema} schema; "
                   "`lakehouse pg stop` stops the embedded Postgres")
@@ -300,6 +305,78 @@ def cmd_dbt(args, settings: Settings) -> int:
     console.print(f"[bold]dbt {' '.join(dbt_args)}[/] (project {dbt.project_dir()}, Postgres "
                   f"{'external' if settings.pg_dsn else 'embedded'}) ...")
     return dbt.run(settings, dbt_args).returncode
+
+
+# ---- maintain / dq-summary / dashboard (orchestration) -------------------------------------------
+
+def cmd_maintain(args, settings: Settings) -> int:
+    from lakehouse import maintenance
+    from lakehouse.spark import build_spark
+
+    spark = build_spark(settings, app_name="lakehouse-maintain")
+    pins = maintenance.collect_pins(settings)
+    for name, held in sorted(pins.items()):
+        console.print(f"  pinned {name:<28} " + ", ".join(f"v{v} ({who})" for who, v in held))
+    what = "plan (dry run)" if args.dry_run else "OPTIMIZE + VACUUM"
+    console.print(f"[bold]maintain[/] {what} of the Delta tables under {settings.delta_root} ...")
+
+    def say(r) -> None:
+        pin = f"keeps v{r.pinned_version} ({', '.join(r.pinned_by)})" if r.pinned_version is not None else "no pin"
+        console.print(f"  {r.table:<28} compacted {r.compacted_files_removed:>4} -> {r.compacted_files_added:<3} files "
+                      f"[{r.compaction_scope}]  vacuum removed {r.vacuum_files_deleted:>4} files  "
+                      f"retention {r.retention_hours:.0f} h ({pin})"
+                      + (f"  log retention -> {r.log_retention_set}" if r.log_retention_set else ""))
+        for warning in r.warnings:
+            console.print(f"  [yellow]{r.table}: {warning}[/]")
+
+    try:
+        reports = maintenance.maintain(spark, settings, tables=args.table, pins=pins, dry_run=args.dry_run,
+                                       on_table=say)
+    except KeyError as exc:
+        raise UserError(exc.args[0]) from None
+    if not reports:
+        console.print("  no Delta tables yet: nothing to do")
+    out.print(json.dumps([r.as_dict() for r in reports], default=str), soft_wrap=True, highlight=False)
+    return 0
+
+
+def cmd_dq_summary(args, settings: Settings) -> int:
+    from lakehouse import dq_summary
+    from lakehouse.spark import build_spark
+
+    if args.date and (args.date_from or args.date_to):
+        raise UserError("give --date, or --from/--to, not both")
+    today = datetime.now(timezone.utc).date()
+    date_from = _date(args.date or args.date_from) if (args.date or args.date_from) else today
+    date_to = _date(args.date or args.date_to) if (args.date or args.date_to) else max(date_from, today)
+    if date_to < date_from:
+        raise UserError(f"--to {date_to} is before --from {date_from}")
+    spark = build_spark(settings, app_name="lakehouse-dq-summary")
+    summary = dq_summary.summarize(spark, settings, date_from, date_to)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        out.print(json.dumps(summary, default=str), soft_wrap=True, highlight=False)
+    else:
+        for line in dq_summary.render_text(summary):
+            out.print(line, soft_wrap=True, highlight=False)
+    return 0 if summary["all_reconciled"] or not args.strict else 1
+
+
+def cmd_dashboard(args, settings: Settings) -> int:
+    from lakehouse import dashboard
+
+    target = Path(args.out) if args.out else settings.data_root / "reports" / "dashboard.html"
+    console.print(f"[bold]dashboard[/] from Postgres schema {args.schema} ...")
+    report = dashboard.write(settings, target, schema=args.schema)
+    for panel in report["panels"]:
+        state = f"{panel['rows']:>6,} rows" if panel["rows"] else "[yellow]no data yet[/]"
+        console.print(f"  {panel['title']:<40} {state}")
+    console.print(f"wrote {target}")
+    if args.serve:
+        dashboard.serve(target, port=args.port, on_ready=lambda url: console.print(f"serving {url} (Ctrl-C stops)"))
+    return 0
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -382,6 +459,36 @@ def build_parser() -> argparse.ArgumentParser:
                                       "generate`, `lakehouse dbt source freshness`.")
     dbtp.add_argument("dbt_args", nargs=argparse.REMAINDER, help="dbt's command and options")
     dbtp.set_defaults(func=cmd_dbt)
+
+    mt = sub.add_parser("maintain", help="compact (OPTIMIZE) and VACUUM the Delta tables, keeping pinned versions",
+                        description="OPTIMIZE every Delta table (partitions before today), then VACUUM with a "
+                                    "retention of max(168 h, age of the oldest version a registered model or the "
+                                    "Postgres mirror still needs), so time travel to those versions keeps working.")
+    mt.add_argument("--table", action="append", default=None, help="only this table (repeatable)")
+    mt.add_argument("--dry-run", action="store_true", help="show pins, retention and scope; change nothing")
+    mt.set_defaults(func=cmd_maintain)
+
+    dq = sub.add_parser("dq-summary", help="data-quality summary of the batches processed in a period",
+                        description="Records in, inserted, duplicates, quarantined per expectation, "
+                                    "reconciled batches (from silver_dq_batches) and too-late events, for the "
+                                    "batches processed on the given UTC dates (default: today).")
+    dq.add_argument("--date", default=None, help="one UTC date, YYYY-MM-DD")
+    dq.add_argument("--from", dest="date_from", default=None, help="first UTC date, YYYY-MM-DD")
+    dq.add_argument("--to", dest="date_to", default=None, help="last UTC date, YYYY-MM-DD (default: today)")
+    dq.add_argument("--json", action="store_true", help="print JSON")
+    dq.add_argument("--out", default=None, help="also write the JSON summary to this file")
+    dq.add_argument("--strict", action="store_true", help="exit 1 when a batch did not reconcile")
+    dq.set_defaults(func=cmd_dq_summary)
+
+    db = sub.add_parser("dashboard", help="render the risk dashboard (static HTML) from the dbt marts",
+                        description="Build a self-contained HTML risk dashboard (volume and fraud rate over time, "
+                                    "risky merchants and countries, velocity alerts, data quality, model "
+                                    "performance) from the marts in Postgres; optionally serve it on 127.0.0.1.")
+    db.add_argument("--out", default=None, help="HTML file to write (default: <data>/reports/dashboard.html)")
+    db.add_argument("--schema", default="marts", help="Postgres schema of the dbt marts")
+    db.add_argument("--serve", action="store_true", help="then serve it on http://127.0.0.1:PORT until Ctrl-C")
+    db.add_argument("--port", type=int, default=8050, help="port for --serve")
+    db.set_defaults(func=cmd_dashboard)
     return parser
 
 

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import psycopg2.extensions
 
@@ -76,18 +76,33 @@ def dbt_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[s
     return env
 
 
-def run(settings: Settings, args: Sequence[str], capture: bool = False,
+def run(settings: Settings, args: Sequence[str], capture: bool = False, echo: Callable[[str], None] | None = None,
         timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run ``dbt <args>`` against the project's Postgres (started first if embedded).
 
     Args:
         args: dbt's own arguments, e.g. ``["build"]`` or ``["build", "--vars", "{velocity_max_tx: 6}"]``.
-        capture: collect stdout/stderr (text) instead of streaming them to the terminal.
+        capture: collect dbt's output (``stdout``, text) instead of letting it reach the terminal.
+        echo: also called with each output line as it comes (progress); implies ``capture``.
     Returns:
         The finished process; dbt exits 0 on success, 1 when a model or test failed, 2 on errors.
     """
     postgres.ensure_running(settings)
     env = dbt_env(settings)
     Path(env["DBT_TARGET_PATH"]).parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([dbt_executable(), *args], cwd=env["DBT_PROJECT_DIR"], env=env, text=True,
-                          capture_output=capture, timeout=timeout, check=False)
+    cmd = [dbt_executable(), *args]
+    if not capture and echo is None:
+        return subprocess.run(cmd, cwd=env["DBT_PROJECT_DIR"], env=env, text=True, timeout=timeout, check=False)
+    env["DBT_USE_COLORS"] = "false"
+    if echo is None:
+        return subprocess.run(cmd, cwd=env["DBT_PROJECT_DIR"], env=env, text=True, capture_output=True,
+                              timeout=timeout, check=False)
+    lines: list[str] = []
+    with subprocess.Popen(cmd, cwd=env["DBT_PROJECT_DIR"], env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            echo(line.rstrip("\n"))
+        code = proc.wait(timeout=timeout)
+    return subprocess.CompletedProcess(cmd, code, "".join(lines), "")
