@@ -12,7 +12,7 @@ DEV_STAMP     := $(VENV)/.dev-installed
 JARS_STAMP    := .cache/ivy/.jars-resolved
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench install dev jars check-python check-java unit integration dags clean help
+.PHONY: demo test bench install dev jars check-python check-java unit integration dags clean help dbt
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -56,6 +56,9 @@ unit: dev  ## unit tests only
 
 integration: dev  ## integration tests only
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+dbt: install  ## build the dbt marts (models + tests) on the current data; DBT_ARGS=... for more
+	$(BIN)/lakehouse dbt build $(DBT_ARGS)
 
 bench: install  ## benchmarks; JSON results under bench/results/
 	$(BIN)/python bench/run.py
