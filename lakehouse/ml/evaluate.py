@@ -1,0 +1,120 @@
+"""Evaluation of a fraud score on the test window: ranking, per-day user precision, per-scenario
+recall, calibration, the chosen threshold, and drift (population stability index).
+
+Definitions (``y`` = fraud label known in the snapshot, ``p`` = score):
+
+* ``roc_auc``, ``average_precision``: over test transactions (known compromised cards removed).
+* ``precision_at_100_per_day`` (card precision top-k, as in the fraud-detection handbook): each test
+  day, a user's score is their highest transaction score that day; rank users and take the top k
+  (100), leaving out users already caught earlier in the window (a user in an earlier day's top k
+  who had fraud that day: an analyst would have blocked the card). Precision is the number of
+  those k users with a fraud transaction that day, over k. The mean over days is reported.
+* ``recall_<scenario>``: the share of the scenario's fraud transactions at or above the threshold.
+* Calibration: ``brier``, and ``ece`` (expected calibration error over 10 equal-count bins of the
+  score, ``sum_b n_b/n * |mean(p_b) - mean(y_b)|``); the bins are the calibration table.
+* ``psi`` (population stability index) of a variable between a reference sample (training window)
+  and a current one (latest day): 10 bins at the reference's deciles (a variable with at most 10
+  distinct values gets one bin per value); ``sum (a - e) * ln(a / e)`` with shares floored at 1e-4.
+  Rule of thumb: < 0.1 stable, 0.1-0.25 some shift, > 0.25 a real shift.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+
+def precision_at_k_per_day(test: pd.DataFrame, scores: np.ndarray, k: int = 100) -> tuple[float, list[dict]]:
+    """(mean over days, per-day rows) of the per-user daily precision at k (see module doc)."""
+    df = pd.DataFrame({"day": test["event_date"].to_numpy(), "user": test["user_id"].to_numpy(),
+                       "y": test["is_fraud"].to_numpy(bool), "p": np.asarray(scores)})
+    caught: set = set()
+    per_day = []
+    for day, rows in df.groupby("day", sort=True):
+        users = rows.groupby("user").agg(p=("p", "max"), y=("y", "any"))
+        users = users[~users.index.isin(caught)]
+        top = users.sort_values(["p"], ascending=False, kind="mergesort").head(k)
+        hits = int(top["y"].sum())
+        caught.update(top.index[top["y"]])
+        per_day.append({"day": str(day), "users": len(users), "fraud_users": int(users["y"].sum()),
+                        "hits": hits, "precision": hits / k})
+    mean = float(np.mean([d["precision"] for d in per_day])) if per_day else float("nan")
+    return mean, per_day
+
+
+def calibration_table(y: np.ndarray, p: np.ndarray, bins: int = 10) -> pd.DataFrame:
+    """Equal-count bins of the score: n, mean score, observed fraud rate."""
+    order = np.argsort(p, kind="mergesort")
+    groups = np.array_split(order, bins)
+    rows = [{"bin": i, "n": len(g), "mean_score": float(p[g].mean()), "fraud_rate": float(y[g].mean()),
+             "score_min": float(p[g].min()), "score_max": float(p[g].max())}
+            for i, g in enumerate(groups) if len(g)]
+    return pd.DataFrame(rows)
+
+
+def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    alert = p >= threshold
+    tp = int((alert & y).sum())
+    n_alerts = int(alert.sum())
+    n_fraud = int(y.sum())
+    return {"alerts": n_alerts, "tp": tp,
+            "precision": tp / n_alerts if n_alerts else 0.0,
+            "recall": tp / n_fraud if n_fraud else 0.0}
+
+
+def evaluate(test: pd.DataFrame, scores: np.ndarray, threshold: float, k: int = 100) -> tuple[dict, dict]:
+    """(metrics, details): flat numeric metrics for MLflow, and tables (per day, calibration,
+    per scenario) for the report."""
+    y = test["is_fraud"].to_numpy(bool)
+    p = np.asarray(scores, dtype=float)
+    both = 0 < y.sum() < len(y)
+    p_at_k, per_day = precision_at_k_per_day(test, p, k)
+    calib = calibration_table(y, p)
+    ece = float((calib["n"] / len(p) * (calib["mean_score"] - calib["fraud_rate"]).abs()).sum()) if len(p) else 0.0
+    at = at_threshold(y, p, threshold)
+    metrics = {
+        "n_test": float(len(y)), "n_test_fraud": float(y.sum()), "fraud_rate": float(y.mean()) if len(y) else 0.0,
+        "roc_auc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "average_precision": float(average_precision_score(y, p)) if both else float("nan"),
+        f"precision_at_{k}_per_day": p_at_k,
+        "brier": float(brier_score_loss(y, p)) if len(y) else float("nan"), "ece": ece,
+        "threshold": float(threshold), "precision_at_threshold": at["precision"],
+        "recall_at_threshold": at["recall"], "alerts_at_threshold": float(at["alerts"]),
+    }
+    scenarios = []
+    for name in sorted(set(test.loc[test["is_fraud"], "scenario"].dropna())):
+        mask = (test["scenario"] == name).to_numpy() & y
+        hit = int((p[mask] >= threshold).sum())
+        scenarios.append({"scenario": name, "n_fraud": int(mask.sum()), "caught": hit,
+                          "recall": hit / int(mask.sum()),
+                          "average_precision_vs_legit": _scenario_ap(y, p, mask)})
+        metrics[f"recall_{name}"] = hit / int(mask.sum())
+        metrics[f"n_fraud_{name}"] = float(mask.sum())
+    return metrics, {"per_day": pd.DataFrame(per_day), "calibration": calib, "scenarios": pd.DataFrame(scenarios)}
+
+
+def _scenario_ap(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> float:
+    """AP of this scenario's fraud against the legitimate transactions (other fraud left out)."""
+    keep = mask | ~y
+    return float(average_precision_score(mask[keep], p[keep])) if mask.any() and (~y).any() else float("nan")
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10, floor: float = 1e-4) -> float:
+    """Population stability index of ``current`` against ``reference`` (see module doc). NaN is a
+    category of its own."""
+    ref = np.asarray(reference, dtype=float)
+    cur = np.asarray(current, dtype=float)
+    if len(ref) == 0 or len(cur) == 0:
+        return float("nan")
+    ref_ok, cur_ok = ref[~np.isnan(ref)], cur[~np.isnan(cur)]
+    values = np.unique(ref_ok)
+    if len(values) <= bins:
+        edges = np.concatenate([[-np.inf], (values[:-1] + values[1:]) / 2, [np.inf]])
+    else:
+        inner = np.unique(np.quantile(ref_ok, np.linspace(0, 1, bins + 1)[1:-1]))
+        edges = np.concatenate([[-np.inf], inner, [np.inf]])
+    e = np.append(np.histogram(ref_ok, edges)[0], np.isnan(ref).sum()) / len(ref)
+    a = np.append(np.histogram(cur_ok, edges)[0], np.isnan(cur).sum()) / len(cur)
+    e, a = np.maximum(e, floor), np.maximum(a, floor)
+    return float(np.sum((a - e) * np.log(a / e)))
