@@ -24,6 +24,7 @@ TABLES: dict[str, tuple[str, str]] = {
     "gold_user_features_5m": ("gold", "user_features_5m"),
     "gold_merchant_risk_daily": ("gold", "merchant_risk_daily"),
     "gold_country_risk_daily": ("gold", "country_risk_daily"),
+    "risk_scores": ("gold", "risk_scores"),
 }
 
 #: Streaming queries, each with its own checkpoint folder under ``<data>/checkpoints``.
