@@ -1,0 +1,98 @@
+"""Delta table maintenance primitives: compaction (OPTIMIZE), VACUUM, commit timestamps, properties.
+
+Only this module and :mod:`lakehouse.io.delta` touch Delta storage; the policy (which tables, which
+retention) is in :mod:`lakehouse.maintenance`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+#: How long the transaction log keeps old commits at least (time travel needs the log entry of a
+#: version as well as its data files).
+LOG_RETENTION_DAYS = 30
+
+
+def data_files(path: Path | str) -> int:
+    """Parquet files on disk under the table folder (live, tombstoned and change-data files)."""
+    count = 0
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if d != "_delta_log"]
+        count += sum(1 for f in files if f.endswith(".parquet"))
+    return count
+
+
+def detail(spark: SparkSession, path: Path | str) -> dict:
+    """``numFiles``, ``partitionColumns``, ``properties`` ... of the latest snapshot (DESCRIBE DETAIL)."""
+    from delta.tables import DeltaTable
+
+    return DeltaTable.forPath(spark, str(path)).detail().first().asDict(recursive=True)
+
+
+def commit_timestamps(spark: SparkSession, path: Path | str) -> dict[int, datetime]:
+    """Commit time (UTC) of every version still in the table's log."""
+    from delta.tables import DeltaTable
+
+    rows = DeltaTable.forPath(spark, str(path)).history().select("version", "timestamp").collect()
+    return {r["version"]: r["timestamp"].replace(tzinfo=timezone.utc) for r in rows}
+
+
+def _interval_hours(value: str | None) -> float | None:
+    """Hours of a Delta interval property ('interval 30 days', 'interval 168 hours', ...)."""
+    if not value:
+        return None
+    parts = value.lower().replace("interval", "").split()
+    units = {"week": 168, "day": 24, "hour": 1, "minute": 1 / 60, "second": 1 / 3600}
+    total = 0.0
+    for amount, unit in zip(parts[::2], parts[1::2]):
+        factor = next((f for u, f in units.items() if unit.startswith(u)), None)
+        if factor is None:
+            return None
+        total += float(amount) * factor
+    return total
+
+
+def ensure_log_retention(spark: SparkSession, path: Path | str, hours: float) -> str | None:
+    """Make ``delta.logRetentionDuration`` at least ``max(hours, 30 days)``; returns the new value when
+    it had to change (a metadata commit), None when it already sufficed."""
+    props = detail(spark, path).get("properties") or {}
+    current = _interval_hours(props.get("delta.logRetentionDuration")) or 30 * 24.0  # Delta's default
+    wanted_days = max(LOG_RETENTION_DAYS, math.ceil(hours / 24))
+    if "delta.logRetentionDuration" in props and current >= wanted_days * 24:
+        return None
+    value = f"interval {wanted_days} days"
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.logRetentionDuration' = '{value}')")
+    return value
+
+
+def optimize(spark: SparkSession, path: Path | str, where: str | None = None) -> dict:
+    """Bin-pack small files (OPTIMIZE); ``where`` restricts it to partitions (a partition predicate).
+
+    Returns ``files_removed`` and ``files_added`` (the compaction's own metrics). The commit has
+    dataChange=false, so readers of the change data feed (the Postgres mirror) see nothing.
+    """
+    from delta.tables import DeltaTable
+
+    builder = DeltaTable.forPath(spark, str(path)).optimize()
+    if where:
+        builder = builder.where(where)
+    metrics = builder.executeCompaction().select("metrics.*").first()
+    return {"files_removed": int(metrics["numFilesRemoved"] or 0), "files_added": int(metrics["numFilesAdded"] or 0)}
+
+
+def vacuum(spark: SparkSession, path: Path | str, retention_hours: float) -> int:
+    """Delete files no version newer than ``retention_hours`` ago needs; returns files deleted.
+
+    Retentions under Delta's safety check (the table's deletedFileRetentionDuration, 7 days by
+    default) are refused by Delta itself unless the caller's session disabled the check.
+    """
+    from delta.tables import DeltaTable
+
+    before = data_files(path)
+    DeltaTable.forPath(spark, str(path)).vacuum(float(retention_hours))
+    return before - data_files(path)
