@@ -57,7 +57,7 @@ def lakehouse_command() -> str:
 
 def spark_command() -> str:
     """Prefix of the commands that run Spark jobs: ``$LAKEHOUSE_SPARK_SUBMIT`` when the deployment sets it
-    (e.g. ``spark-submit --master spark://... jobs/lakehouse.py``, see docker-compose.yml), else the
+    (e.g. ``spark-submit --master spark://... jobs/cli.py``, see docker-compose.yml), else the
     same ``lakehouse`` command (Spark in local mode). Expanded by bash when the task runs."""
     return "${LAKEHOUSE_SPARK_SUBMIT:-" + lakehouse_command() + "}"
 
