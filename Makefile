@@ -12,7 +12,7 @@ DEV_STAMP     := $(VENV)/.dev-installed
 JARS_STAMP    := .cache/ivy/.jars-resolved
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench install dev jars check-python check-java unit integration dags clean help dbt
+.PHONY: demo test bench install dev jars check-python check-java unit integration dags dashboard clean help dbt
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -59,6 +59,12 @@ integration: dev  ## integration tests only
 
 dbt: install  ## build the dbt marts (models + tests) on the current data; DBT_ARGS=... for more
 	$(BIN)/lakehouse dbt build $(DBT_ARGS)
+
+dags: dev  ## DAG tests (integrity + a real `airflow dags test` run)
+	$(BIN)/python -m pytest tests/dags $(PYTEST_ARGS)
+
+dashboard: install  ## render the risk dashboard from the marts (data/reports/dashboard.html)
+	$(BIN)/lakehouse dashboard
 
 bench: install  ## benchmarks; JSON results under bench/results/
 	$(BIN)/python bench/run.py
