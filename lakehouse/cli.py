@@ -379,6 +379,108 @@ def cmd_dashboard(args, settings: Settings) -> int:
     return 0
 
 
+# ---- train / score / ui (model) ------------------------------------------------------------------
+
+def cmd_train(args, settings: Settings) -> int:
+    from lakehouse.ml import dataset, registry, threshold, train
+    from lakehouse.spark import build_spark
+
+    if sum(x is not None for x in (args.as_of_version, args.as_of_timestamp, args.as_of_run)) > 1:
+        raise UserError("give at most one of --as-of-version, --as-of-timestamp, --as-of-run")
+    try:
+        as_of_version = dataset.parse_as_of_version(args.as_of_version) if args.as_of_version else None
+        as_of_ts = _parse_start(args.as_of_timestamp) if args.as_of_timestamp else None
+        split = dict(train_days=args.train_days, gap_days=args.gap_days, test_days=args.test_days,
+                     maturity_days=args.maturity_days, anchor_date=_date(args.anchor_date) if args.anchor_date else None)
+        if args.as_of_run:
+            snap = registry.run_snapshot(registry.connect(settings), args.as_of_run)
+            as_of_version = (snap["features_version"], snap["labels_version"])
+            split.update(train_days=snap["train_days"], gap_days=snap["gap_days"], test_days=snap["test_days"],
+                         anchor_date=_date(snap["anchor_date"]))
+        cfg = train.TrainConfig(
+            split=dataset.SplitConfig(**split),
+            policy=threshold.ThresholdPolicy(alert_budget=args.alert_budget, alerts_per_day=args.alerts_per_day,
+                                             review_cost=args.review_cost, policy=args.threshold_policy),
+            model=args.model, baseline=not args.no_baseline, seed=args.seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    spark = build_spark(settings, app_name="lakehouse-train")
+    console.print(f"[bold]train[/] {args.model} model; MLflow store {settings.mlflow_tracking_uri}")
+    try:
+        result = train.train(spark, settings, cfg, as_of_version=as_of_version, as_of_timestamp=as_of_ts,
+                             progress=lambda text: console.print(f"  {text}"))
+    except dataset.DatasetError as exc:
+        raise UserError(str(exc)) from None
+    s = result.summary()
+    verdict = "[green]promoted to champion[/]" if result.promoted else "[yellow]not promoted[/]"
+    console.print(f"AUC {s['roc_auc']:.4f}  AP {s['average_precision']:.4f}  "
+                  f"P@100/day {s['precision_at_100_per_day']:.3f}  threshold {s['threshold']:.4f}  "
+                  f"{s['model']} {verdict} ({result.reason})")
+    out.print(json.dumps(s, default=str), soft_wrap=True, highlight=False)
+    return 0
+
+
+def cmd_score(args, settings: Settings) -> int:
+    from lakehouse.ml import scorer
+    from lakehouse.spark import build_spark
+
+    date_from, date_to = _date(args.date_from), _date(args.date_to)
+    if date_to < date_from:
+        raise UserError(f"--to {date_to} is before --from {date_from}")
+    spark = build_spark(settings, app_name="lakehouse-score")
+    console.print(f"[bold]score[/] gold_transaction_features {date_from} .. {date_to} with the champion ...")
+    t0 = time.time()
+    try:
+        result = scorer.score_range(spark, settings, date_from, date_to)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    result["seconds"] = round(time.time() - t0, 1)
+    if result["model"] is None:
+        console.print(f"[yellow]{result['reason']}[/]: run `lakehouse train` first")
+    else:
+        console.print(f"  {result['scored']:,} transactions scored with {result['model']}, "
+                      f"{result['alerts']:,} alerts ({result['seconds']}s) -> gold risk_scores")
+    out.print(json.dumps(result, default=str), soft_wrap=True, highlight=False)
+    return 0
+
+
+def cmd_ui(args, settings: Settings) -> int:
+    import subprocess
+
+    from lakehouse.ml import registry
+
+    uri = settings.mlflow_tracking_uri
+    db = registry.sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise UserError(f"no MLflow store at {db} yet: run `lakehouse train` first (or set MLFLOW_TRACKING_URI)")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", args.host, "--port", str(args.port)]
+    artifacts = registry.artifact_location(uri)
+    if artifacts:
+        cmd += ["--default-artifact-root", artifacts]
+    console.print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops")
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+# ---- dbt (marts) ---------------------------------------------------------------------------------
+
+def cmd_dbt(args, settings: Settings) -> int:
+    from lakehouse.io import dbt
+
+    dbt_args = list(args.dbt_args)
+    if dbt_args[:1] == ["--"]:
+        dbt_args = dbt_args[1:]
+    if not dbt_args:
+        raise UserError("give dbt's arguments, e.g. `lakehouse dbt build` or `lakehouse dbt docs generate`")
+    console.print(f"[bold]dbt {' '.join(dbt_args)}[/] (project {dbt.project_dir()}, Postgres "
+                  f"{'external' if settings.pg_dsn else 'embedded'}) ...")
+    return dbt.run(settings, dbt_args).returncode
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -489,6 +591,54 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--serve", action="store_true", help="then serve it on http://127.0.0.1:PORT until Ctrl-C")
     db.add_argument("--port", type=int, default=8050, help="port for --serve")
     db.set_defaults(func=cmd_dashboard)
+    tr = sub.add_parser("train", help="train the fraud model on a pinned snapshot, log it to MLflow, gate the champion",
+                        description="Build the training set from gold_transaction_features and silver_labels at "
+                                    "pinned Delta versions, split by time with a label-delay gap, train the model "
+                                    "and a logistic baseline, write the threshold report, log everything to "
+                                    "MLflow, register the model and promote it to 'champion' only if it beats "
+                                    "the current champion on the same test window.")
+    tr.add_argument("--as-of-version", default=None, metavar="F[:L]",
+                    help="Delta versions to read: gold_transaction_features F and silver_labels L (default latest)")
+    tr.add_argument("--as-of-timestamp", default=None, metavar="TS",
+                    help="read both tables as they were at this ISO time (UTC)")
+    tr.add_argument("--as-of-run", default=None, metavar="RUN_ID",
+                    help="rebuild the training set of an earlier MLflow run (its versions and split)")
+    tr.add_argument("--anchor-date", default=None, help="last day of the test window (default: newest day - maturity)")
+    tr.add_argument("--train-days", type=int, default=7, help="days in the training window")
+    tr.add_argument("--gap-days", type=int, default=7, help="label-delay gap between train and test")
+    tr.add_argument("--test-days", type=int, default=7, help="days in the test window")
+    tr.add_argument("--maturity-days", type=int, default=7,
+                    help="default anchor: this many days before the newest event date (labels mature)")
+    tr.add_argument("--alert-budget", type=float, default=0.005, help="share of transactions analysts can review")
+    tr.add_argument("--alerts-per-day", type=int, default=None, help="alert budget as alerts per day instead")
+    tr.add_argument("--review-cost", type=float, default=5.0, help="cost of reviewing one alert (USD)")
+    tr.add_argument("--threshold-policy", choices=["budget", "cost"], default="budget",
+                    help="which threshold scoring uses")
+    tr.add_argument("--model", choices=["hgb", "logreg"], default="hgb", help="classifier to train and register")
+    tr.add_argument("--no-baseline", action="store_true", help="skip the logistic-regression baseline")
+    tr.add_argument("--seed", type=int, default=0, help="random seed of the model")
+    tr.set_defaults(func=cmd_train)
+
+    sc = sub.add_parser("score", help="score gold transaction features of a date range with the champion model",
+                        description="Score gold_transaction_features of [--from, --to] with the model holding "
+                                    "the 'champion' alias and upsert the rows into gold risk_scores.")
+    sc.add_argument("--from", dest="date_from", required=True, help="first event date, YYYY-MM-DD (UTC)")
+    sc.add_argument("--to", dest="date_to", required=True, help="last event date, YYYY-MM-DD (UTC)")
+    sc.set_defaults(func=cmd_score)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on the tracking store",
+                        description="Run `mlflow ui` on the configured store (MLFLOW_TRACKING_URI or mlruns/).")
+    ui.add_argument("--port", type=int, default=5000, help="port to listen on")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind")
+    ui.set_defaults(func=cmd_ui)
+
+    dbtp = sub.add_parser("dbt", help="run dbt (the risk marts) against the project's Postgres, e.g. `dbt build`",
+                          description="Run dbt in dbt/ with the connection of these settings (embedded Postgres "
+                                      "or LAKEHOUSE_PG_DSN); every argument goes to dbt: `lakehouse dbt build`, "
+                                      "`lakehouse dbt build --vars '{velocity_max_tx: 6}'`, `lakehouse dbt docs "
+                                      "generate`, `lakehouse dbt source freshness`.")
+    dbtp.add_argument("dbt_args", nargs=argparse.REMAINDER, help="dbt's command and options")
+    dbtp.set_defaults(func=cmd_dbt)
     return parser
 
 
