@@ -8,6 +8,7 @@ hour does not hide yesterday's spike.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable
 
@@ -141,6 +142,7 @@ def build_and_summarize(settings: Settings, say: Callable[[str], None]) -> bool:
 
     def progress(line: str) -> None:
         text = line.split("  ", 1)[-1].strip() if line[:2].isdigit() else line.strip()
+        text = re.sub(r" \.{3,} ", " ", text)  # dbt's dotted leaders
         if ("OK created" in text and " marts." in text) or any(k in text for k in ("ERROR", "FAIL", "WARN", "Done.")):
             say("      " + text)
 
