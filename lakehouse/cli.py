@@ -460,9 +460,20 @@ def cmd_ui(args, settings: Settings) -> int:
     if artifacts:
         cmd += ["--default-artifact-root", artifacts]
     console.print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops")
+
+    def _stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # a TERM stops the server too, not just this wrapper
+    proc = subprocess.Popen(cmd)
     try:
-        return subprocess.call(cmd)
+        return proc.wait()
     except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         return 0
 
 
