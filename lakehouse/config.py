@@ -24,6 +24,7 @@ TABLES: dict[str, tuple[str, str]] = {
     "gold_user_features_5m": ("gold", "user_features_5m"),
     "gold_merchant_risk_daily": ("gold", "merchant_risk_daily"),
     "gold_country_risk_daily": ("gold", "country_risk_daily"),
+    "gold_too_late_events": ("gold", "too_late_events"),
     "risk_scores": ("gold", "risk_scores"),
 }
 
@@ -83,6 +84,8 @@ class Settings:
     max_record_bytes: int = 100_000
     #: Gold: lateness accepted by the five-minute windows.
     allowed_lateness_minutes: int = 10
+    #: Whether the stream keeps gold up to date per micro-batch (else only `lakehouse backfill` does).
+    stream_gold: bool = True
     mlflow_tracking_uri: str = ""
 
     # ---- construction -------------------------------------------------------------------------
@@ -107,6 +110,7 @@ class Settings:
             max_event_age_days=_env_int(env, "LAKEHOUSE_MAX_EVENT_AGE_DAYS", 365),
             max_record_bytes=_env_int(env, "LAKEHOUSE_MAX_RECORD_BYTES", 100_000),
             allowed_lateness_minutes=_env_int(env, "LAKEHOUSE_ALLOWED_LATENESS_MINUTES", 10),
+            stream_gold=(env.get("LAKEHOUSE_STREAM_GOLD") or "1").strip().lower() not in ("0", "false", "no", "off"),
             mlflow_tracking_uri=mlflow_uri,
         )
 

@@ -1,21 +1,50 @@
-"""Gold backfill: recompute gold tables for a date range from silver, as a batch.
+"""Gold: point-in-time transaction features, five-minute user windows, daily merchant and country
+risk, and the too-late events -- kept up to date by the stream, one micro-batch at a time
+(:class:`GoldStream`), and recomputed for a date range by the batch backfill (:func:`backfill`).
+Both call the same pure functions (:func:`gold_frames`, :func:`transaction_rows` and the transforms
+they use), so they cannot drift: after a stream and a backfill over the same silver data, every gold
+table holds the same rows (the parity test checks it row for row).
 
-Uses the same pure feature functions as the stream will (:mod:`lakehouse.transforms.features`), so
-the two cannot drift. Each table's date range is replaced atomically (Delta ``replaceWhere``): the
-backfill is idempotent, and running it twice leaves the same rows.
+**Lateness** (the rule both paths share). The events stream's *watermark* before batch ``b`` is the
+latest event time of the transactions inserted by batches ``< b`` (read from the data-quality rows,
+so a replayed batch sees the same watermark). A new transaction whose event time is more than
+``allowed_lateness_minutes`` (default 10) before that watermark is **too late**:
+
+* it is recorded in ``gold_too_late_events`` with the watermark, how late it was and why;
+* it does **not** enter anybody else's features, nor any five-minute window (analysts' windows and
+  the features the model was served stay as they were when the event should have counted);
+* it still gets its own feature row, as of its own event time, from everything in silver (other
+  too-late events included), and it counts in the daily merchant and country risk of its day.
+
+A late event *within* the allowed lateness is a normal event: its windows and every later
+transaction it touches (same user, merchant or country, up to 30 days on) are recomputed.
+
+**What a micro-batch recomputes.** New transactions change the features of later transactions of
+the same user, merchant or country (within the 30-day look-back, ties at the same instant included);
+a new fraud label reported at ``r`` for an event at ``e`` changes the merchant and country fraud rates
+of transactions in ``[max(e, r), e + 30d)``. The stream recomputes exactly those rows (a superset:
+everything of the key from the earliest change on), then the five-minute windows of the users with
+new on-time events, then the daily risk from the earliest touched day on (the trailing baselines of
+the following 30 days depend on it). Each write is idempotent by (query app id, batch id).
 """
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+import logging
+import threading
+from datetime import date, datetime, timedelta, timezone
+from typing import Callable
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType, TimestampType, DateType
 
 from lakehouse.config import Settings
 from lakehouse.io import delta
 from lakehouse.transforms import features
 from lakehouse.transforms import risk as risk_t
+
+log = logging.getLogger(__name__)
 
 #: Gold tables: partition column and key (the key is also the Postgres mirror's primary key).
 GOLD_TABLES: dict[str, dict] = {
@@ -26,34 +55,135 @@ GOLD_TABLES: dict[str, dict] = {
                               "indexes": (("window_start",), ("window_date",))},
     "gold_merchant_risk_daily": {"partition": "day", "key": ("merchant_id", "day"), "indexes": (("day",),)},
     "gold_country_risk_daily": {"partition": "day", "key": ("country", "day"), "indexes": (("day",),)},
+    "gold_too_late_events": {"partition": "event_date", "key": ("event_id",),
+                             "indexes": (("event_date",), ("detected_at",))},
 }
+#: The tables :func:`gold_frames` computes (the too-late table is written by the stream only).
+COMPUTED_TABLES = ("gold_transaction_features", "gold_user_features_5m",
+                   "gold_merchant_risk_daily", "gold_country_risk_daily")
+
+TOO_LATE_SCHEMA = StructType([
+    StructField("event_id", StringType(), False),
+    StructField("user_id", StringType(), True),
+    StructField("merchant_id", StringType(), True),
+    StructField("country", StringType(), True),
+    StructField("amount_base", DoubleType(), True),
+    StructField("event_time", TimestampType(), True),
+    StructField("event_date", DateType(), True),
+    StructField("watermark", TimestampType(), True),
+    StructField("lateness_seconds", DoubleType(), True),
+    StructField("reason", StringType(), True),
+    StructField("batch_id", LongType(), True),
+    StructField("detected_at", TimestampType(), True),
+])
+
+_CDF = {"delta.enableChangeDataFeed": "true"}
+_LOOKBACK = timedelta(seconds=features.LOOKBACK_SECONDS)
+_RISK = (("merchant_id", "merchant"), ("country", "country"))
+_EMPTY_LABELS = "event_id string, is_fraud boolean, scenario string, reported_at timestamp"
 
 
 def _between(col: str, lo: date, hi: date):
     return (F.col(col) >= F.lit(lo)) & (F.col(col) <= F.lit(hi))
 
 
-def gold_frames(silver: DataFrame, labels: DataFrame, date_from: date, date_to: date,
-                as_of: date | None = None) -> dict[str, DataFrame]:
+# ---- pure functions shared by the stream and the backfill ------------------------------------------
+
+def transaction_rows(targets: DataFrame, history: DataFrame, labels: DataFrame,
+                     too_late_ids: DataFrame) -> DataFrame:
+    """Point-in-time features of ``targets`` under the lateness rule (module docstring): an on-time
+    target sees ``history`` without the too-late events; a too-late target sees all of ``history``."""
+    clean = history.join(too_late_ids, "event_id", "left_anti")
+    on_time = features.transaction_features(targets.join(too_late_ids, "event_id", "left_anti"), clean, labels)
+    late_targets = targets.join(too_late_ids, "event_id", "left_semi")
+    if late_targets.isEmpty():
+        return on_time
+    return on_time.unionByName(features.transaction_features(late_targets, history, labels))
+
+
+def window_rows(events: DataFrame, too_late_ids: DataFrame) -> DataFrame:
+    """Five-minute user windows of ``events`` (too-late events left out), with ``window_date``."""
+    clean = events.join(too_late_ids, "event_id", "left_anti")
+    return features.user_windows_5m(clean).withColumn("window_date", F.to_date("window_start"))
+
+
+def risk_rows(history: DataFrame, tx: DataFrame, labels: DataFrame, date_from: date, date_to: date,
+              as_of: date) -> dict[str, DataFrame]:
+    """Daily merchant and country risk of [date_from, date_to]; ``history`` must start 30 days earlier."""
+    baseline_from = date_from - timedelta(days=30)
+    hist = history.where(F.col("event_date") >= F.lit(baseline_from))
+    return {f"gold_{prefix}_risk_daily": risk_t.risk_daily(hist, tx, labels, key, date_from, date_to,
+                                                           baseline_from, as_of)
+            for key, prefix in _RISK}
+
+
+def gold_frames(silver: DataFrame, labels: DataFrame, too_late_ids: DataFrame, date_from: date,
+                date_to: date, as_of: date | None = None) -> dict[str, DataFrame]:
     """The gold rows of [date_from, date_to] (UTC dates), computed from silver. Pure."""
-    lookback = timedelta(seconds=features.LOOKBACK_SECONDS + 86_400)
-    history = silver.where(_between("event_date", date_from - lookback, date_to))
+    history = silver.where(_between("event_date", date_from - _LOOKBACK - timedelta(days=1), date_to))
     targets = history.where(_between("event_date", date_from, date_to))
-    tx = features.transaction_features(targets, history, labels)
+    tx = transaction_rows(targets, history, labels, too_late_ids)
     # A window starting on date_to can hold events of the next day's first minutes.
     window_events = silver.where(_between("event_date", date_from, date_to + timedelta(days=1)))
-    windows = (features.user_windows_5m(window_events)
-               .withColumn("window_date", F.to_date("window_start"))
-               .where(_between("window_date", date_from, date_to)))
-    baseline_from = date_from - timedelta(days=30)
-    as_of = as_of or date.today()
-    risk = {
-        f"gold_{prefix}_risk_daily": risk_t.risk_daily(history.where(F.col("event_date") >= F.lit(baseline_from)),
-                                                       tx, labels, key, date_from, date_to, baseline_from, as_of)
-        for key, prefix in (("merchant_id", "merchant"), ("country", "country"))
-    }
+    windows = window_rows(window_events, too_late_ids).where(_between("window_date", date_from, date_to))
+    risk = risk_rows(history, tx, labels, date_from, date_to, as_of or _today())
     return {"gold_transaction_features": tx, "gold_user_features_5m": windows, **risk}
 
+
+def affected_rows(gold_tx: DataFrame, changes: DataFrame, keys: tuple[str, ...], since: date) -> DataFrame:
+    """Rows of ``gold_tx`` whose features a change may alter: for each key column, the rows of a
+    changed key value with ``event_time`` in ``[min(_lo), max(_hi) + 30d)`` of that value's changes.
+
+    ``changes`` has the key columns plus ``_lo`` (earliest target time affected) and ``_hi`` (event time
+    of the change, whose influence ends 30 days later); ``since`` is the earliest ``_lo`` date (prunes
+    ``gold_tx`` by partition). Returns distinct ``ID_COLUMNS`` rows.
+    """
+    gold_tx = gold_tx.where(F.col("event_date") >= F.lit(since))
+    out = None
+    ids = list(features.ID_COLUMNS)
+    for key in keys:
+        bounds = changes.groupBy(key).agg(F.min("_lo").alias("_lo"), F.max("_hi").alias("_hi"))
+        hit = (gold_tx.join(F.broadcast(bounds), key)
+               .where((F.col("event_time") >= F.col("_lo"))
+                      & (F.col("event_time") < F.col("_hi") + F.expr(f"INTERVAL {features.LOOKBACK_SECONDS} SECONDS")))
+               .select(*ids))
+        out = hit if out is None else out.unionByName(hit)
+    return out.dropDuplicates(["event_id"])
+
+
+def _today() -> date:
+    return datetime.now(timezone.utc).date()
+
+
+# ---- I/O helpers ------------------------------------------------------------------------------------
+
+def ensure_gold_tables(spark: SparkSession, settings: Settings, schemas: dict[str, StructType]) -> None:
+    for name, schema in schemas.items():
+        delta.ensure_table(spark, settings.table_path(name), schema,
+                           partition_by=(GOLD_TABLES[name]["partition"],), properties=_CDF)
+
+
+def _labels(spark: SparkSession, settings: Settings) -> DataFrame:
+    path = settings.table_path("silver_labels")
+    return delta.read(spark, path) if delta.is_delta_table(path) else spark.createDataFrame([], _EMPTY_LABELS)
+
+
+def too_late_ids(spark: SparkSession, settings: Settings) -> DataFrame:
+    path = settings.table_path("gold_too_late_events")
+    if not delta.is_delta_table(path):
+        return spark.createDataFrame([], "event_id string")
+    return delta.read(spark, path).select("event_id")
+
+
+def _schemas_of(spark: SparkSession, settings: Settings) -> dict[str, StructType]:
+    """Gold schemas, derived from the transforms on empty inputs so they cannot drift."""
+    silver = delta.read(spark, settings.table_path("silver_transactions")).limit(0)
+    frames = gold_frames(silver, spark.createDataFrame([], _EMPTY_LABELS),
+                         spark.createDataFrame([], "event_id string"), date(2000, 1, 1), date(2000, 1, 1))
+    return {name: df.schema for name, df in frames.items()} | {"gold_too_late_events": TOO_LATE_SCHEMA}
+
+
+# ---- batch backfill ---------------------------------------------------------------------------------
 
 def backfill(spark: SparkSession, settings: Settings, date_from: date, date_to: date) -> dict[str, int]:
     """Recompute and replace the gold rows of [date_from, date_to]; returns rows written per table."""
@@ -62,20 +192,217 @@ def backfill(spark: SparkSession, settings: Settings, date_from: date, date_to: 
     silver_path = settings.table_path("silver_transactions")
     if not delta.is_delta_table(silver_path):
         raise FileNotFoundError(f"no silver table at {silver_path}: run `lakehouse stream --once` first")
+    ensure_gold_tables(spark, settings, _schemas_of(spark, settings))
     silver = delta.read(spark, silver_path)
-    labels_path = settings.table_path("silver_labels")
-    labels = delta.read(spark, labels_path) if delta.is_delta_table(labels_path) else \
-        spark.createDataFrame([], "event_id string, is_fraud boolean, scenario string, reported_at timestamp")
+    late = too_late_ids(spark, settings).persist()
     written = {}
-    for name, df in gold_frames(silver, labels, date_from, date_to).items():
-        spec = GOLD_TABLES[name]
-        path = settings.table_path(name)
-        delta.ensure_table(spark, path, df.schema, partition_by=(spec["partition"],),
-                           properties={"delta.enableChangeDataFeed": "true"})
-        df = df.persist()
-        written[name] = df.count()
-        (df.write.format("delta").mode("overwrite")
-         .option("replaceWhere", f"{spec['partition']} >= '{date_from}' AND {spec['partition']} <= '{date_to}'")
-         .save(str(path)))
-        df.unpersist()
+    try:
+        for name, df in gold_frames(silver, _labels(spark, settings), late, date_from, date_to).items():
+            spec = GOLD_TABLES[name]
+            df = df.persist()
+            written[name] = df.count()
+            (df.write.format("delta").mode("overwrite")
+             .option("replaceWhere", f"{spec['partition']} >= '{date_from}' AND {spec['partition']} <= '{date_to}'")
+             .save(str(settings.table_path(name))))
+            df.unpersist()
+    finally:
+        late.unpersist()
     return written
+
+
+# ---- the stream's incremental gold ------------------------------------------------------------------
+
+class GoldStream:
+    """Updates gold after each micro-batch of the events and labels streams (module docstring).
+
+    The two streams run in one driver and both rewrite gold rows, so their gold steps take turns
+    (one lock): each step reads the latest silver, labels and gold, and writes before the other reads.
+
+    Args:
+        on_features: called with the feature rows of the transactions new in an events batch (for
+            scoring), and the batch's app id and id.
+    """
+
+    _lock = threading.Lock()
+
+    def __init__(self, settings: Settings,
+                 on_features: Callable[[DataFrame, str, int], None] | None = None):
+        self.settings = settings
+        self.on_features = on_features
+        self._ready = False
+
+    def _path(self, name: str) -> str:
+        return str(self.settings.table_path(name))
+
+    def _ensure(self, spark: SparkSession) -> None:
+        if not self._ready:
+            ensure_gold_tables(spark, self.settings, _schemas_of(spark, self.settings))
+            self._ready = True
+
+    def watermark(self, spark: SparkSession, app_id: str, batch_id: int) -> datetime | None:
+        """Latest event time inserted by the events batches before ``batch_id`` of this query."""
+        dq = delta.read(spark, self._path("silver_dq_batches"))
+        if "max_event_time" not in dq.columns:
+            return None
+        return (dq.where((F.col("kind") == "events") & (F.col("app_id") == app_id)
+                         & (F.col("batch_id") < batch_id))
+                .agg(F.max("max_event_time")).first()[0])
+
+    # -- events ------------------------------------------------------------------------------------
+    def after_events(self, spark: SparkSession, app_id: str, batch_id: int, dates: list[str]) -> dict:
+        """Gold for the transactions batch ``batch_id`` inserted into silver (partitions ``dates``).
+
+        Returns ``max_event_time`` (of the new transactions), ``too_late``, ``recomputed``.
+        """
+        with self._lock:
+            self._ensure(spark)
+            silver = delta.read(spark, self._path("silver_transactions"))
+            new = (silver.where(F.col("event_date").isin(dates) & (F.col("batch_id") == batch_id))
+                   .select(*features.ID_COLUMNS).persist())
+            try:
+                stats = new.agg(F.count(F.lit(1)).alias("n"), F.min("event_time").alias("min_t"),
+                                F.max("event_time").alias("max_t")).first()
+                if not stats["n"]:
+                    return {"max_event_time": None, "too_late": 0, "recomputed": 0}
+                mark = self.watermark(spark, app_id, batch_id)
+                n_late = self._record_too_late(spark, new, mark, app_id, batch_id) if mark else 0
+                late_ids = too_late_ids(spark, self.settings)
+                on_time = new.join(late_ids, "event_id", "left_anti")
+                late_new = new.join(late_ids, "event_id", "left_semi")
+                gold_tx = delta.read(spark, self._path("gold_transaction_features"))
+                changes = lambda df: df.select("user_id", "merchant_id", "country",  # noqa: E731
+                                               F.col("event_time").alias("_lo"), F.col("event_time").alias("_hi"))
+                keys, since = ("user_id", "merchant_id", "country"), stats["min_t"].date()
+                affected = [affected_rows(gold_tx, changes(on_time), keys, since)]
+                if n_late:  # too-late events change only too-late rows
+                    affected.append(affected_rows(gold_tx.join(late_ids, "event_id", "left_semi"),
+                                                  changes(late_new), keys, since))
+                targets = new
+                for df in affected:
+                    targets = targets.unionByName(df)
+                recomputed = self._recompute(spark, targets.dropDuplicates(["event_id"]), late_ids, app_id,
+                                             batch_id, extra_days=())
+                self._windows(spark, silver, on_time, late_ids, app_id, batch_id)
+                if self.on_features is not None:
+                    new_features = (delta.read(spark, self._path("gold_transaction_features"))
+                                    .where(F.col("event_date").isin(dates))
+                                    .join(new.select("event_id"), "event_id", "left_semi"))
+                    self.on_features(new_features, app_id, batch_id)
+                return {"max_event_time": stats["max_t"], "too_late": n_late, "recomputed": recomputed}
+            finally:
+                new.unpersist()
+
+    def _record_too_late(self, spark, new: DataFrame, mark: datetime, app_id: str, batch_id: int) -> int:
+        lateness = self.settings.allowed_lateness_minutes
+        threshold = mark - timedelta(minutes=lateness)
+        late = new.where(F.col("event_time") < F.lit(threshold))
+        seconds = (F.unix_micros(F.lit(mark)) - F.unix_micros("event_time")) / 1e6
+        rows = late.select(
+            "event_id", "user_id", "merchant_id", "country", "amount_base", "event_time", "event_date",
+            F.lit(mark).cast("timestamp").alias("watermark"), seconds.cast("double").alias("lateness_seconds"),
+            F.format_string(f"event_time is %.0f s before the watermark %s (latest event time of earlier "
+                            f"batches); the allowed lateness is {lateness} min", seconds,
+                            F.date_format(F.lit(mark), "yyyy-MM-dd HH:mm:ss")).alias("reason"),
+            F.lit(batch_id).cast("long").alias("batch_id"), F.current_timestamp().alias("detected_at"),
+        ).persist()
+        try:
+            n = rows.count()
+            if n:
+                delta.append_once(rows, self._path("gold_too_late_events"), app_id, batch_id)
+            return n
+        finally:
+            rows.unpersist()
+
+    # -- labels ------------------------------------------------------------------------------------
+    def after_labels(self, spark: SparkSession, app_id: str, batch_id: int) -> dict:
+        """Gold after the labels batch ``batch_id``: the merchant and country fraud rates of the
+        transactions its fraud labels reach, and the daily risk of the labelled days."""
+        with self._lock:
+            self._ensure(spark)
+            labels = delta.read(spark, self._path("silver_labels"))
+            silver = delta.read(spark, self._path("silver_transactions"))
+            fraud = (labels.where((F.col("batch_id") == batch_id) & F.col("is_fraud"))
+                     .select("event_id", "reported_at")
+                     .join(silver.select("event_id", "merchant_id", "country", "event_time", "event_date"),
+                           "event_id").persist())
+            try:
+                days = [r[0] for r in fraud.select("event_date").distinct().collect()]
+                if not days:
+                    return {"recomputed": 0}
+                gold_tx = delta.read(spark, self._path("gold_transaction_features"))
+                changes = fraud.select("merchant_id", "country",
+                                       F.greatest("event_time", "reported_at").alias("_lo"),
+                                       F.col("event_time").alias("_hi"))
+                since = min(date.fromisoformat(str(d)) for d in days)
+                targets = affected_rows(gold_tx, changes, ("merchant_id", "country"), since)
+                recomputed = self._recompute(spark, targets, too_late_ids(spark, self.settings), app_id,
+                                             batch_id, extra_days=days)
+                return {"recomputed": recomputed}
+            finally:
+                fraud.unpersist()
+
+    # -- shared steps --------------------------------------------------------------------------------
+    def _recompute(self, spark, targets: DataFrame, late_ids: DataFrame, app_id: str, batch_id: int,
+                   extra_days) -> int:
+        """Recompute and upsert the features of ``targets``, then the daily risk from the earliest
+        touched day on. Returns the number of feature rows recomputed."""
+        targets = targets.persist()
+        try:
+            bounds = targets.agg(F.count(F.lit(1)).alias("n"), F.min("event_time").alias("lo"),
+                                 F.max("event_time").alias("hi")).first()
+            if bounds["n"]:
+                days = sorted({str(r[0]) for r in targets.select("event_date").distinct().collect()})
+                silver = delta.read(spark, self._path("silver_transactions"))
+                history = silver.where(_between("event_date", bounds["lo"].date() - _LOOKBACK - timedelta(days=1),
+                                                bounds["hi"].date()))
+                # Materialized first: the MERGE source reads the target table and cached frames.
+                tx = transaction_rows(targets, history, _labels(spark, self.settings), late_ids).localCheckpoint()
+                with delta.idempotent_dml(spark, app_id, batch_id):
+                    delta.merge_upsert(spark, tx, self._path("gold_transaction_features"), ("event_id",),
+                                       {"event_date": days})
+            touched = [date.fromisoformat(str(d)) for d in extra_days]
+            if bounds["n"]:
+                touched.append(bounds["lo"].date())
+            if touched:
+                self._risk(spark, min(touched), app_id, batch_id)
+            return int(bounds["n"])
+        finally:
+            targets.unpersist()
+
+    def _risk(self, spark, first_day: date, app_id: str, batch_id: int) -> None:
+        """Daily risk of [first_day, first_day + 31d]: the touched days and those whose trailing
+        baseline includes them."""
+        last_day = first_day + timedelta(days=31)
+        silver = delta.read(spark, self._path("silver_transactions"))
+        history = silver.where(_between("event_date", first_day - timedelta(days=31), last_day))
+        tx = delta.read(spark, self._path("gold_transaction_features")).where(
+            _between("event_date", first_day, last_day))
+        for name, df in risk_rows(history, tx, _labels(spark, self.settings), first_day, last_day,
+                                  _today()).items():
+            delta.replace_range_once(df, self._path(name), f"day >= '{first_day}' AND day <= '{last_day}'",
+                                     app_id, batch_id)
+
+    def _windows(self, spark, silver: DataFrame, on_time: DataFrame, late_ids: DataFrame, app_id: str,
+                 batch_id: int) -> None:
+        """Recompute the five-minute windows holding the new on-time events, per user."""
+        bounds = (on_time.groupBy("user_id")
+                  .agg((F.date_trunc("minute", F.min("event_time")) - F.expr("INTERVAL 4 MINUTES")).alias("_lo"),
+                       F.max("event_time").alias("_hi"))).persist()
+        try:
+            span = bounds.agg(F.min("_lo"), F.max("_hi")).first()
+            if span[0] is None:
+                return
+            events = (silver.where(_between("event_date", span[0].date(), (span[1] + timedelta(minutes=5)).date()))
+                      .join(F.broadcast(bounds), "user_id")
+                      .where((F.col("event_time") >= F.col("_lo"))
+                             & (F.col("event_time") < F.col("_hi") + F.expr("INTERVAL 5 MINUTES"))))
+            windows = (window_rows(events.drop("_lo", "_hi"), late_ids)
+                       .join(F.broadcast(bounds), "user_id")
+                       .where((F.col("window_start") >= F.col("_lo")) & (F.col("window_start") <= F.col("_hi")))
+                       .drop("_lo", "_hi")).localCheckpoint()
+            days = [str(span[0].date() + timedelta(days=i)) for i in range((span[1].date() - span[0].date()).days + 1)]
+            with delta.idempotent_dml(spark, app_id, batch_id):
+                delta.merge_upsert(spark, windows, self._path("gold_user_features_5m"),
+                                   ("user_id", "window_start"), {"window_date": days})
+        finally:
+            bounds.unpersist()

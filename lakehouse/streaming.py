@@ -35,6 +35,7 @@ from pyspark.sql.types import (
 
 from lakehouse import quality
 from lakehouse.config import Settings
+from lakehouse.gold import GoldStream
 from lakehouse.io import delta
 from lakehouse.transforms import bronze as bronze_t
 from lakehouse.transforms import silver as silver_t
@@ -64,6 +65,10 @@ DQ_SCHEMA = StructType(
         StructField("check_failures", MapType(StringType(), LongType()), False),
         StructField("reconciled", BooleanType(), False),
         StructField("processed_at", TimestampType(), False),
+        # Latest event time among the transactions the batch inserted (the gold watermark's input),
+        # and how many of them were too late for the five-minute windows (see lakehouse.gold).
+        StructField("max_event_time", TimestampType(), True),
+        StructField("too_late", LongType(), True),
     ]
 )
 
@@ -124,7 +129,7 @@ def ensure_tables(spark: SparkSession, settings: Settings, kinds=("events", "lab
         delta.ensure_table(spark, settings.table_path(lay.silver), schemas["silver"],
                            partition_by=lay.partition_by, properties=cdf)
         delta.ensure_table(spark, settings.table_path("silver_quarantine"), schemas["quarantine"])
-    delta.ensure_table(spark, settings.table_path("silver_dq_batches"), DQ_SCHEMA)
+    delta.ensure_table(spark, settings.table_path("silver_dq_batches"), DQ_SCHEMA, properties=cdf)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
@@ -201,8 +206,9 @@ class IngestBatch:
     """The foreachBatch function of one inbox stream."""
 
     def __init__(self, settings: Settings, kind: str, app_id: str,
-                 on_batch: Callable[[BatchResult], None] | None = None):
+                 on_batch: Callable[[BatchResult], None] | None = None, gold: GoldStream | None = None):
         self.settings = settings
+        self.gold = gold
         self.layer = layer(settings, kind)
         self.checks = quality.checks_for(kind, settings)
         self.app_id = app_id
@@ -276,6 +282,13 @@ class IngestBatch:
                 with delta.idempotent_dml(spark, app, batch_id):
                     delta.merge_insert_new(spark, lay.to_silver(checked), self._path(lay.silver), lay.keys, prune)
             lap("merge")
+            gold_info: dict = {}
+            if self.gold is not None and n_deduped:
+                if lay.kind == "events":
+                    gold_info = self.gold.after_events(spark, app, batch_id, prune.get("event_date", []))
+                else:
+                    gold_info = self.gold.after_labels(spark, app, batch_id)
+            lap("gold")
 
             # Counts measured from the tables: the metrics of the commit this batch made (in this
             # attempt or an earlier one), or, if that commit is too far back in history, a count of
@@ -310,9 +323,10 @@ class IngestBatch:
                 "quarantined": quarantined, "warned": int(stats["warned"] or 0),
                 "check_failures": {c.name: int(stats[c.name] or 0) for c in self.checks},
                 "reconciled": reconciled, "processed_at": ingested_at,
+                "max_event_time": gold_info.get("max_event_time"), "too_late": gold_info.get("too_late"),
             }
             delta.append_once(spark.createDataFrame([row], DQ_SCHEMA),
-                              self._path("silver_dq_batches"), app, batch_id)
+                              self._path("silver_dq_batches"), app, batch_id, merge_schema=True)
             lap("dq")
         finally:
             checked.unpersist()
@@ -343,7 +357,7 @@ def inbox_lines(spark: SparkSession, inbox: Path, max_files: int) -> DataFrame:
 
 
 def start_query(spark: SparkSession, settings: Settings, kind: str, once: bool,
-                on_batch: Callable[[BatchResult], None] | None = None):
+                on_batch: Callable[[BatchResult], None] | None = None, gold: GoldStream | None = None):
     lay = layer(settings, kind)
     checkpoint = settings.checkpoint(kind)
     app_id = app_id_for(checkpoint, kind, lay.inbox)
@@ -351,7 +365,7 @@ def start_query(spark: SparkSession, settings: Settings, kind: str, once: bool,
         inbox_lines(spark, lay.inbox, settings.max_files_per_trigger)
         .writeStream.queryName(f"ingest_{kind}")
         .option("checkpointLocation", str(checkpoint))
-        .foreachBatch(IngestBatch(settings, kind, app_id, on_batch))
+        .foreachBatch(IngestBatch(settings, kind, app_id, on_batch, gold))
     )
     writer = writer.trigger(availableNow=True) if once else writer.trigger(
         processingTime=f"{settings.trigger_seconds} seconds")
@@ -370,13 +384,17 @@ def run_streams(
     kinds=("events", "labels"),
     on_batch: Callable[[BatchResult], None] | None = None,
     stop_event: threading.Event | None = None,
+    on_features: Callable[[DataFrame, str, int], None] | None = None,
 ) -> None:
     """Run the ingestion queries; with ``once`` process what is in the inboxes and return.
 
-    Continuous mode runs until ``stop_event`` is set or a query fails.
+    Continuous mode runs until ``stop_event`` is set or a query fails. With ``settings.stream_gold``
+    each micro-batch also updates gold (:class:`lakehouse.gold.GoldStream`); ``on_features`` then
+    receives the feature rows of each events batch's new transactions (for scoring).
     """
     ensure_tables(spark, settings, kinds)
-    queries = [start_query(spark, settings, kind, once, on_batch) for kind in kinds]
+    gold = GoldStream(settings, on_features=on_features) if settings.stream_gold else None
+    queries = [start_query(spark, settings, kind, once, on_batch, gold) for kind in kinds]
     try:
         if once:
             for q in queries:

@@ -47,11 +47,30 @@ def ensure_table(
     builder.execute()
 
 
-def append_once(df: DataFrame, path: Path | str, app_id: str, version: int) -> None:
-    """Append ``df`` unless this (app_id, version) was already committed to the table."""
-    (
+def append_once(df: DataFrame, path: Path | str, app_id: str, version: int, merge_schema: bool = False) -> None:
+    """Append ``df`` unless this (app_id, version) was already committed to the table.
+
+    ``merge_schema`` lets the append add new nullable columns to an older table.
+    """
+    writer = (
         df.write.format("delta")
         .mode("append")
+        .option("txnAppId", app_id)
+        .option("txnVersion", int(version))
+        .option("userMetadata", commit_tag(app_id, version))
+    )
+    if merge_schema:
+        writer = writer.option("mergeSchema", "true")
+    writer.save(str(path))
+
+
+def replace_range_once(df: DataFrame, path: Path | str, predicate: str, app_id: str, version: int) -> None:
+    """Atomically replace the rows matching ``predicate`` (Delta ``replaceWhere``) with ``df``,
+    unless this (app_id, version) was already committed to the table."""
+    (
+        df.write.format("delta")
+        .mode("overwrite")
+        .option("replaceWhere", predicate)
         .option("txnAppId", app_id)
         .option("txnVersion", int(version))
         .option("userMetadata", commit_tag(app_id, version))
@@ -116,6 +135,37 @@ def merge_insert_new(
         DeltaTable.forPath(spark, str(path))
         .alias("t")
         .merge(source.alias("s"), " AND ".join(cond))
+        .whenNotMatchedInsertAll()
+        .execute()
+    )
+
+
+def merge_upsert(
+    spark: SparkSession,
+    source: DataFrame,
+    path: Path | str,
+    keys: Iterable[str],
+    prune: dict[str, list] | None = None,
+) -> None:
+    """Upsert ``source`` into the target by ``keys``: new keys are inserted, and a matched row is
+    updated only if some column differs (so the change data feed carries real changes only).
+
+    ``source`` must hold at most one row per key. ``prune`` as in :func:`merge_insert_new`. Wrap the
+    call in :func:`idempotent_dml` to make it exactly-once per batch.
+    """
+    from delta.tables import DeltaTable
+
+    keys = list(keys)
+    changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in source.columns if c not in keys) or "false"
+    cond = [f"t.`{k}` = s.`{k}`" for k in keys]
+    for column, values in (prune or {}).items():
+        if values:
+            cond.append(f"t.`{column}` IN ({', '.join(repr(str(v)) for v in values)})")
+    (
+        DeltaTable.forPath(spark, str(path))
+        .alias("t")
+        .merge(source.alias("s"), " AND ".join(cond))
+        .whenMatchedUpdateAll(condition=changed)
         .whenNotMatchedInsertAll()
         .execute()
     )

@@ -1,0 +1,121 @@
+"""Gold kept by the stream: lateness, too-late events, late labels, and parity with the backfill."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+
+import pandas as pd
+import pytest
+from pyspark.sql import functions as F
+
+from lakehouse import gold, streaming
+from lakehouse.io import delta
+from tests.conftest import write_lines
+from tests.integration.inbox_data import FILE_MTIME, event_line, label_line
+
+pytestmark = pytest.mark.integration
+
+
+def _table(spark, settings, name) -> pd.DataFrame:
+    spec = gold.GOLD_TABLES[name]
+    df = delta.read(spark, settings.table_path(name)).toPandas()
+    return df.sort_values(list(spec["key"])).reset_index(drop=True)
+
+
+def _ev(i, user, minute, second=0, merchant="m001", country="FR", amount="10.00"):
+    return event_line(i, user_id=user, merchant_id=merchant, country=country, amount=amount, currency="USD",
+                      event_time=f"2026-11-20T12:{minute:02d}:{second:02d}Z")
+
+
+@pytest.fixture
+def settings(settings):
+    return settings.replace(stream_gold=True)
+
+
+def test_lateness_inside_updates_windows_and_beyond_is_recorded(spark, settings):
+    settings = settings.replace(max_files_per_trigger=1)
+    # batch 0: user u1 pays at 12:00 and 12:30 (watermark after it: 12:30)
+    write_lines(settings.events_inbox, "a.jsonl", [_ev(1, "u1", 0), _ev(2, "u1", 30)], mtime=FILE_MTIME)
+    # batch 1: 12:26 is 4 min late (inside the 10 min lateness); 12:05 is 25 min late (too late)
+    write_lines(settings.events_inbox, "b.jsonl", [_ev(3, "u1", 26), _ev(4, "u1", 5)], mtime=FILE_MTIME + 1)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+
+    late = _table(spark, settings, "gold_too_late_events")
+    assert list(late["event_id"]) == ["e000004"]
+    assert late["lateness_seconds"].iloc[0] == 25 * 60
+    assert late["watermark"].iloc[0] == pd.Timestamp("2026-11-20 12:30:00")
+    assert "allowed lateness is 10 min" in late["reason"].iloc[0]
+
+    tx = _table(spark, settings, "gold_transaction_features").set_index("event_id")
+    # The on-time late event (12:26) changed the 12:30 transaction's features; the too-late one did not.
+    assert tx.loc["e000002", "user_tx_count_5m"] == 2          # 12:26 and 12:30
+    assert tx.loc["e000002", "user_tx_count_1h"] == 3          # 12:00, 12:26, 12:30 (not 12:05)
+    assert tx.loc["e000002", "seconds_since_prev_user_tx"] == 240.0
+    # The too-late event still has its own row, as of its own time, from all of silver.
+    assert tx.loc["e000004", "user_tx_count_1h"] == 2          # 12:00 and itself
+    assert tx.loc["e000004", "seconds_since_prev_user_tx"] == 300.0
+    assert len(tx) == 4
+
+    windows = _table(spark, settings, "gold_user_features_5m")
+    starts = {w.strftime("%H:%M"): n for w, n in zip(windows["window_start"], windows["tx_count"])}
+    # 12:26 is in the windows starting 12:22..12:26; 12:05 is in none (too late).
+    assert starts["12:22"] == 1 and starts["12:26"] == 2 and starts["12:30"] == 1
+    assert "12:05" not in starts and "12:02" not in starts
+    assert starts["12:00"] == 1
+
+    dq = delta.read(spark, settings.table_path("silver_dq_batches")).orderBy("batch_id").toPandas()
+    assert list(dq["too_late"]) == [0, 1]
+    assert dq["max_event_time"].iloc[0] == pd.Timestamp("2026-11-20 12:30:00")
+
+
+def test_a_label_arriving_after_the_transactions_updates_their_fraud_rates(spark, settings):
+    settings = settings.replace(max_files_per_trigger=1)
+    # e1 (12:00) is fraud, reported at 12:10; e2 at 12:05 (before the report), e3 at 12:20 (after it)
+    write_lines(settings.events_inbox, "a.jsonl", [_ev(1, "u1", 0), _ev(2, "u2", 5), _ev(3, "u3", 20)],
+                mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True)
+    tx = _table(spark, settings, "gold_transaction_features").set_index("event_id")
+    assert tx["merchant_fraud_rate_1d"].fillna(0).eq(0).all()
+
+    write_lines(settings.labels_inbox, "l.jsonl",
+                [label_line(1, is_fraud=True, scenario="card_testing", reported_at="2026-11-20T12:10:00Z")],
+                mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True)
+    tx = _table(spark, settings, "gold_transaction_features").set_index("event_id")
+    assert tx.loc["e000002", "merchant_fraud_rate_1d"] == 0.0          # reported after 12:05
+    assert tx.loc["e000003", "merchant_fraud_rate_1d"] == pytest.approx(1 / 3)
+    assert tx.loc["e000003", "country_fraud_rate_30d"] == pytest.approx(1 / 3)
+    risk = _table(spark, settings, "gold_merchant_risk_daily")
+    assert list(risk["fraud_count"]) == [1]
+
+
+def test_stream_and_backfill_give_identical_gold(spark, settings):
+    """The parity gate: a generated feed with late, out-of-order, duplicate and malformed events and
+    late labels, streamed in small batches, then backfilled: every gold table is equal row for row."""
+    from lakehouse.generator import GeneratorConfig, generate_backlog
+
+    gen = generate_backlog(settings.events_inbox, settings.labels_inbox, GeneratorConfig(
+        seed=11, days=2.0, n_users=150, n_merchants=30, file_events=400, file_minutes=60.0,
+        start=datetime(2026, 11, 18, tzinfo=timezone.utc), late_rate=0.05, late_min_minutes=2.0,
+        late_max_minutes=240.0, duplicate_rate=0.03))
+    assert gen["late"] > 0 and gen["duplicates"] > 0
+    # Two events batches (a day each): late deliveries early on day 2 are too late for day 1's windows.
+    streaming.run_streams(spark, settings.replace(max_files_per_trigger=24), once=True)
+
+    names = gold.COMPUTED_TABLES
+    streamed = {n: _table(spark, settings, n) for n in names}
+    late = _table(spark, settings, "gold_too_late_events")
+    assert len(late) > 0, "the feed should hold events later than the allowed lateness"
+    assert len(streamed["gold_transaction_features"]) == gen["events"]
+
+    days = delta.read(spark, settings.table_path("silver_transactions")).agg(
+        F.min("event_date"), F.max("event_date")).first()
+    gold.backfill(spark, settings, days[0], days[1])
+    for n in names:
+        backfilled = _table(spark, settings, n)
+        assert len(backfilled) == len(streamed[n]), n
+        pd.testing.assert_frame_equal(backfilled[list(streamed[n].columns)], streamed[n],
+                                      check_exact=False, rtol=1e-9, obj=n)
+    # Too-late events are out of the windows, yet every one has its own feature row.
+    tx_ids = set(streamed["gold_transaction_features"]["event_id"])
+    assert set(late["event_id"]) <= tx_ids
