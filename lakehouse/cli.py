@@ -80,7 +80,7 @@ def reset_stream(settings: Settings) -> list[str]:
             removed.append(str(path))
     for name, (layer, _) in TABLES.items():
         path = settings.table_path(name)
-        if layer in ("bronze", "silver") and path.exists():
+        if layer in ("bronze", "silver", "gold") and path.exists():
             shutil.rmtree(path)
             removed.append(str(path))
     return removed
@@ -118,7 +118,20 @@ def cmd_stream(args, settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         console.print(f"streaming {', '.join(kinds)} every {settings.trigger_seconds}s; Ctrl-C stops")
+    loop = None
+    if args.mirror:
+        from lakehouse import mirror
+
+        loop = mirror.MirrorLoop(spark, settings, report=lambda msg: console.print(f"[yellow]{msg}[/]"))
+        if not args.once:
+            loop.start()
     streaming.run_streams(spark, settings, once=args.once, kinds=kinds, on_batch=on_batch, stop_event=stop)
+    if loop is not None:
+        console.print("mirroring the last changes into Postgres ...")
+        if loop.is_alive():
+            loop.stop()
+        else:
+            loop.run_round()
     rec = summary.reconciliation(spark, settings)
     out.print_json(json.dumps({"reconciliation": rec, "seconds": round(time.time() - started, 1)}))
     if any(not v["reconciled"] for v in rec.values()):
@@ -290,21 +303,6 @@ def cmd_demo(args, settings: Settings) -> int:
                   f"psql \"{dsn}\" for the {settings.pg_schema} schema; "
                   "`lakehouse pg stop` stops the embedded Postgres")
     return 0 if ok else 1
-
-
-# ---- dbt (marts) ---------------------------------------------------------------------------------
-
-def cmd_dbt(args, settings: Settings) -> int:
-    from lakehouse.io import dbt
-
-    dbt_args = list(args.dbt_args)
-    if dbt_args[:1] == ["--"]:
-        dbt_args = dbt_args[1:]
-    if not dbt_args:
-        raise UserError("give dbt's arguments, e.g. `lakehouse dbt build` or `lakehouse dbt docs generate`")
-    console.print(f"[bold]dbt {' '.join(dbt_args)}[/] (project {dbt.project_dir()}, Postgres "
-                  f"{'external' if settings.pg_dsn else 'embedded'}) ...")
-    return dbt.run(settings, dbt_args).returncode
 
 
 # ---- maintain / dq-summary / dashboard (orchestration) -------------------------------------------
@@ -522,15 +520,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--summary", default=None, help="also write the JSON summary to this file")
     g.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("stream", help="stream the inboxes into Delta bronze and silver",
+    s = sub.add_parser("stream", help="stream the inboxes into Delta bronze, silver and gold",
                        description="Spark Structured Streaming from the inboxes to bronze, silver, "
-                                   "quarantine and data-quality tables, exactly once.")
+                                   "quarantine and data-quality tables, and gold (features, windows, risk, "
+                                   "too-late events) per micro-batch, exactly once. LAKEHOUSE_STREAM_GOLD=0 "
+                                   "leaves gold to `lakehouse backfill`.")
     s.add_argument("--once", action="store_true", help="process what is in the inboxes, then exit (availableNow)")
     s.add_argument("--only", action="append", choices=list(QUERIES), help="run only this stream (repeatable)")
     s.add_argument("--trigger-seconds", type=float, default=None, help="continuous mode: micro-batch interval")
     s.add_argument("--max-files", type=int, default=None, help="inbox files per micro-batch at most")
     s.add_argument("--reset", action="store_true",
-                   help="delete the checkpoints and bronze/silver tables first, then rebuild from the inboxes")
+                   help="delete the checkpoints and the bronze/silver/gold tables first, then rebuild from the inboxes")
+    s.add_argument("--mirror", action="store_true",
+                   help="also mirror into Postgres: continuously beside the stream (a Postgres outage does "
+                        "not stop it), and once more at the end")
     s.set_defaults(func=cmd_stream)
 
     b = sub.add_parser("backfill", help="recompute gold tables for a date range from silver (batch)",
@@ -564,14 +567,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--users", type=int, default=2000, help="simulated card holders")
     d.add_argument("--seed", type=int, default=7, help="random seed")
     d.set_defaults(func=cmd_demo)
-
-    dbtp = sub.add_parser("dbt", help="run dbt (the risk marts) against the project's Postgres, e.g. `dbt build`",
-                          description="Run dbt in dbt/ with the connection of these settings (embedded Postgres "
-                                      "or LAKEHOUSE_PG_DSN); every argument goes to dbt: `lakehouse dbt build`, "
-                                      "`lakehouse dbt build --vars '{velocity_max_tx: 6}'`, `lakehouse dbt docs "
-                                      "generate`, `lakehouse dbt source freshness`.")
-    dbtp.add_argument("dbt_args", nargs=argparse.REMAINDER, help="dbt's command and options")
-    dbtp.set_defaults(func=cmd_dbt)
 
     mt = sub.add_parser("maintain", help="compact (OPTIMIZE) and VACUUM the Delta tables, keeping pinned versions",
                         description="OPTIMIZE every Delta table (partitions before today), then VACUUM with a "

@@ -10,31 +10,56 @@ unreachable Postgres is retried with back-off.
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Callable
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import (BooleanType, DateType, DoubleType, FloatType, IntegerType, LongType,
-                               StringType, StructType, TimestampType)
+from pyspark.sql.types import (ArrayType, BooleanType, DateType, DoubleType, FloatType, IntegerType,
+                               LongType, MapType, StringType, StructType, TimestampType)
 
-from lakehouse.config import Settings
+from lakehouse.config import TABLES, Settings
 from lakehouse.gold import GOLD_TABLES
 from lakehouse.io import delta, pg_mirror
 
 _PG_TYPES = {StringType: "text", DoubleType: "double precision", FloatType: "real", LongType: "bigint",
-             IntegerType: "integer", BooleanType: "boolean", TimestampType: "timestamptz", DateType: "date"}
+             IntegerType: "integer", BooleanType: "boolean", TimestampType: "timestamptz", DateType: "date",
+             MapType: "jsonb", ArrayType: "jsonb"}
+_JSON_TYPES = (MapType, ArrayType)
+
+#: Every table served from Postgres (schema ``Settings.pg_schema``): primary key and indexes. Each
+#: also gets ``mirrored_at`` (when the mirror last wrote the row) for freshness checks.
+MIRRORED_TABLES: dict[str, dict] = {
+    **{name: {"key": spec["key"], "indexes": spec["indexes"]} for name, spec in GOLD_TABLES.items()},
+    "silver_labels": {"key": ("event_id",), "indexes": (("reported_at",),)},
+    "silver_dq_batches": {"key": ("kind", "app_id", "batch_id"), "indexes": (("processed_at",),)},
+    "risk_scores": {"key": ("event_id",), "indexes": (("event_date",), ("is_alert", "event_time"),
+                                                      ("user_id", "event_time"))},
+}
+LOADED_AT = "mirrored_at"
+
+log = logging.getLogger(__name__)
 
 
 def mirror_spec(name: str, schema: StructType) -> pg_mirror.MirrorTable:
-    """The Postgres table mirroring gold table ``name`` (its Delta schema mapped to Postgres types)."""
-    spec = GOLD_TABLES[name]
+    """The Postgres table mirroring Delta table ``name`` (its schema mapped to Postgres types; maps
+    and arrays become ``jsonb``)."""
+    spec = MIRRORED_TABLES[name]
     columns = []
     for f in schema.fields:
         pg_type = _PG_TYPES.get(type(f.dataType))
         if pg_type is None:
             raise TypeError(f"{name}.{f.name}: no Postgres type for {f.dataType.simpleString()}")
         columns.append((f.name, pg_type))
-    return pg_mirror.MirrorTable(name=name, columns=tuple(columns), key=spec["key"], indexes=spec["indexes"])
+    return pg_mirror.MirrorTable(name=name, columns=tuple(columns), key=spec["key"], indexes=spec["indexes"],
+                                 loaded_at=LOADED_AT)
+
+
+def _as_json(df: DataFrame) -> DataFrame:
+    """Nested columns as JSON text (Postgres casts it to jsonb on COPY)."""
+    return df.select(*[F.to_json(F.col(f.name)).alias(f.name) if isinstance(f.dataType, _JSON_TYPES)
+                       else F.col(f.name) for f in df.schema.fields])
 
 
 def net_changes(cdf: DataFrame, key: tuple[str, ...]) -> tuple[DataFrame, DataFrame]:
@@ -52,7 +77,9 @@ def net_changes(cdf: DataFrame, key: tuple[str, ...]) -> tuple[DataFrame, DataFr
 
 def mirror_table(spark: SparkSession, settings: Settings, name: str,
                  on_retry: Callable | None = None, attempts: int | None = 10) -> dict:
-    """Bring the Postgres copy of gold table ``name`` to the latest Delta version."""
+    """Bring the Postgres copy of Delta table ``name`` to the latest Delta version."""
+    if name not in TABLES:
+        return {"table": name, "skipped": "not defined in this version"}
     path = settings.table_path(name)
     if not delta.is_delta_table(path):
         return {"table": name, "skipped": "no Delta table yet"}
@@ -74,7 +101,7 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
         cdf = (spark.read.format("delta").option("readChangeFeed", "true")
                .option("startingVersion", done + 1).option("endingVersion", version).load(str(path)))
         upserts, deletes = net_changes(cdf, table.key)
-    rows = upserts.toPandas()
+    rows = _as_json(upserts).toPandas()
     gone = deletes.toPandas() if deletes is not None else None
 
     def apply(conn) -> int:
@@ -85,5 +112,53 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
             "deleted": 0 if gone is None else len(gone)}
 
 
-def mirror_all(spark: SparkSession, settings: Settings, on_retry: Callable | None = None) -> list[dict]:
-    return [mirror_table(spark, settings, name, on_retry=on_retry) for name in GOLD_TABLES]
+def mirror_all(spark: SparkSession, settings: Settings, on_retry: Callable | None = None,
+               attempts: int | None = 10) -> list[dict]:
+    return [mirror_table(spark, settings, name, on_retry=on_retry, attempts=attempts) for name in MIRRORED_TABLES]
+
+
+class MirrorLoop(threading.Thread):
+    """Mirror to Postgres beside a running stream, every ``interval`` seconds.
+
+    It runs in its own thread on the stream's SparkSession, so a Postgres outage never blocks the
+    stream into Delta: a failed round is reported (once per outage) and retried with back-off up to
+    ``max_backoff`` seconds; each round catches up from the ledger, so Postgres converges to gold as
+    soon as it is back. ``stop()`` ends the loop after the current round and runs a final round, so
+    what the stream wrote last is mirrored too.
+    """
+
+    def __init__(self, spark: SparkSession, settings: Settings, interval: float = 1.0,
+                 max_backoff: float = 30.0, report: Callable[[str], None] | None = None,
+                 tables: tuple[str, ...] | None = None):
+        super().__init__(name="lakehouse-mirror", daemon=True)
+        self.spark, self.settings, self.interval, self.max_backoff = spark, settings, interval, max_backoff
+        self.report = report or (lambda msg: log.warning("%s", msg))
+        self.tables = tables or tuple(MIRRORED_TABLES)
+        self.rounds = 0
+        self.last_error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def run_round(self) -> list[dict]:
+        return [mirror_table(self.spark, self.settings, name, attempts=1) for name in self.tables]
+
+    def run(self) -> None:
+        delay = self.interval
+        while not self._halt.is_set():
+            try:
+                self.run_round()
+                self.rounds += 1
+                if self.last_error is not None:
+                    self.report("mirror: Postgres is back; caught up with gold")
+                self.last_error, delay = None, self.interval
+            except Exception as exc:  # noqa: BLE001 -- the stream must go on; the ledger makes a retry safe
+                if self.last_error is None:
+                    self.report(f"mirror: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; "
+                                "the stream goes on, retrying with back-off")
+                self.last_error, delay = exc, min(self.max_backoff, max(delay * 2, 1.0))
+            self._halt.wait(delay)
+
+    def stop(self, final_round: bool = True, timeout: float = 300.0) -> None:
+        self._halt.set()
+        self.join(timeout)
+        if final_round:
+            self.run_round()

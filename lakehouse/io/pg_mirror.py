@@ -81,6 +81,9 @@ class MirrorTable:
     columns: tuple[tuple[str, str], ...]
     key: tuple[str, ...]
     indexes: tuple[tuple[str, ...], ...] = ()
+    #: Optional ``timestamptz`` column set to ``now()`` whenever the mirror inserts or changes a row
+    #: (not part of ``columns``; the source rows need not carry it). Freshness checks read it.
+    loaded_at: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from config files) and store tuples, so instances stay hashable.
@@ -96,6 +99,8 @@ class MirrorTable:
         dupes = sorted({c for c in names if names.count(c) > 1})
         if dupes:
             raise ValueError(f"MirrorTable {self.name!r}: duplicate columns {dupes}")
+        if self.loaded_at and self.loaded_at in names:
+            raise ValueError(f"MirrorTable {self.name!r}: loaded_at column {self.loaded_at!r} is also a data column")
         if ORD_COLUMN in names:
             raise ValueError(f"MirrorTable {self.name!r}: column name {ORD_COLUMN!r} is reserved")
         if not self.key:
@@ -211,6 +216,9 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
             sql.SQL("{} {}{}").format(sql.Identifier(c), sql.SQL(t),
                                       sql.SQL(" NOT NULL") if c in table.key else sql.SQL(""))
             for c, t in table.columns)
+        if table.loaded_at:
+            cols = sql.SQL(", ").join([cols, sql.SQL("{} timestamptz NOT NULL DEFAULT now()").format(
+                sql.Identifier(table.loaded_at))])
         cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
             target, cols, _idents(table.key)))
     else:
@@ -223,6 +231,9 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
                 log.info("adding column %s %s to %s.%s", column, pgtype, schema, table.name)
                 cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
                     target, sql.Identifier(column), sql.SQL(pgtype)))
+        if table.loaded_at and table.loaded_at not in existing:
+            cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} timestamptz NOT NULL DEFAULT now()")
+                        .format(target, sql.Identifier(table.loaded_at)))
     for columns in table.indexes:
         cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
             sql.Identifier(table.index_name(columns)), target, _idents(columns)))
@@ -375,8 +386,11 @@ def _merge(cur, schema: str, table: MirrorTable, stage: sql.Identifier) -> int:
         ord=sql.Identifier(ORD_COLUMN))
     values = table.value_columns
     if values:  # "(t.a, t.b) IS DISTINCT FROM (EXCLUDED.a, EXCLUDED.b)": skip updates that change nothing
+        sets = [sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in values]
+        if table.loaded_at:
+            sets.append(sql.SQL("{} = now()").format(sql.Identifier(table.loaded_at)))
         query += sql.SQL("DO UPDATE SET {sets} WHERE ({old}) IS DISTINCT FROM ({new})").format(
-            sets=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in values),
+            sets=sql.SQL(", ").join(sets),
             old=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in values),
             new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in values))
     else:
