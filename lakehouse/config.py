@@ -63,6 +63,17 @@ def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r} is not a number; unset it or give a number") from None
 
 
+def _env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r} is not a yes/no flag; use 1 or 0")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved configuration. Build it with :meth:`from_env`; derive variants with :meth:`with_data_root`."""
@@ -86,6 +97,8 @@ class Settings:
     allowed_lateness_minutes: int = 10
     #: Whether the stream keeps gold up to date per micro-batch (else only `lakehouse backfill` does).
     stream_gold: bool = True
+    #: Whether the stream scores each new transaction with the champion model (needs stream_gold).
+    stream_scoring: bool = True
     mlflow_tracking_uri: str = ""
 
     # ---- construction -------------------------------------------------------------------------
@@ -110,7 +123,8 @@ class Settings:
             max_event_age_days=_env_int(env, "LAKEHOUSE_MAX_EVENT_AGE_DAYS", 365),
             max_record_bytes=_env_int(env, "LAKEHOUSE_MAX_RECORD_BYTES", 100_000),
             allowed_lateness_minutes=_env_int(env, "LAKEHOUSE_ALLOWED_LATENESS_MINUTES", 10),
-            stream_gold=(env.get("LAKEHOUSE_STREAM_GOLD") or "1").strip().lower() not in ("0", "false", "no", "off"),
+            stream_gold=_env_flag(env, "LAKEHOUSE_STREAM_GOLD", True),
+            stream_scoring=_env_flag(env, "LAKEHOUSE_STREAM_SCORING", True),
             mlflow_tracking_uri=mlflow_uri,
         )
 

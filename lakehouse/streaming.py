@@ -393,6 +393,8 @@ def run_streams(
     receives the feature rows of each events batch's new transactions (for scoring).
     """
     ensure_tables(spark, settings, kinds)
+    if on_features is None and settings.stream_gold and settings.stream_scoring:
+        on_features = scoring_hook(spark, settings)
     gold = GoldStream(settings, on_features=on_features) if settings.stream_gold else None
     queries = [start_query(spark, settings, kind, once, on_batch, gold) for kind in kinds]
     try:
@@ -410,6 +412,21 @@ def run_streams(
     finally:
         for q in queries:
             _stop_between_batches(q)
+
+
+def scoring_hook(spark: SparkSession, settings: Settings) -> Callable[[DataFrame, str, int], None]:
+    """Score each events batch's new transactions with the champion model into gold risk_scores
+    (exactly once per batch; the champion is re-read without a restart; none yet: nothing scored)."""
+    from lakehouse.ml.scorer import Scorer, write_scores
+
+    scorer = Scorer(spark, settings)
+
+    def on_features(features: DataFrame, app_id: str, batch_id: int) -> None:
+        scores = scorer.score(features)
+        if scores is not None:
+            write_scores(features.sparkSession, settings, scores, app_id, batch_id)
+
+    return on_features
 
 
 def _stop_between_batches(query, timeout: float = 120.0) -> None:

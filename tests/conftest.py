@@ -29,7 +29,7 @@ def settings(tmp_path) -> Settings:
     # Gold per micro-batch is off unless a test asks for it (settings.replace(stream_gold=True)):
     # the ingestion tests do not need it, and it multiplies the work of every small batch.
     env.update(LAKEHOUSE_DATA=str(tmp_path / "data"), LAKEHOUSE_SHUFFLE_PARTITIONS="2",
-               LAKEHOUSE_SPARK_MASTER="local[2]", LAKEHOUSE_STREAM_GOLD="0")
+               LAKEHOUSE_SPARK_MASTER="local[2]", LAKEHOUSE_STREAM_GOLD="0", LAKEHOUSE_STREAM_SCORING="0")
     return Settings.from_env(env)
 
 

@@ -111,7 +111,8 @@ def test_kill_9_of_the_streaming_mirror_job_then_restart_converges(spark, pg, tm
                     mtime=FILE_MTIME + f)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")},
            "LAKEHOUSE_DATA": str(settings.data_root), "LAKEHOUSE_SPARK_MASTER": "local[2]",
-           "LAKEHOUSE_SHUFFLE_PARTITIONS": "2", "LAKEHOUSE_STREAM_GOLD": "1", "PYTHONUNBUFFERED": "1"}
+           "LAKEHOUSE_SHUFFLE_PARTITIONS": "2", "LAKEHOUSE_STREAM_GOLD": "1", "LAKEHOUSE_STREAM_SCORING": "0",
+           "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "lakehouse.cli", "stream", "--once", "--mirror", "--max-files", "1"]
     log = Path(tmp_path / "first.log")
     with log.open("w") as out:
