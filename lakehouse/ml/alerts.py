@@ -49,9 +49,14 @@ def _exists(cur, schema: str, table: str) -> bool:
 
 def ensure_alerts_view(conn, schema: str) -> bool:
     """(Re)create ``<schema>.risk_alerts``; False if ``<schema>.risk_scores`` does not exist yet."""
-    with conn.cursor() as cur:
-        if not _exists(cur, schema, "risk_scores"):
-            return False
-        cur.execute(alerts_view_sql(schema, with_labels=_exists(cur, schema, "silver_labels")))
-    conn.commit()
-    return True
+    try:
+        with conn.cursor() as cur:
+            if not _exists(cur, schema, "risk_scores"):
+                conn.rollback()  # leave the connection outside any transaction
+                return False
+            cur.execute(alerts_view_sql(schema, with_labels=_exists(cur, schema, "silver_labels")))
+        conn.commit()
+        return True
+    except Exception:
+        conn.rollback()
+        raise

@@ -96,6 +96,7 @@ class Scorer:
         if mv is None:
             self._drop()
         else:
+            registry.connect(self.settings)  # load from this store, whatever another caller set
             model = registry.load_model(self.model_name, mv.version)
             reference = registry.load_reference(self.settings, mv.run_id)
             bc = self.spark.sparkContext.broadcast((model, reference))
@@ -143,21 +144,21 @@ def write_scores(spark: SparkSession, settings: Settings, scores: DataFrame | No
     if scores is None:
         return 0
     path = ensure_risk_scores(spark, settings)
-    scores = scores.select(*RISK_SCORES_SCHEMA.fieldNames()).dropDuplicates(list(RISK_SCORES_KEY)).persist()
-    try:
-        n = scores.count()
-        if n == 0:
-            return 0
-        dates = [r[0] for r in scores.select(RISK_SCORES_PARTITION).distinct().collect()]
-        prune = {RISK_SCORES_PARTITION: sorted(str(d) for d in dates if d is not None)}
-        if app_id is not None and batch_id is not None:
-            with delta.idempotent_dml(spark, app_id, batch_id):
-                delta.merge_upsert(spark, scores, path, RISK_SCORES_KEY, prune)
-        else:
+    # Score once: a local checkpoint materialises the rows (the model runs one time) and gives the
+    # MERGE a plain, deterministic source (Delta refuses a source cached while it merges).
+    scores = (scores.select(*RISK_SCORES_SCHEMA.fieldNames()).dropDuplicates(list(RISK_SCORES_KEY))
+              .localCheckpoint(eager=True))
+    n = scores.count()
+    if n == 0:
+        return 0
+    dates = [r[0] for r in scores.select(RISK_SCORES_PARTITION).distinct().collect()]
+    prune = {RISK_SCORES_PARTITION: sorted(str(d) for d in dates if d is not None)}
+    if app_id is not None and batch_id is not None:
+        with delta.idempotent_dml(spark, app_id, batch_id):
             delta.merge_upsert(spark, scores, path, RISK_SCORES_KEY, prune)
-        return n
-    finally:
-        scores.unpersist()
+    else:
+        delta.merge_upsert(spark, scores, path, RISK_SCORES_KEY, prune)
+    return n
 
 
 def score_range(spark: SparkSession, settings: Settings, date_from, date_to, scorer: Scorer | None = None) -> dict:
