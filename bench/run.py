@@ -1,12 +1,17 @@
-"""Benchmarks (not tests): ingestion throughput and silver MERGE scaling. Writes JSON results.
+"""Benchmarks (not tests): ingestion throughput, whole-path throughput and freshness, silver MERGE
+scaling, model training time and scoring overhead. Writes JSON results.
 
     python bench/run.py [--events 1000000] [--merge-sizes 1000000,10000000] [--out bench/results]
 
 1. Sustained events/second from inbox to silver for a generated backlog (the whole foreachBatch:
    bronze append, validation, quarantine, in-batch dedup, MERGE, data-quality row).
+   Then the whole path (inbox -> silver -> gold in the stream -> Postgres) on the same backlog size,
+   and freshness (file landing -> features queryable in Postgres, p50/p95) at a steady live rate.
 2. Silver MERGE time per batch when silver already holds 1M and 10M rows. Silver grows by days of
    history at a fixed daily volume, as a real table does; each batch carries new events of the
    latest day plus re-deliveries, so the MERGE reads only the batch's date partitions.
+3. Training time (`lakehouse train` defaults: 7/7/7 days) on 30 simulated days, and the scoring
+   overhead per micro-batch (champion model, top reasons, MERGE into risk_scores) by batch size.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ def bench_ingest(root: Path, n_events: int, max_files: int) -> dict:
     from lakehouse.generator import GeneratorConfig, generate_backlog
     from lakehouse.spark import build_spark
 
-    settings = Settings.from_env({**os.environ, "LAKEHOUSE_DATA": str(root)}).replace(max_files_per_trigger=max_files)
+    settings = Settings.from_env({**os.environ, "LAKEHOUSE_DATA": str(root)}).replace(
+        max_files_per_trigger=max_files, stream_gold=False)
     console.print(f"[bold]ingest[/]: generating {n_events:,} events ...")
     t0 = time.time()
     gen = generate_backlog(settings.events_inbox, settings.labels_inbox,
@@ -68,6 +74,121 @@ def bench_ingest(root: Path, n_events: int, max_files: int) -> dict:
         "reconciled": rec["reconciled"], "records_in": rec["records_in"], "inserted": rec["inserted"],
         "batch_step_seconds": [b["step_seconds"] for b in batches],
     }
+
+
+def _pg_count(settings, table: str) -> int:
+    from lakehouse.io import postgres
+
+    conn = postgres.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'select count(*) from {settings.pg_schema}."{table}"')
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def bench_whole_path(root: Path, n_events: int, max_files: int) -> dict:
+    """Catch-up mode: a backlog of ``n_events`` through inbox -> silver -> gold (in the stream) ->
+    Postgres (the mirror's final round); events/second over the whole wall time."""
+    from lakehouse import mirror, streaming, summary
+    from lakehouse.generator import GeneratorConfig, generate_backlog
+    from lakehouse.io import postgres
+    from lakehouse.spark import build_spark
+
+    settings = Settings.from_env({**os.environ, "LAKEHOUSE_DATA": str(root)}).replace(
+        max_files_per_trigger=max_files, stream_gold=True, stream_scoring=False)
+    console.print(f"[bold]whole path[/]: generating {n_events:,} events ...")
+    gen = generate_backlog(settings.events_inbox, settings.labels_inbox,
+                           GeneratorConfig(seed=2, n_events=n_events, n_users=20_000, n_merchants=2_000, days=7))
+    postgres.start(settings)
+    spark = build_spark(settings, app_name="lakehouse-bench-path")
+    steps = []
+    t0 = time.time()
+    streaming.run_streams(spark, settings, once=True, on_batch=lambda r: (
+        steps.append({"kind": r.kind, "records_in": r.records_in, "seconds": r.seconds}),
+        console.print(f"  {r.kind} batch {r.batch_id}: {r.records_in:,} ({time.time() - t0:.1f}s) {r.seconds}")))
+    stream_s = time.time() - t0
+    mirrored = mirror.mirror_all(spark, settings)
+    total_s = time.time() - t0
+    rows_pg = _pg_count(settings, "gold_transaction_features")
+    rec = summary.reconciliation(spark, settings)["events"]
+    postgres.stop(settings)
+    return {"events": gen["events"], "lines": gen["lines_written"], "max_files_per_trigger": max_files,
+            "stream_seconds": round(stream_s, 1), "mirror_seconds": round(total_s - stream_s, 1),
+            "total_seconds": round(total_s, 1), "events_per_second": round(rec["records_in"] / total_s),
+            "gold_rows_in_postgres": rows_pg, "reconciled": rec["reconciled"], "batches": steps,
+            "mirrored": [{k: m.get(k) for k in ("table", "rows", "version")} for m in mirrored]}
+
+
+def bench_freshness(root: Path, rate: float, duration_s: float) -> dict:
+    """Live mode: the generator writes ``rate`` events/s (one file per second) while the stream runs
+    continuously with the mirror beside it. Freshness of an event = the first time a poller sees its
+    feature row in Postgres minus the time its file landed in the inbox (the file's mtime)."""
+    import threading
+
+    from lakehouse import mirror, streaming
+    from lakehouse.generator import GeneratorConfig
+    from lakehouse.generator.live import run_live
+    from lakehouse.io import delta, postgres
+    from lakehouse.spark import build_spark
+
+    settings = Settings.from_env({**os.environ, "LAKEHOUSE_DATA": str(root)}).replace(
+        stream_gold=True, stream_scoring=False, trigger_seconds=0.5)
+    postgres.start(settings)
+    spark = build_spark(settings, app_name="lakehouse-bench-fresh")
+    streaming.ensure_tables(spark, settings)
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def poll() -> None:
+        conn = None
+        while not stop.is_set():
+            try:
+                conn = conn or postgres.connect(settings)
+                with conn.cursor() as cur:
+                    cur.execute(f"select event_id from {settings.pg_schema}.gold_transaction_features "
+                                "where mirrored_at > now() - interval '2 minutes'")
+                    now = time.time()
+                    for (eid,) in cur.fetchall():
+                        seen.setdefault(eid, now)
+                conn.commit()
+            except Exception:  # noqa: BLE001 -- table not there yet
+                conn = None
+            time.sleep(0.2)
+
+    loop = mirror.MirrorLoop(spark, settings, interval=0.2, tables=("gold_transaction_features",))
+    poller = threading.Thread(target=poll, daemon=True)
+    stream_stop = threading.Event()
+    streamer = threading.Thread(target=lambda: streaming.run_streams(spark, settings, once=False, kinds=("events",),
+                                                                     stop_event=stream_stop), daemon=True)
+    streamer.start()
+    loop.start()
+    poller.start()
+    console.print(f"[bold]freshness[/]: {rate:.0f} events/s for {duration_s:.0f}s ...")
+    gen = run_live(settings.events_inbox, settings.labels_inbox, GeneratorConfig(seed=3, n_users=20_000),
+                   rate=rate, duration_s=duration_s)
+    time.sleep(30)  # let the tail drain
+    stream_stop.set()
+    streamer.join(300)
+    loop.stop()
+    stop.set()
+    poller.join(5)
+    landed = {}
+    for f in settings.events_inbox.glob("*.jsonl"):
+        landed[f.name] = f.stat().st_mtime
+    rows = (delta.read(spark, settings.table_path("silver_transactions")).select("event_id", "source_file")
+            .collect())
+    lat = sorted(seen[r["event_id"]] - landed[Path(r["source_file"]).name] for r in rows
+                 if r["event_id"] in seen and Path(r["source_file"]).name in landed)
+    postgres.stop(settings)
+
+    def q(p: float):
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else None
+
+    return {"rate_per_second": rate, "duration_seconds": duration_s, "events_written": gen.get("events"),
+            "events_measured": len(lat), "freshness_p50_seconds": q(0.50), "freshness_p95_seconds": q(0.95),
+            "freshness_max_seconds": round(lat[-1], 2) if lat else None, "mirror_rounds": loop.rounds}
 
 
 def _silver_rows(spark, n: int, first_day: date, offset: int = 0):
@@ -139,6 +260,69 @@ def bench_merge(root: Path, sizes: list[int], batch_rows: int, repeats: int) -> 
     return out
 
 
+def bench_model(root: Path, days: int, users: int, batch_sizes: list[int], repeats: int) -> dict:
+    """Training time on ``days`` simulated days (7/7/7 split), then the scoring overhead per micro-batch:
+    Scorer.score + write_scores (MERGE into risk_scores, with top reasons) for batches of gold
+    feature rows of the given sizes."""
+    from pyspark.sql import functions as F
+
+    from lakehouse import streaming
+    from lakehouse.generator import GeneratorConfig, generate_backlog
+    from lakehouse.io import delta
+    from lakehouse.ml import scorer as scorer_mod, train
+    from lakehouse.transforms import features
+    from lakehouse.spark import build_spark
+
+    settings = Settings.from_env({**os.environ, "LAKEHOUSE_DATA": str(root), "LAKEHOUSE_STREAM_GOLD": "0",
+                                  "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlruns/mlflow.db"})
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    console.print(f"[bold]model[/]: generating {days} days for {users:,} users, streaming, computing features ...")
+    t0 = time.time()
+    gen = generate_backlog(settings.events_inbox, settings.labels_inbox,
+                           GeneratorConfig(seed=5, days=days, n_users=users, start=start))
+    spark = build_spark(settings, app_name="lakehouse-bench")
+    streaming.run_streams(spark, settings, once=True)
+    last = (start + timedelta(days=days) - timedelta(microseconds=1)).date()
+    # only the table the model reads, with the pipeline's feature function
+    silver = delta.read(spark, settings.table_path("silver_transactions"))
+    labels = delta.read(spark, settings.table_path("silver_labels"))
+    (features.transaction_features(silver, silver, labels).write.format("delta").partitionBy("event_date")
+     .save(str(settings.table_path("gold_transaction_features"))))
+    prep_s = time.time() - t0
+    console.print(f"  {gen['events']:,} events ready in {prep_s:.1f}s; training ...")
+    t0 = time.time()
+    result = train.train(spark, settings, train.TrainConfig(), progress=lambda t: console.print(f"  {t}"))
+    train_s = time.time() - t0
+    console.print(f"  trained in {train_s:.1f}s: {result.summary()['average_precision']} AP")
+
+    scorer = scorer_mod.Scorer(spark, settings)
+    feats = delta.read(spark, settings.table_path("gold_transaction_features"))
+    timings = {}
+    for size in batch_sizes:
+        runs = []
+        for rep in range(repeats):
+            batch = feats.where(F.col("event_date") == F.lit(last)).limit(size).persist()
+            n = batch.count()
+            t0 = time.time()
+            written = scorer_mod.write_scores(spark, settings, scorer.score(batch), "bench-scoring", size * 100 + rep)
+            runs.append(time.time() - t0)
+            batch.unpersist()
+            console.print(f"  scoring batch of {n:,} rows: {runs[-1]:.2f}s ({written} rows)")
+        med = statistics.median(runs[1:] or runs)
+        timings[str(size)] = {"rows": n, "seconds": [round(r, 3) for r in runs], "median_seconds": round(med, 3),
+                              "ms_per_row": round(1000 * med / max(n, 1), 3)}
+    return {
+        "days": days, "users": users, "events": gen["events"], "prepare_seconds": round(prep_s, 1),
+        "train_seconds_total": round(train_s, 1), "train_seconds_by_step": result.seconds,
+        "n_test": int(result.metrics["n_test"]), "windows": result.windows,
+        "average_precision": round(result.metrics["average_precision"], 4),
+        "roc_auc": round(result.metrics["roc_auc"], 4),
+        "precision_at_100_per_day": round(result.metrics["precision_at_100_per_day"], 4),
+        "fraud_rate_test": round(result.metrics["fraud_rate"], 5),
+        "scoring_per_micro_batch": timings,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=1_000_000, help="backlog size for the ingest benchmark")
@@ -147,7 +331,13 @@ def main(argv=None) -> int:
     p.add_argument("--merge-sizes", default="1000000,10000000", help="silver sizes for the MERGE benchmark")
     p.add_argument("--merge-batch", type=int, default=100_000, help="new rows per MERGE batch")
     p.add_argument("--repeats", type=int, default=4, help="MERGE batches per size (the first is warm-up)")
-    p.add_argument("--skip", action="append", choices=["ingest", "merge"], default=[], help="skip a benchmark")
+    p.add_argument("--model-days", type=int, default=30, help="simulated days for the training benchmark")
+    p.add_argument("--model-users", type=int, default=2000, help="simulated card holders for the training benchmark")
+    p.add_argument("--score-batches", default="1000,5000", help="micro-batch sizes (rows) for the scoring overhead")
+    p.add_argument("--skip", action="append", choices=["ingest", "path", "freshness", "merge", "model"], default=[],
+                   help="skip a benchmark")
+    p.add_argument("--rate", type=float, default=1000.0, help="live events/second for the freshness benchmark")
+    p.add_argument("--live-seconds", type=float, default=180.0, help="how long the freshness benchmark feeds")
     p.add_argument("--out", default="bench/results", help="folder for the JSON result")
     args = p.parse_args(argv)
 
@@ -156,9 +346,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="lakehouse-bench-") as tmp:
         if "ingest" not in args.skip:
             result["ingest"] = bench_ingest(Path(tmp) / "ingest", args.events, args.max_files)
+        if "path" not in args.skip:
+            result["whole_path"] = bench_whole_path(Path(tmp) / "path", args.events, args.max_files)
+        if "freshness" not in args.skip:
+            result["freshness"] = bench_freshness(Path(tmp) / "fresh", args.rate, args.live_seconds)
         if "merge" not in args.skip:
             sizes = [int(x) for x in args.merge_sizes.split(",") if x]
             result["merge"] = bench_merge(Path(tmp), sizes, args.merge_batch, args.repeats)
+        if "model" not in args.skip:
+            result["model"] = bench_model(Path(tmp) / "model", args.model_days, args.model_users,
+                                          [int(x) for x in args.score_batches.split(",") if x], args.repeats)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
