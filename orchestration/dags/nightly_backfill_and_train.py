@@ -35,6 +35,7 @@ A range from the CLI:
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, TriggerRule, dag, task
@@ -46,7 +47,8 @@ SPARK_JOB = spark_command()      # CLI steps that run Spark: local mode, or spar
 
 default_args = {
     "owner": "lakehouse",
-    "retries": 2,
+    # LAKEHOUSE_DAG_RETRIES overrides it (the DAG run test sets 0 so that a failure shows at once).
+    "retries": int(os.environ.get("LAKEHOUSE_DAG_RETRIES", "2")),
     "retry_delay": timedelta(minutes=5),
     "retry_exponential_backoff": True,
     "execution_timeout": timedelta(hours=2),
