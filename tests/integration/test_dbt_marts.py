@@ -69,6 +69,7 @@ def _mart(settings, name: str, order: str) -> pd.DataFrame:
 
 @pytest.fixture
 def pg(settings):
+    settings = settings.replace(stream_gold=True)  # gold as production keeps it: per micro-batch
     postgres.start(settings)
     yield settings
     stop_postgres(settings)
@@ -144,6 +145,50 @@ def _check_every_column_described(settings) -> None:
             assert docs.get(column), f"{name}.{column} has no description"
 
 
+def _score_everything(settings) -> None:
+    """Scores as the scoring job leaves them in Postgres (the contract's risk_scores columns): this
+    test trains no model, so it writes a deterministic score per payment, alert at 0.9."""
+    conn = postgres.connect(settings)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("""
+                create table if not exists lakehouse.risk_scores (
+                    event_id text primary key, user_id text, merchant_id text, country text,
+                    event_time timestamptz, event_date date, amount_base double precision, score double precision,
+                    threshold double precision, is_alert boolean, model_name text, model_version text,
+                    top_reasons text, scored_at timestamptz, mirrored_at timestamptz not null default now())""")
+            cur.execute("""
+                insert into lakehouse.risk_scores
+                select event_id, user_id, merchant_id, country, event_time, event_date, amount_base, s, 0.9, s >= 0.9,
+                       'fraud', '1', '[]', now()
+                from (select *, (abs(hashtext(event_id)) % 1000) / 1000.0 as s
+                      from lakehouse.gold_transaction_features) t
+                on conflict (event_id) do nothing""")
+    finally:
+        conn.close()
+
+
+def _check_model_performance(settings) -> None:
+    want = _query(settings, """
+        select s.event_date as day, count(*) as n_scored, count(*) filter (where s.is_alert) as n_alerts,
+               (count(*) filter (where s.is_alert and l.is_fraud))::float
+                   / nullif(count(*) filter (where s.is_alert), 0) as precision_to_date,
+               (count(*) filter (where s.is_alert and l.is_fraud))::float
+                   / nullif(count(*) filter (where l.is_fraud), 0) as recall_to_date
+        from lakehouse.risk_scores s left join lakehouse.silver_labels l using (event_id)
+        group by 1 order by 1""")
+    got = _query(settings, """select day, n_scored, n_alerts, precision_to_date, recall_to_date
+                              from marts.model_performance_daily order by day""")
+    assert len(got) >= 2
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)
+    shares = _query(settings, "select day, alert_share from marts.risk_monitoring_daily where n_transactions > 0 "
+                              "order by day")
+    assert shares["alert_share"].notna().all()
+    matured = _query(settings, "select count(*) as n from marts.model_performance_daily "
+                               "where is_matured and alert_precision is not null")
+    assert matured["n"][0] >= 1
+
+
 def test_dbt_marts_end_to_end(spark, pg, tmp_path):
     settings = pg
     gen = generate_backlog(settings.events_inbox, settings.labels_inbox,
@@ -196,6 +241,7 @@ def test_dbt_marts_end_to_end(spark, pg, tmp_path):
             for i in range(8)]
     write_lines(settings.events_inbox, "zz-late-events.jsonl", late)
     _ingest(spark, settings)
+    _score_everything(settings)
     _build(settings)
 
     after = _mart(settings, "risk_monitoring_daily", "day")
@@ -204,6 +250,7 @@ def test_dbt_marts_end_to_end(spark, pg, tmp_path):
                                                                             "n_transactions"].iloc[0]) + len(late)
     assert (after["n_fraud_known"].sum() - before["n_fraud_known"].sum()) == len(labels)
     _check_against_sources(settings, gen, extra_event_lines=len(burst) + len(late))
+    _check_model_performance(settings)
 
     incremental = {name: _mart(settings, name, order) for name, order in {**INCREMENTAL_MARTS, **TABLE_MARTS}.items()}
     _build(settings, "--full-refresh")
