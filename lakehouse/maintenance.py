@@ -129,9 +129,8 @@ def maintain_table(spark: SparkSession, settings: Settings, name: str, pins: dic
     path = settings.table_path(name)
     if not delta.is_delta_table(path):
         return None
-    report = TableReport(table=name, version_before=delta.table_version(spark, path),
-                         files_before=mio.data_files(path))
     commits = mio.commit_timestamps(spark, path)
+    report = TableReport(table=name, version_before=max(commits), files_before=mio.data_files(path))
     table_pins = pins.get(name, [])
     if table_pins:
         oldest = min(v for _, v in table_pins)
@@ -147,12 +146,14 @@ def maintain_table(spark: SparkSession, settings: Settings, name: str, pins: dic
         report.retention_hours = retention_hours(at, now, minimum_hours)
     else:
         report.retention_hours = float(minimum_hours)
-    scope = _compaction_scope(mio.detail(spark, path), now.date())
+    detail = mio.detail(spark, path)
+    scope = _compaction_scope(detail, now.date())
     report.compaction_scope = scope or "all"
     if dry_run:
         report.files_after = report.files_before
         return report
-    report.log_retention_set = mio.ensure_log_retention(spark, path, report.retention_hours)
+    report.log_retention_set = mio.ensure_log_retention(spark, path, report.retention_hours,
+                                                        detail.get("properties"))
     compacted = mio.optimize(spark, path, where=scope)
     report.compacted_files_removed = compacted["files_removed"]
     report.compacted_files_added = compacted["files_added"]

@@ -57,10 +57,12 @@ def _interval_hours(value: str | None) -> float | None:
     return total
 
 
-def ensure_log_retention(spark: SparkSession, path: Path | str, hours: float) -> str | None:
+def ensure_log_retention(spark: SparkSession, path: Path | str, hours: float,
+                         properties: dict | None = None) -> str | None:
     """Make ``delta.logRetentionDuration`` at least ``max(hours, 30 days)``; returns the new value when
-    it had to change (a metadata commit), None when it already sufficed."""
-    props = detail(spark, path).get("properties") or {}
+    it had to change (a metadata commit), None when it already sufficed. ``properties``: the table's
+    current properties, when the caller has them (saves a DESCRIBE DETAIL)."""
+    props = (properties if properties is not None else detail(spark, path).get("properties")) or {}
     current = _interval_hours(props.get("delta.logRetentionDuration")) or 30 * 24.0  # Delta's default
     wanted_days = max(LOG_RETENTION_DAYS, math.ceil(hours / 24))
     if "delta.logRetentionDuration" in props and current >= wanted_days * 24:
