@@ -244,65 +244,89 @@ def cmd_info(args, settings: Settings) -> int:
 # ---- demo -----------------------------------------------------------------------------------------
 
 def cmd_demo(args, settings: Settings) -> int:
-    """Generate a few simulated days, stream them to silver, backfill gold, mirror it into Postgres,
-    print the summary."""
+    """The whole story on embedded defaults: generate simulated days with fraud and stream defects,
+    stream them (silver and gold in each micro-batch), train and promote a model, score, mirror into
+    Postgres, build the dbt marts, and print a summary."""
     from datetime import datetime as _dt, timedelta
 
-    from lakehouse import gold, mirror, streaming, summary
+    from lakehouse import marts, mirror, streaming, summary
     from lakehouse.generator import GeneratorConfig, generate_backlog
     from lakehouse.io import postgres
+    from lakehouse.ml import dataset, scorer, train
     from lakehouse.spark import build_spark
 
-    steps = 6
+    steps, started = 8, time.time()
+    say = lambda text: console.print(f"      {text}", highlight=False)  # noqa: E731
     console.rule("[bold]lakehouse demo")
     console.print(f"[1/{steps}] Postgres ({'external' if settings.pg_dsn else 'embedded'}) ...")
     dsn = postgres.start(settings)
-    console.print(f"      {dsn}")
-    console.print(f"[2/{steps}] generating {args.days} simulated days (seed {args.seed}) ...")
+    say(dsn)
+    console.print(f"[2/{steps}] generating {args.days:g} simulated days, {args.users:,} card holders (seed {args.seed}) ...")
     t0 = time.time()
     gen = generate_backlog(settings.events_inbox, settings.labels_inbox,
                            GeneratorConfig(seed=args.seed, days=args.days, n_users=args.users))
-    console.print(f"      {gen['lines_written']:,} event lines in {gen['files']} files, "
-                  f"{gen['labels_written']:,} labels ({time.time() - t0:.1f}s)")
-    console.print(f"[3/{steps}] streaming the inboxes to bronze and silver (availableNow) ...")
+    say(f"{gen['lines_written']:,} event lines in {gen['files']} files, {gen['labels_written']:,} labels "
+        f"({time.time() - t0:.1f}s)")
+    console.print(f"[3/{steps}] streaming the inboxes: bronze, silver, gold per micro-batch (availableNow) ...")
     spark = build_spark(settings, app_name="lakehouse-demo")
     t0 = time.time()
 
     def on_batch(r) -> None:
-        console.print(f"      {r.kind} batch {r.batch_id}: {r.records_in:,} in, {r.inserted:,} new, "
-                      f"{r.duplicates:,} dup, {r.quarantined:,} quarantined")
+        say(f"{r.kind} batch {r.batch_id}: {r.records_in:,} in, {r.inserted:,} new, {r.duplicates:,} dup, "
+            f"{r.quarantined:,} quarantined ({sum(r.seconds.values()):.1f}s)")
 
     streaming.run_streams(spark, settings, once=True, on_batch=on_batch)
-    console.print(f"      done in {time.time() - t0:.1f}s")
+    say(f"done in {time.time() - t0:.1f}s")
     first = _dt.fromisoformat(gen["start"].replace("Z", "+00:00")).date()
     last = (_dt.fromisoformat(gen["end"].replace("Z", "+00:00")) - timedelta(microseconds=1)).date()
-    console.print(f"[4/{steps}] backfilling gold features for {first} .. {last} ...")
-    t0 = time.time()
-    gold_rows = gold.backfill(spark, settings, first, last)
-    console.print(f"      {gold_rows} ({time.time() - t0:.1f}s)")
-    console.print(f"[5/{steps}] mirroring gold into Postgres schema {settings.pg_schema} ...")
+
+    # A split that fits the simulated span: the test window and a gap for label delay at the end.
+    test_days, gap_days, maturity_days = 3, 2, 2
+    train_days = max(2, int(args.days) - test_days - gap_days - maturity_days - 1)
+    console.print(f"[4/{steps}] training: {train_days} days train, {gap_days} gap, {test_days} test "
+                  f"(MLflow {settings.mlflow_tracking_uri}) ...")
+    model = None
+    try:
+        cfg = train.TrainConfig(split=dataset.SplitConfig(train_days=train_days, gap_days=gap_days,
+                                                          test_days=test_days, maturity_days=maturity_days))
+        model = train.train(spark, settings, cfg, progress=say).summary()
+        say(f"{model['model']}: AUC {model.get('roc_auc', float('nan')):.3f}  AP {model.get('average_precision', float('nan')):.3f}"
+            f"  P@100/day {model.get('precision_at_100_per_day', float('nan')):.3f}  threshold {model['threshold']:.4f}  "
+            f"{'promoted to champion' if model['promoted'] else 'not promoted'} ({model['reason']})")
+    except dataset.DatasetError as exc:
+        console.print(f"[yellow]      no model: {exc}[/] (generate more days: --days 21)")
+    console.print(f"[5/{steps}] scoring {first} .. {last} with the champion -> gold risk_scores ...")
+    scored = scorer.score_range(spark, settings, first, last)
+    say(f"{scored['scored']:,} scored, {scored.get('alerts', 0):,} alerts ({scored['model'] or scored.get('reason')})")
+    console.print(f"[6/{steps}] mirroring into Postgres schema {settings.pg_schema} ...")
     mirrored = mirror.mirror_all(spark, settings, on_retry=_say_retry)
-    console.print(f"[6/{steps}] summary")
+    say(", ".join(f"{r['table']} {r.get('rows', 0):,}" for r in mirrored if "skipped" not in r))
+    console.print(f"[7/{steps}] dbt build (schema marts) and the risk summary")
+    dbt_ok = marts.build_and_summarize(settings, lambda line: console.print(f"      {line}", highlight=False,
+                                                                            markup=False))
+    console.print(f"[8/{steps}] summary")
     result = {
         "tables": summary.table_counts(spark, settings),
         "postgres": {r["table"]: {"version": r.get("version"), "rows_written": r.get("rows")} for r in mirrored},
         "reconciliation": summary.reconciliation(spark, settings),
         "quarantine_by_check": summary.quarantine_by_check(spark, settings),
-        "generator": {k: gen[k] for k in ("events", "duplicates", "malformed", "fraud_events",
+        "generator": {k: gen[k] for k in ("events", "duplicates", "malformed", "late", "fraud_events",
                                           "labels_written") if k in gen},
+        "model": model and {k: model.get(k) for k in ("model", "promoted", "roc_auc", "average_precision",
+                                                      "precision_at_100_per_day", "threshold", "run_id")},
+        "scored": scored,
+        "seconds": round(time.time() - started, 1),
     }
     out.print_json(json.dumps(result, default=str))
     ok = all(v["reconciled"] for v in result["reconciliation"].values())
     console.print("[green]every batch reconciled[/]" if ok else "[red]reconciliation failed[/]")
-    # dbt marts and the risk summary (dbt engineer): `dbt build`, then the headline risks from the marts.
-    from lakehouse import marts
-
-    console.rule("[bold]dbt marts (schema marts) and risk summary")
-    ok = marts.build_and_summarize(settings, lambda line: console.print(line, highlight=False, markup=False)) and ok
-    console.print(f"next: `lakehouse info` for paths; tables under {settings.delta_root}; "
-                  f"psql \"{dsn}\" for the {settings.pg_schema} schema; "
-                  "`lakehouse pg stop` stops the embedded Postgres")
-    return 0 if ok else 1
+    console.print("next:\n"
+                  "  lakehouse ui                       MLflow runs, the threshold report, the model registry\n"
+                  "  lakehouse dbt docs generate && lakehouse dbt docs serve   the marts, described\n"
+                  f"  psql \"{dsn}\" -c 'select * from {settings.pg_schema}.risk_alerts limit 20'   the alerts view\n"
+                  "  lakehouse dashboard --serve        the risk dashboard;  lakehouse pg stop  stops Postgres",
+                  highlight=False)
+    return 0 if ok and dbt_ok else 1
 
 
 # ---- maintain / dq-summary / dashboard (orchestration) -------------------------------------------
@@ -561,10 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("demo", help="run the main job end to end on embedded defaults",
-                       description="Start Postgres, generate a few simulated days, stream them to silver, "
-                                   "backfill gold, mirror it into Postgres, print a summary.")
-    d.add_argument("--days", type=float, default=3.0, help="simulated days to generate")
-    d.add_argument("--users", type=int, default=2000, help="simulated card holders")
+                       description="Start Postgres, generate simulated days with fraud and stream defects, "
+                                   "stream them (silver and gold per micro-batch), train and promote a model "
+                                   "(MLflow), score, mirror into Postgres, dbt build, print a summary.")
+    d.add_argument("--days", type=float, default=21.0, help="simulated days to generate (the model needs 10+)")
+    d.add_argument("--users", type=int, default=600, help="simulated card holders")
     d.add_argument("--seed", type=int, default=7, help="random seed")
     d.set_defaults(func=cmd_demo)
 

@@ -114,7 +114,14 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
 
 def mirror_all(spark: SparkSession, settings: Settings, on_retry: Callable | None = None,
                attempts: int | None = 10) -> list[dict]:
-    return [mirror_table(spark, settings, name, on_retry=on_retry, attempts=attempts) for name in MIRRORED_TABLES]
+    """Mirror every table, then (re)create the analysts' ``risk_alerts`` view once ``risk_scores`` exists."""
+    from lakehouse.ml import alerts
+
+    results = [mirror_table(spark, settings, name, on_retry=on_retry, attempts=attempts) for name in MIRRORED_TABLES]
+    if any(r["table"] == "risk_scores" and "skipped" not in r for r in results):
+        pg_mirror.with_retries(lambda conn: alerts.ensure_alerts_view(conn, settings.pg_schema), settings,
+                               attempts=attempts, on_retry=on_retry)
+    return results
 
 
 class MirrorLoop(threading.Thread):

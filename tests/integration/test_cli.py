@@ -11,14 +11,15 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-COMMANDS = [[], ["generate"], ["stream"], ["backfill"], ["mirror"], ["pg"], ["info"], ["demo"]]
+COMMANDS = [[], ["generate"], ["stream"], ["backfill"], ["mirror"], ["pg"], ["info"], ["demo"], ["train"], ["score"],
+            ["ui"], ["maintain"], ["dq-summary"], ["dashboard"]]
 
 
-def run(args, env_extra=None, **kw):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")}
+def run(args, env_extra=None, timeout=300, **kw):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAKEHOUSE_", "MLFLOW_"))}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "lakehouse.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300, **kw)
+                          env=env, timeout=timeout, **kw)
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "lakehouse")
@@ -62,17 +63,23 @@ def test_bad_setting_is_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    """The README's main job, as a user runs it, on a small simulation."""
+    """The README's main job, as a user runs it, on a small simulation: stream (gold in the stream),
+    train and promote, score, mirror, dbt build, summary."""
     env = {"LAKEHOUSE_DATA": str(tmp_path / "data"), "LAKEHOUSE_SPARK_MASTER": "local[2]",
-           "LAKEHOUSE_SHUFFLE_PARTITIONS": "2"}
+           "LAKEHOUSE_SHUFFLE_PARTITIONS": "2", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     try:
-        res = run(["demo", "--days", "0.5", "--users", "150"], env)
+        res = run(["demo", "--days", "12", "--users", "200"], env, timeout=1200)
         assert res.returncode == 0, res.stderr[-3000:]
         assert "every batch reconciled" in res.stderr
         summary = json.loads(res.stdout[res.stdout.index("{"):])
-        assert summary["tables"]["silver_transactions"] == summary["generator"]["events"]
-        assert summary["tables"]["gold_transaction_features"] == summary["generator"]["events"]
-        assert summary["postgres"]["gold_transaction_features"]["rows_written"] == summary["generator"]["events"]
+        events = summary["generator"]["events"]
+        assert summary["tables"]["silver_transactions"] == events
+        assert summary["tables"]["gold_transaction_features"] == events
+        assert summary["postgres"]["gold_transaction_features"]["rows_written"] == events
         assert summary["reconciliation"]["events"]["reconciled"]
+        assert summary["model"]["promoted"] and summary["model"]["roc_auc"] > 0.5
+        assert summary["scored"]["scored"] == events
+        assert summary["postgres"]["risk_scores"]["rows_written"] == events
+        assert "risk_alerts" in res.stderr and "lakehouse ui" in res.stderr
     finally:
         run(["pg", "stop"], env)

@@ -124,7 +124,7 @@ def test_kill_9_of_the_streaming_mirror_job_then_restart_converges(spark, pg, tm
         assert proc.poll() is None, log.read_text()[-2000:]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     compared = assert_pg_equals_delta(spark, settings)
     assert compared["gold_transaction_features"] == 1200
