@@ -102,7 +102,8 @@ def test_compaction_keeps_rows_and_vacuum_keeps_pinned_version(spark, fed):
         assert r.compacted_files_removed >= 3 and r.compacted_files_added < r.compacted_files_removed
         assert r.pinned_version == pinned and r.pinned_by == ["model"] and r.retention_hours >= 1
         assert r.compaction_scope.startswith("`event_date` <")
-        assert r.vacuum_files_deleted == 0  # everything removed since the pin is still needed
+        assert r.vacuum_files_deleted == 0 and r.vacuum_skipped  # the table is younger than the retention
+        assert mio.vacuum(spark, path, r.retention_hours) == 0  # Delta's own VACUUM agrees: all still needed
         assert delta.read(spark, path).count() == before
         assert mio.detail(spark, path)["numFiles"] < live_files
         assert _scan(spark, path, pinned) == rows_at_first  # time travel works
@@ -111,7 +112,7 @@ def test_compaction_keeps_rows_and_vacuum_keeps_pinned_version(spark, fed):
 
         # Without the pin, the same VACUUM removes the compacted-away files: the old version is gone.
         r2 = maintenance.maintain(spark, settings, tables=["silver_transactions"], minimum_hours=0, pins={})[0]
-        assert r2.vacuum_files_deleted >= 3 and r2.log_retention_set is None
+        assert r2.vacuum_skipped is None and r2.vacuum_files_deleted >= 3 and r2.log_retention_set is None
         assert delta.read(spark, path).count() == before
         with pytest.raises(Exception, match="(?i)not found|does not exist|FileNotFound|FAILED_READ_FILE"):
             _scan(spark, path, pinned)
