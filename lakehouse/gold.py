@@ -284,9 +284,13 @@ class GoldStream:
                                              batch_id, extra_days=())
                 self._windows(spark, silver, on_time, late_ids, app_id, batch_id)
                 if self.on_features is not None:
+                    # A fresh, shallow plan (a Delta scan and a local list of ids): the scorer's
+                    # pandas UDF and checkpoint must not drag the batch's cached lineage along.
+                    ids = spark.createDataFrame([(r[0],) for r in new.select("event_id").collect()],
+                                                "event_id string")
                     new_features = (delta.read(spark, self._path("gold_transaction_features"))
                                     .where(F.col("event_date").isin(dates))
-                                    .join(new.select("event_id"), "event_id", "left_semi"))
+                                    .join(F.broadcast(ids), "event_id", "left_semi"))
                     self.on_features(new_features, app_id, batch_id)
                 return {"max_event_time": stats["max_t"], "too_late": n_late, "recomputed": recomputed}
             finally:

@@ -274,9 +274,6 @@ def test_alerts_view_over_mirrored_risk_scores(spark, ml_settings, champion):
         assert top == (reasons[0]["feature"] if reasons else None)
 
 
-@pytest.mark.xfail(reason="known bug, being fixed: inside run_streams' foreachBatch the scores of the gold "
-                          "micro-batch plan hit java.lang.StackOverflowError in write_scores' localCheckpoint",
-                   strict=False)
 def test_scoring_inside_the_stream_follows_the_champion(spark, ml_settings, champion, worse, tmp_path):
     """The ingestion stream (run_streams, gold per micro-batch, scoring on) scores every new
     transaction with the champion; when the champion changes, later batches use the new version
