@@ -590,8 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start Postgres, generate simulated days with fraud and stream defects, "
                                    "stream them (silver and gold per micro-batch), train and promote a model "
                                    "(MLflow), score, mirror into Postgres, dbt build, print a summary.")
-    d.add_argument("--days", type=float, default=21.0, help="simulated days to generate (the model needs 10+)")
-    d.add_argument("--users", type=int, default=600, help="simulated card holders")
+    d.add_argument("--days", type=float, default=16.0, help="simulated days to generate (the model needs 10+)")
+    d.add_argument("--users", type=int, default=400, help="simulated card holders")
     d.add_argument("--seed", type=int, default=7, help="random seed")
     d.set_defaults(func=cmd_demo)
 
