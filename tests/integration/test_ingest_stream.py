@@ -108,10 +108,10 @@ def test_replayed_batch_after_a_crash_writes_nothing_twice(spark, settings, monk
 
     real_append = delta.append_once
 
-    def crash_on_dq(df, path, app_id, version):
+    def crash_on_dq(df, path, app_id, version, **kw):
         if str(path).endswith("dq_batches"):
             raise RuntimeError("simulated crash")
-        return real_append(df, path, app_id, version)
+        return real_append(df, path, app_id, version, **kw)
 
     monkeypatch.setattr(delta, "append_once", crash_on_dq)
     with pytest.raises(RuntimeError, match="simulated crash"):
