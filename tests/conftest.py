@@ -58,3 +58,18 @@ def stop_postgres(settings: Settings) -> None:
         info = postgres._running_postmaster(settings)
         if info is not None:
             os.kill(info["pid"], signal.SIGKILL)
+
+
+def pg_rows(settings: Settings, name: str, order: str):
+    """Every row of ``<pg_schema>.<name>`` ordered by ``order``, as a pandas DataFrame."""
+    import pandas as pd
+
+    from lakehouse.io import postgres
+
+    conn = postgres.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'select * from {settings.pg_schema}."{name}" order by {order}')
+            return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description])
+    finally:
+        conn.close()

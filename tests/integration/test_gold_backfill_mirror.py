@@ -9,7 +9,7 @@ import pytest
 
 from lakehouse import gold, mirror, streaming
 from lakehouse.io import delta, postgres
-from tests.conftest import stop_postgres, write_lines
+from tests.conftest import pg_rows, stop_postgres, write_lines
 from tests.integration.inbox_data import FILE_MTIME, event_line, label_line
 
 pytestmark = pytest.mark.integration
@@ -28,21 +28,11 @@ def _gold(spark, settings, name):
     return delta.read(spark, settings.table_path(name))
 
 
-def _pg_rows(settings, name, order):
-    conn = postgres.connect(settings)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'select * from {settings.pg_schema}."{name}" order by {order}')
-            return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description])
-    finally:
-        conn.close()
-
-
 def _assert_pg_equals_gold(spark, settings):
     for name, spec in gold.GOLD_TABLES.items():
         order = ", ".join(spec["key"])
         want = _gold(spark, settings, name).toPandas().sort_values(order.split(", ")).reset_index(drop=True)
-        got = _pg_rows(settings, name, order)[list(want.columns)]
+        got = pg_rows(settings, name, order)[list(want.columns)]
         for col in want.columns:  # Postgres returns timestamptz as aware UTC; Delta as naive UTC
             if pd.api.types.is_datetime64_any_dtype(got[col]):
                 got[col] = got[col].dt.tz_convert("UTC").dt.tz_localize(None)
@@ -80,7 +70,7 @@ def test_backfill_is_idempotent_and_mirror_converges(spark, pg):
     assert result["gold_user_features_5m"]["rows"] == 0  # windows did not change
     assert result["gold_merchant_risk_daily"]["rows"] > 0  # fraud counts did
     _assert_pg_equals_gold(spark, settings)
-    feats = _pg_rows(settings, "gold_transaction_features", "event_id")
+    feats = pg_rows(settings, "gold_transaction_features", "event_id")
     # Reported on the 21st at 00:00-00:05: invisible to the payments of the 20th, visible after.
     assert feats[feats.event_date.astype(str) == "2026-11-20"]["merchant_fraud_rate_30d"].max() == 0
     assert feats[feats.event_date.astype(str) == "2026-11-21"]["merchant_fraud_rate_30d"].min() > 0

@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 
 from lakehouse import mirror, streaming
+from lakehouse.config import TABLES
 from lakehouse.io import delta, postgres
-from tests.conftest import stop_postgres, write_lines
+from tests.conftest import pg_rows, stop_postgres, write_lines
 from tests.integration.inbox_data import FILE_MTIME, event_line, label_line
 
 pytestmark = pytest.mark.integration
@@ -31,27 +32,17 @@ def pg(settings):
     stop_postgres(settings)
 
 
-def _pg_rows(settings, name: str, order: str) -> pd.DataFrame:
-    conn = postgres.connect(settings)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'select * from {settings.pg_schema}."{name}" order by {order}')
-            return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description])
-    finally:
-        conn.close()
-
-
 def assert_pg_equals_delta(spark, settings) -> dict[str, int]:
     """Every mirrored table that exists in Delta equals its Postgres copy, row for row."""
     compared = {}
     for name, spec in mirror.MIRRORED_TABLES.items():
-        path = settings.table_path(name) if name in delta_tables() else None
-        if path is None or not delta.is_delta_table(path):
+        if name not in TABLES or not delta.is_delta_table(settings.table_path(name)):
             continue
+        path = settings.table_path(name)
         key = list(spec["key"])
         df = mirror._as_json(delta.read(spark, path))
         want = df.toPandas().sort_values(key).reset_index(drop=True)
-        got = _pg_rows(settings, name, ", ".join(f'"{k}"' for k in key))
+        got = pg_rows(settings, name, ", ".join(f'"{k}"' for k in key))
         assert "mirrored_at" in got.columns
         got = got[list(want.columns)]
         for col in want.columns:
@@ -68,12 +59,6 @@ def assert_pg_equals_delta(spark, settings) -> dict[str, int]:
         pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False, obj=name)
         compared[name] = len(want)
     return compared
-
-
-def delta_tables():
-    from lakehouse.config import TABLES
-
-    return TABLES
 
 
 def test_stream_goes_on_while_postgres_is_down_and_the_mirror_catches_up(spark, pg):
