@@ -160,8 +160,15 @@ def bench_freshness(root: Path, rate: float, duration_s: float) -> dict:
     loop = mirror.MirrorLoop(spark, settings, interval=0.2, tables=("gold_transaction_features",))
     poller = threading.Thread(target=poll, daemon=True)
     stream_stop = threading.Event()
-    streamer = threading.Thread(target=lambda: streaming.run_streams(spark, settings, once=False, kinds=("events",),
-                                                                     stop_event=stream_stop), daemon=True)
+    batches: list[dict] = []
+
+    def on_batch(r) -> None:
+        batches.append({"records_in": r.records_in, "seconds": r.seconds})
+        console.print(f"  batch {r.batch_id}: {r.records_in:,} records, {_batch_seconds(r.seconds):.1f}s "
+                      f"(gold {r.seconds.get('gold', 0):.1f}s)")
+
+    streamer = threading.Thread(target=lambda: streaming.run_streams(
+        spark, settings, once=False, kinds=("events",), stop_event=stream_stop, on_batch=on_batch), daemon=True)
     streamer.start()
     loop.start()
     poller.start()
@@ -188,7 +195,19 @@ def bench_freshness(root: Path, rate: float, duration_s: float) -> dict:
 
     return {"rate_per_second": rate, "duration_seconds": duration_s, "events_written": gen.get("events"),
             "events_measured": len(lat), "freshness_p50_seconds": q(0.50), "freshness_p95_seconds": q(0.95),
-            "freshness_max_seconds": round(lat[-1], 2) if lat else None, "mirror_rounds": loop.rounds}
+            "freshness_max_seconds": round(lat[-1], 2) if lat else None, "mirror_rounds": loop.rounds,
+            "batches": len(batches), "batch_seconds_p50": _median([_batch_seconds(b["seconds"]) for b in batches]),
+            "step_seconds_median": {k: _median([b["seconds"].get(k, 0.0) for b in batches])
+                                    for k in sorted({k for b in batches for k in b["seconds"]})}}
+
+
+def _batch_seconds(steps: dict[str, float]) -> float:
+    """A batch's wall time: its top-level steps (``gold.*`` are the parts of ``gold``)."""
+    return sum(v for k, v in steps.items() if "." not in k)
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
 
 
 def _silver_rows(spark, n: int, first_day: date, offset: int = 0):

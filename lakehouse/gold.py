@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import date, datetime, timedelta, timezone
 from typing import Callable
 
@@ -151,6 +152,19 @@ def affected_rows(gold_tx: DataFrame, changes: DataFrame, keys: tuple[str, ...],
     return out.dropDuplicates(["event_id"])
 
 
+class _Laps:
+    """Seconds spent per step of a gold update (shown in the stream's progress line and the bench)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = round(self.seconds.get(step, 0.0) + now - self._t, 3)
+        self._t = now
+
+
 def _today() -> date:
     return datetime.now(timezone.utc).date()
 
@@ -254,7 +268,9 @@ class GoldStream:
 
         Returns ``max_event_time`` (of the new transactions), ``too_late``, ``recomputed``.
         """
+        laps = _Laps()
         with self._lock:
+            laps("wait")
             self._ensure(spark)
             silver = delta.read(spark, self._path("silver_transactions"))
             new = (silver.where(F.col("event_date").isin(dates) & (F.col("batch_id") == batch_id))
@@ -263,9 +279,12 @@ class GoldStream:
                 stats = new.agg(F.count(F.lit(1)).alias("n"), F.min("event_time").alias("min_t"),
                                 F.max("event_time").alias("max_t")).first()
                 if not stats["n"]:
-                    return {"max_event_time": None, "too_late": 0, "recomputed": 0}
+                    return {"max_event_time": None, "too_late": 0, "recomputed": 0, "seconds": laps.seconds}
                 mark = self.watermark(spark, app_id, batch_id)
-                n_late = self._record_too_late(spark, new, mark, app_id, batch_id) if mark else 0
+                late_possible = mark is not None and stats["min_t"] < mark - timedelta(
+                    minutes=self.settings.allowed_lateness_minutes)
+                n_late = self._record_too_late(spark, new, mark, app_id, batch_id) if late_possible else 0
+                laps("too_late")
                 late_ids = too_late_ids(spark, self.settings)
                 on_time = new.join(late_ids, "event_id", "left_anti")
                 late_new = new.join(late_ids, "event_id", "left_semi")
@@ -281,8 +300,9 @@ class GoldStream:
                 for df in affected:
                     targets = targets.unionByName(df)
                 recomputed = self._recompute(spark, targets.dropDuplicates(["event_id"]), late_ids, app_id,
-                                             batch_id, extra_days=())
+                                             batch_id, extra_days=(), laps=laps)
                 self._windows(spark, silver, on_time, late_ids, app_id, batch_id)
+                laps("windows")
                 if self.on_features is not None:
                     # A fresh, shallow plan (a Delta scan and a local list of ids): the scorer's
                     # pandas UDF and checkpoint must not drag the batch's cached lineage along.
@@ -292,7 +312,9 @@ class GoldStream:
                                     .where(F.col("event_date").isin(dates))
                                     .join(F.broadcast(ids), "event_id", "left_semi"))
                     self.on_features(new_features, app_id, batch_id)
-                return {"max_event_time": stats["max_t"], "too_late": n_late, "recomputed": recomputed}
+                    laps("score")
+                return {"max_event_time": stats["max_t"], "too_late": n_late, "recomputed": recomputed,
+                        "seconds": laps.seconds}
             finally:
                 new.unpersist()
 
@@ -321,7 +343,9 @@ class GoldStream:
     def after_labels(self, spark: SparkSession, app_id: str, batch_id: int) -> dict:
         """Gold after the labels batch ``batch_id``: the merchant and country fraud rates of the
         transactions its fraud labels reach, and the daily risk of the labelled days."""
+        laps = _Laps()
         with self._lock:
+            laps("wait")
             self._ensure(spark)
             labels = delta.read(spark, self._path("silver_labels"))
             silver = delta.read(spark, self._path("silver_transactions"))
@@ -332,7 +356,7 @@ class GoldStream:
             try:
                 days = [r[0] for r in fraud.select("event_date").distinct().collect()]
                 if not days:
-                    return {"recomputed": 0}
+                    return {"recomputed": 0, "seconds": laps.seconds}
                 gold_tx = delta.read(spark, self._path("gold_transaction_features"))
                 changes = fraud.select("merchant_id", "country",
                                        F.greatest("event_time", "reported_at").alias("_lo"),
@@ -340,35 +364,41 @@ class GoldStream:
                 since = min(date.fromisoformat(str(d)) for d in days)
                 targets = affected_rows(gold_tx, changes, ("merchant_id", "country"), since)
                 recomputed = self._recompute(spark, targets, too_late_ids(spark, self.settings), app_id,
-                                             batch_id, extra_days=days)
-                return {"recomputed": recomputed}
+                                             batch_id, extra_days=days, laps=laps)
+                return {"recomputed": recomputed, "seconds": laps.seconds}
             finally:
                 fraud.unpersist()
 
     # -- shared steps --------------------------------------------------------------------------------
     def _recompute(self, spark, targets: DataFrame, late_ids: DataFrame, app_id: str, batch_id: int,
-                   extra_days) -> int:
+                   extra_days, laps: _Laps) -> int:
         """Recompute and upsert the features of ``targets``, then the daily risk from the earliest
         touched day on. Returns the number of feature rows recomputed."""
         targets = targets.persist()
         try:
-            bounds = targets.agg(F.count(F.lit(1)).alias("n"), F.min("event_time").alias("lo"),
-                                 F.max("event_time").alias("hi")).first()
+            laps("affected")
+            per_day = targets.groupBy("event_date").agg(F.count(F.lit(1)).alias("n"), F.min("event_time").alias("lo"),
+                                                        F.max("event_time").alias("hi")).collect()
+            bounds = {"n": sum(r["n"] for r in per_day), "lo": min((r["lo"] for r in per_day), default=None),
+                      "hi": max((r["hi"] for r in per_day), default=None)}
             if bounds["n"]:
-                days = sorted({str(r[0]) for r in targets.select("event_date").distinct().collect()})
+                days = sorted(str(r["event_date"]) for r in per_day)
                 silver = delta.read(spark, self._path("silver_transactions"))
                 history = silver.where(_between("event_date", bounds["lo"].date() - _LOOKBACK - timedelta(days=1),
                                                 bounds["hi"].date()))
                 # Materialized first: the MERGE source reads the target table and cached frames.
                 tx = transaction_rows(targets, history, _labels(spark, self.settings), late_ids).localCheckpoint()
+                laps("features")
                 with delta.idempotent_dml(spark, app_id, batch_id):
                     delta.merge_upsert(spark, tx, self._path("gold_transaction_features"), ("event_id",),
                                        {"event_date": days})
+                laps("features_merge")
             touched = [date.fromisoformat(str(d)) for d in extra_days]
             if bounds["n"]:
                 touched.append(bounds["lo"].date())
             if touched:
                 self._risk(spark, min(touched), app_id, batch_id)
+                laps("risk")
             return int(bounds["n"])
         finally:
             targets.unpersist()

@@ -289,6 +289,7 @@ class IngestBatch:
                 else:
                     gold_info = self.gold.after_labels(spark, app, batch_id)
             lap("gold")
+            seconds.update({f"gold.{step}": t for step, t in gold_info.get("seconds", {}).items()})
 
             # Counts measured from the tables: the metrics of the commit this batch made (in this
             # attempt or an earlier one), or, if that commit is too far back in history, a count of

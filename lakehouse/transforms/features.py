@@ -45,12 +45,19 @@ Requirements on the inputs: ``history`` holds every transaction with event_time 
 look-back (``(min(t) - 30d, max(t)]``), the targets included; event_id is unique in ``history``.
 A target missing from ``history`` still gets its row, with null history-based features.
 
-How (exact, no approximation): trailing counts and sums are range windows over the event time in
-microseconds. A fraud label ``f`` (event time ``e``, effective time ``g = max(e, reported_at)``)
-counts for a transaction of the same merchant at ``t`` iff ``g <= t < e + d``: an interval. So the
-fraud count at ``t`` is a running sum of +1 at ``g`` and -1 at ``e + d`` (both applied at ``t``
-itself), one sort per merchant (country) for all three ``d``. History is first pruned to the
-targets' keys and time span, so a small micro-batch only sorts the history it needs.
+How (exact, no approximation, O(n log n)): a trailing count or sum over ``(t - W, t]`` is the
+running total up to ``t`` minus the running total up to ``t - W`` -- two *running* window frames
+(``RANGE BETWEEN UNBOUNDED PRECEDING AND <offset>``), which Spark evaluates incrementally in one pass
+over the sorted key. (A sliding ``RANGE BETWEEN W PRECEDING AND CURRENT ROW`` frame is re-aggregated
+row by row: quadratic in the rows per key, fatal for a country's 30 days.) Amounts are summed as
+exact integers of micro-USD (``amount_base`` has 6 decimals), so the difference has no rounding
+error and the result does not depend on how much history was read or in what order: the stream and
+the backfill agree to the last bit. A fraud label ``f`` (event time ``e``, effective time
+``g = max(e, reported_at)``) counts for a transaction of the same merchant at ``t`` iff
+``g <= t < e + d``: an interval. So the fraud count at ``t`` is a running sum of +1 at ``g`` and -1
+at ``e + d`` (both applied at ``t`` itself), one sort per merchant (country) for all three ``d``.
+History is first pruned to the targets' keys and time span, so a small micro-batch only sorts the
+history it needs.
 """
 
 from __future__ import annotations
@@ -105,7 +112,8 @@ def user_windows_5m(tx: DataFrame) -> DataFrame:
     Rules: windows are Spark's ``window(event_time, "5 minutes", "1 minute")``, half-open
     ``[window_start, window_end)`` and aligned to the minute (UTC), so an event at exactly 12:05:00
     is in the five windows starting 12:01 .. 12:05 and not in the one ending at 12:05. Only windows
-    holding at least one of the user's events appear. Amounts are ``amount_base`` (USD).
+    holding at least one of the user's events appear. Amounts are ``amount_base`` (USD), summed
+    exactly (as micro-USD), so the result does not depend on the order of the rows.
 
     Returns one row per (user_id, window_start) with ``USER_WINDOW_COLUMNS``: tx_count,
     distinct_merchants, distinct_countries (long); amount_sum, amount_mean, amount_max (double).
@@ -114,20 +122,41 @@ def user_windows_5m(tx: DataFrame) -> DataFrame:
         tx.groupBy("user_id", F.window("event_time", "5 minutes", "1 minute").alias("w"))
         .agg(
             F.count(F.lit(1)).alias("tx_count"),
-            F.sum("amount_base").cast("double").alias("amount_sum"),
-            F.avg("amount_base").cast("double").alias("amount_mean"),
+            usd_sum("amount_base").alias("amount_sum"),
             F.max("amount_base").cast("double").alias("amount_max"),
             F.count_distinct("merchant_id").alias("distinct_merchants"),
             F.count_distinct("country").alias("distinct_countries"),
         )
+        .withColumn("amount_mean", F.try_divide(F.col("amount_sum"), F.col("tx_count").cast("double")))
         .select("user_id", F.col("w.start").alias("window_start"), F.col("w.end").alias("window_end"),
                 *USER_WINDOW_COLUMNS[3:])
     )
 
 
-def _trailing(keys: list[str], seconds: int) -> Window:
-    """Range frame (t - seconds, t] over ``_t`` (event time in microseconds); ties included."""
-    return Window.partitionBy(*keys).orderBy("_t").rangeBetween(-(seconds * _US - 1), 0)
+def _running(keys: list[str], back_us: int = 0) -> Window:
+    """Running frame over ``_t`` (event time in µs): every row with ``_t <= t - back_us`` (ties included)."""
+    return Window.partitionBy(*keys).orderBy("_t").rangeBetween(Window.unboundedPreceding, -back_us)
+
+
+def _trailing_total(column: str, keys: list[str], seconds: int) -> Column:
+    """Sum of the long ``column`` over the key's rows in ``(t - seconds, t]``: the running total up to
+    ``t`` minus the running total up to ``t - seconds`` (both incremental, see the module docstring)."""
+    upto = lambda back: F.coalesce(F.sum(column).over(_running(keys, back)), F.lit(0))  # noqa: E731
+    return (upto(0) - upto(seconds * _US)).cast("long")
+
+
+def _micros(amount: Column) -> Column:
+    """USD with 6 decimals as an exact long count of micro-USD (null stays null)."""
+    return F.round(amount * F.lit(_US)).cast("long")
+
+
+def _usd(micros: Column) -> Column:
+    return (micros / F.lit(float(_US))).cast("double")
+
+
+def usd_sum(column: str) -> Column:
+    """Aggregate: the exact sum of a 6-decimal USD column (summed as micro-USD), as double."""
+    return _usd(F.sum(_micros(F.col(column))))
 
 
 def _in_lookback(prev_t: Column) -> Column:
@@ -137,7 +166,8 @@ def _in_lookback(prev_t: Column) -> Column:
 def _pruned_history(targets: DataFrame, history: DataFrame) -> DataFrame:
     """History rows in (min(t) - 30d, max(t)] of the targets, with ``_t`` = event time in µs."""
     hist = history.select("event_id", "user_id", "merchant_id", "country", "amount_base",
-                          F.unix_micros("event_time").alias("_t"))
+                          F.unix_micros("event_time").alias("_t"), F.lit(1).cast("long").alias("_n"),
+                          _micros(F.col("amount_base")).alias("_a"))
     bounds = targets.agg(F.min(F.unix_micros("event_time")).alias("_lo"),
                          F.max(F.unix_micros("event_time")).alias("_hi"))
     cond = (F.col("_t") > F.col("_lo") - F.lit(_LOOKBACK_US)) & (F.col("_t") <= F.col("_hi"))
@@ -154,13 +184,12 @@ def _user_features(hist: DataFrame) -> DataFrame:
     by_country = Window.partitionBy("user_id", "country").orderBy("_t", "event_id")
     cols: list[Column] = []
     for w, seconds in TRAILING_WINDOWS:
-        frame = _trailing(["user_id"], seconds)
-        cols += [F.count(F.lit(1)).over(frame).alias(f"user_tx_count_{w}"),
-                 F.sum("amount_base").over(frame).cast("double").alias(f"user_amount_sum_{w}")]
+        cols += [_trailing_total("_n", ["user_id"], seconds).alias(f"user_tx_count_{w}"),
+                 _usd(_trailing_total("_a", ["user_id"], seconds)).alias(f"user_amount_sum_{w}")]
     out = hist.select("*", *cols)
-    mean_30d = F.avg("amount_base").over(_trailing(["user_id"], LOOKBACK_SECONDS))
+    mean_30d = F.try_divide(F.col("user_amount_sum_30d"), F.col("user_tx_count_30d").cast("double"))
     prev_t = F.lag("_t").over(by_user)
-    same_country_30d = F.count(F.lit(1)).over(_trailing(["user_id", "country"], LOOKBACK_SECONDS))
+    same_country_30d = _trailing_total("_n", ["user_id", "country"], LOOKBACK_SECONDS)
     out = out.select(
         "*",
         F.try_divide(F.col("amount_base").cast("double"), mean_30d).alias("user_amount_ratio_30d"),
@@ -187,33 +216,31 @@ def _group_features(hist: DataFrame, fraud: DataFrame, key: str, prefix: str) ->
     fraud count for window ``d`` (when ``_g < _e + d``; otherwise it never counts).
     """
     deltas = [f"_d{d}" for d, _ in FRAUD_RATE_WINDOWS]
-    tx_rows = hist.select(key, "event_id", "_t", "amount_base", F.lit(1).alias("_is_tx"),
+    tx_rows = hist.select(key, "event_id", "_t", "_a", F.col("_n").alias("_is_tx"),
                           *[F.lit(0).alias(c) for c in deltas])
     none = [F.lit(None).cast("string").alias("event_id")]
     starts = fraud.select(
-        key, *none, F.col("_g").alias("_t"), F.lit(None).cast("double").alias("amount_base"),
-        F.lit(0).alias("_is_tx"),
+        key, *none, F.col("_g").alias("_t"), F.lit(0).cast("long").alias("_a"),
+        F.lit(0).cast("long").alias("_is_tx"),
         *[(F.col("_g") < F.col("_e") + F.lit(s * _US)).cast("int").alias(f"_d{d}") for d, s in FRAUD_RATE_WINDOWS],
     )
     ends = [
         fraud.where(F.col("_g") < F.col("_e") + F.lit(s * _US)).select(
             key, *none, (F.col("_e") + F.lit(s * _US)).alias("_t"),
-            F.lit(None).cast("double").alias("amount_base"), F.lit(0).alias("_is_tx"),
+            F.lit(0).cast("long").alias("_a"), F.lit(0).cast("long").alias("_is_tx"),
             *[F.lit(-1 if other == d else 0).alias(f"_d{other}") for other, _ in FRAUD_RATE_WINDOWS],
         )
         for d, s in FRAUD_RATE_WINDOWS
     ]
     rows = reduce(DataFrame.unionByName, ends, tx_rows.unionByName(starts))
 
-    running = Window.partitionBy(key).orderBy("_t").rangeBetween(Window.unboundedPreceding, 0)
     cols: list[Column] = []
     for w, seconds in TRAILING_WINDOWS:
-        frame = _trailing([key], seconds)
-        cols += [F.sum("_is_tx").over(frame).cast("long").alias(f"{prefix}_tx_count_{w}"),
-                 F.sum("amount_base").over(frame).cast("double").alias(f"{prefix}_amount_sum_{w}")]
+        cols += [_trailing_total("_is_tx", [key], seconds).alias(f"{prefix}_tx_count_{w}"),
+                 _usd(_trailing_total("_a", [key], seconds)).alias(f"{prefix}_amount_sum_{w}")]
     for d, seconds in FRAUD_RATE_WINDOWS:
-        cols += [F.sum(f"_d{d}").over(running).alias(f"_f{d}"),  # fraud count as of t
-                 F.sum("_is_tx").over(_trailing([key], seconds)).alias(f"_n{d}")]  # tx count
+        cols += [F.sum(f"_d{d}").over(_running([key])).alias(f"_f{d}"),  # fraud count as of t
+                 _trailing_total("_is_tx", [key], seconds).alias(f"_n{d}")]  # tx count
     out = rows.select("*", *cols).where(F.col("_is_tx") == 1)
     out = out.select("*", *[F.try_divide(F.col(f"_f{d}").cast("double"), F.col(f"_n{d}"))
                             .alias(f"{prefix}_fraud_rate_{d}") for d, _ in FRAUD_RATE_WINDOWS])

@@ -21,6 +21,8 @@ from datetime import date
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from lakehouse.transforms.features import usd_sum
+
 OUTLIER_RATIO = 5.0
 MATURITY_DAYS = 30
 BASELINES = (("7d", 7), ("30d", 30))
@@ -47,7 +49,7 @@ def risk_daily(history: DataFrame, features: DataFrame, labels: DataFrame, key: 
         as_of: the day the backfill runs for, deciding ``is_matured``.
     """
     daily = (history.groupBy(key, F.col("event_date").alias("day"))
-             .agg(F.count(F.lit(1)).alias("tx_count"), F.sum("amount_base").alias("amount_sum"),
+             .agg(F.count(F.lit(1)).alias("tx_count"), usd_sum("amount_base").alias("amount_sum"),
                   F.count_distinct("user_id").alias("distinct_users")))
     dense = _dense_days(daily, key, baseline_from, date_to)
     order = F.datediff(F.col("day"), F.lit(date(1970, 1, 1)))

@@ -230,50 +230,6 @@ def test_scorer_writes_risk_scores_idempotently_and_follows_the_champion(spark, 
     feats.unpersist()
 
 
-def test_alerts_view_over_mirrored_risk_scores(spark, ml_settings, champion):
-    from lakehouse.io import pg_mirror, postgres
-    from lakehouse.ml import alerts
-    from tests.conftest import stop_postgres
-
-    lo, hi = (date.fromisoformat(champion.windows[k]) for k in ("test_start", "test_end"))
-    result = scorer_mod.score_range(spark, ml_settings, lo, hi)
-    assert result["scored"] > 0 and result["model"] == f"{registry.MODEL_NAME} v{champion.model_version}"
-    path = ml_settings.table_path("risk_scores")
-    scores = delta.read(spark, path).where(F.col("event_date").between(F.lit(lo), F.lit(hi))).toPandas()
-    assert result["alerts"] == int(scores["is_alert"].sum()) > 0
-    pg_types = {"string": "text", "double": "double precision", "boolean": "boolean", "timestamp": "timestamptz",
-                "date": "date"}
-    table = pg_mirror.MirrorTable(
-        name="risk_scores", key=("event_id",),
-        columns=tuple((f.name, pg_types[f.dataType.simpleString()]) for f in delta.read(spark, path).schema.fields))
-    schema = ml_settings.pg_schema
-    postgres.start(ml_settings)
-    try:
-        conn = postgres.connect(ml_settings)
-        try:
-            pg_mirror.ensure_schema(conn, schema, [])
-            assert alerts.ensure_alerts_view(conn, schema) is False      # no risk_scores yet: no view
-            pg_mirror.ensure_schema(conn, schema, [table])
-            pg_mirror.upsert_batch(conn, schema, table, scores, "delta:risk_scores", 1)
-            assert alerts.ensure_alerts_view(conn, schema) is True
-            assert alerts.ensure_alerts_view(conn, schema) is True       # idempotent
-            with conn.cursor() as cur:
-                cur.execute(f"select event_id, score, threshold, score_margin, model_version, top_reason, "
-                            f"top_reasons from {schema}.risk_alerts order by event_id")
-                got = cur.fetchall()
-        finally:
-            conn.close()
-    finally:
-        stop_postgres(ml_settings)
-    want = scores[scores["is_alert"]].sort_values("event_id")
-    assert [r[0] for r in got] == list(want["event_id"])
-    for (event_id, score, thr, margin, version, top, reasons), (_, row) in zip(got, want.iterrows()):
-        assert score >= thr and margin == pytest.approx(score - thr)
-        assert version == row["model_version"]
-        assert reasons == json.loads(row["top_reasons"])             # jsonb comes back parsed
-        assert top == (reasons[0]["feature"] if reasons else None)
-
-
 def test_scoring_inside_the_stream_follows_the_champion(spark, ml_settings, champion, worse, tmp_path):
     """The ingestion stream (run_streams, gold per micro-batch, scoring on) scores every new
     transaction with the champion; when the champion changes, later batches use the new version
