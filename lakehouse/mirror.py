@@ -101,8 +101,9 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
         cdf = (spark.read.format("delta").option("readChangeFeed", "true")
                .option("startingVersion", done + 1).option("endingVersion", version).load(str(path)))
         upserts, deletes = net_changes(cdf, table.key)
-    rows = _as_json(upserts).toPandas()
-    gone = deletes.toPandas() if deletes is not None else None
+    # Arrow end to end (Spark -> pyarrow -> COPY CSV): no row-by-row Python conversion.
+    rows = _as_json(upserts).toArrow()
+    gone = deletes.toArrow() if deletes is not None else None
 
     def apply(conn) -> int:
         return pg_mirror.upsert_batch(conn, settings.pg_schema, table, rows, source, version, deletes=gone)
@@ -113,12 +114,15 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
 
 
 def mirror_all(spark: SparkSession, settings: Settings, on_retry: Callable | None = None,
-               attempts: int | None = 10) -> list[dict]:
-    """Mirror every table, then (re)create the analysts' ``risk_alerts`` view once ``risk_scores`` exists."""
+               attempts: int | None = 10, tables=MIRRORED_TABLES, view_always: bool = True) -> list[dict]:
+    """Mirror ``tables`` (default: all), then (re)create the analysts' ``risk_alerts`` view once
+    ``risk_scores`` exists: always, or with ``view_always=False`` only when this round wrote rows to
+    a table the view reads (the mirror loop: no DDL lock every second)."""
     from lakehouse.ml import alerts
 
-    results = [mirror_table(spark, settings, name, on_retry=on_retry, attempts=attempts) for name in MIRRORED_TABLES]
-    if any(r["table"] == "risk_scores" and "skipped" not in r for r in results):
+    results = [mirror_table(spark, settings, name, on_retry=on_retry, attempts=attempts) for name in tables]
+    wrote = any(r["table"] in ("risk_scores", "silver_labels") and r.get("rows") for r in results)
+    if (view_always or wrote) and any(r["table"] == "risk_scores" and "skipped" not in r for r in results):
         pg_mirror.with_retries(lambda conn: alerts.ensure_alerts_view(conn, settings.pg_schema), settings,
                                attempts=attempts, on_retry=on_retry)
     return results
@@ -146,7 +150,7 @@ class MirrorLoop(threading.Thread):
         self._halt = threading.Event()
 
     def run_round(self) -> list[dict]:
-        return [mirror_table(self.spark, self.settings, name, attempts=1) for name in self.tables]
+        return mirror_all(self.spark, self.settings, attempts=1, tables=self.tables, view_always=self.rounds == 0)
 
     def run(self) -> None:
         delay = self.interval
