@@ -160,10 +160,26 @@ def test_micro_batch_equals_backfill(spark):
     targets = history.where("event_id in ('e5', 'e6', 'e7')")
     expected = transaction_features(history, history, labels).where("event_id in ('e5', 'e6', 'e7')")
     got = transaction_features(targets, history, labels)
-    assertDataFrameEqual(got, expected)
-    # A history trimmed to the look-back gives the same values too.
+    assertDataFrameEqual(got, expected, rtol=0, atol=0)
+    # A history trimmed to the look-back gives the same values too, to the bit.
     narrow = history.where("event_id != 'o1'")
-    assertDataFrameEqual(transaction_features(targets, narrow, labels), expected)
+    assertDataFrameEqual(transaction_features(targets, narrow, labels), expected, rtol=0, atol=0)
     row = {r["event_id"]: r for r in got.collect()}
     assert row["e6"]["merchant_fraud_rate_30d"] == 0.25  # e1 of e1, e3, e4, e6 (e3 not reported at 01:04)
     assert row["e7"]["merchant_fraud_rate_30d"] == 0.4                   # e3 reported at 01:30 now counts
+
+
+def test_amount_sums_are_exact_whatever_the_history(spark):
+    """Sums are exact decimal sums (micro-USD integers), not float running sums: 0.1 + 0.2 + 0.3 is
+    0.6, and a running total minus an older one leaves no rounding residue."""
+    rows = [("a0", "u9", "m9", "FR", 1234567.123456, at(-2)),
+            ("a1", "u9", "m9", "FR", 0.1, at(0, hour=1)),
+            ("a2", "u9", "m9", "FR", 0.2, at(0, hour=1, minute=30)),
+            ("a3", "u9", "m9", "FR", 0.3, at(0, hour=2))]
+    history = tx_frame(spark, rows)
+    got = {r["event_id"]: r for r in transaction_features(history, history, labels_frame(spark, [])).collect()}
+    assert got["a3"]["user_amount_sum_24h"] == 0.6          # (0.1 + 0.2) + 0.3 == 0.6000000000000001 in floats
+    assert got["a3"]["merchant_amount_sum_1h"] == 0.5       # a2 + a3; a1 is exactly 1 h before: out
+    assert got["a3"]["user_amount_sum_7d"] == 1234567.723456
+    windows = {r["window_start"]: r for r in user_windows_5m(history).collect()}
+    assert {w["amount_sum"] for w in windows.values()} >= {0.1, 0.2, 0.3}
