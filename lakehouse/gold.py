@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from datetime import date, datetime, timedelta, timezone
 from typing import Callable
 
@@ -42,6 +41,7 @@ from pyspark.sql.types import DoubleType, LongType, StringType, StructField, Str
 
 from lakehouse.config import Settings
 from lakehouse.io import delta
+from lakehouse.laps import Laps
 from lakehouse.transforms import features
 from lakehouse.transforms import risk as risk_t
 
@@ -152,19 +152,6 @@ def affected_rows(gold_tx: DataFrame, changes: DataFrame, keys: tuple[str, ...],
     return out.dropDuplicates(["event_id"])
 
 
-class _Laps:
-    """Seconds spent per step of a gold update (shown in the stream's progress line and the bench)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def __call__(self, step: str) -> None:
-        now = time.perf_counter()
-        self.seconds[step] = round(self.seconds.get(step, 0.0) + now - self._t, 3)
-        self._t = now
-
-
 def _today() -> date:
     return datetime.now(timezone.utc).date()
 
@@ -268,7 +255,7 @@ class GoldStream:
 
         Returns ``max_event_time`` (of the new transactions), ``too_late``, ``recomputed``.
         """
-        laps = _Laps()
+        laps = Laps()
         with self._lock:
             laps("wait")
             self._ensure(spark)
@@ -281,9 +268,7 @@ class GoldStream:
                 if not stats["n"]:
                     return {"max_event_time": None, "too_late": 0, "recomputed": 0, "seconds": laps.seconds}
                 mark = self.watermark(spark, app_id, batch_id)
-                late_possible = mark is not None and stats["min_t"] < mark - timedelta(
-                    minutes=self.settings.allowed_lateness_minutes)
-                n_late = self._record_too_late(spark, new, mark, app_id, batch_id) if late_possible else 0
+                n_late = self._record_too_late(spark, new, stats["min_t"], mark, app_id, batch_id) if mark else 0
                 laps("too_late")
                 late_ids = too_late_ids(spark, self.settings)
                 on_time = new.join(late_ids, "event_id", "left_anti")
@@ -318,9 +303,13 @@ class GoldStream:
             finally:
                 new.unpersist()
 
-    def _record_too_late(self, spark, new: DataFrame, mark: datetime, app_id: str, batch_id: int) -> int:
+    def _record_too_late(self, spark, new: DataFrame, earliest: datetime, mark: datetime, app_id: str,
+                         batch_id: int) -> int:
+        """Record the events of ``new`` (earliest event time ``earliest``) too late for ``mark``."""
         lateness = self.settings.allowed_lateness_minutes
         threshold = mark - timedelta(minutes=lateness)
+        if earliest >= threshold:  # nothing can be too late: no scan
+            return 0
         late = new.where(F.col("event_time") < F.lit(threshold))
         seconds = (F.unix_micros(F.lit(mark)) - F.unix_micros("event_time")) / 1e6
         rows = late.select(
@@ -343,7 +332,7 @@ class GoldStream:
     def after_labels(self, spark: SparkSession, app_id: str, batch_id: int) -> dict:
         """Gold after the labels batch ``batch_id``: the merchant and country fraud rates of the
         transactions its fraud labels reach, and the daily risk of the labelled days."""
-        laps = _Laps()
+        laps = Laps()
         with self._lock:
             laps("wait")
             self._ensure(spark)
@@ -371,7 +360,7 @@ class GoldStream:
 
     # -- shared steps --------------------------------------------------------------------------------
     def _recompute(self, spark, targets: DataFrame, late_ids: DataFrame, app_id: str, batch_id: int,
-                   extra_days, laps: _Laps) -> int:
+                   extra_days, laps: Laps) -> int:
         """Recompute and upsert the features of ``targets``, then the daily risk from the earliest
         touched day on. Returns the number of feature rows recomputed."""
         targets = targets.persist()

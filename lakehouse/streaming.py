@@ -37,6 +37,7 @@ from lakehouse import quality
 from lakehouse.config import Settings
 from lakehouse.gold import GoldStream
 from lakehouse.io import delta
+from lakehouse.laps import Laps
 from lakehouse.transforms import bronze as bronze_t
 from lakehouse.transforms import silver as silver_t
 
@@ -225,13 +226,7 @@ class IngestBatch:
         spark = lines.sparkSession
         lay, app = self.layer, self.app_id
         ingested_at = datetime.now(timezone.utc)
-        seconds: dict[str, float] = {}
-        clock = [time.perf_counter()]
-
-        def lap(step: str) -> None:  # where a batch spends its time, for the progress line and bench
-            now = time.perf_counter()
-            seconds[step] = round(now - clock[0], 3)
-            clock[0] = now
+        lap = Laps()  # where the batch spends its time, for the progress line and the bench
 
         # One cached frame serves every step: the inbox files are read and parsed once, and only
         # the columns some table needs are kept in the cache.
@@ -289,7 +284,7 @@ class IngestBatch:
                 else:
                     gold_info = self.gold.after_labels(spark, app, batch_id)
             lap("gold")
-            seconds.update({f"gold.{step}": t for step, t in gold_info.get("seconds", {}).items()})
+            lap.seconds.update({f"gold.{step}": t for step, t in gold_info.get("seconds", {}).items()})
 
             # Counts measured from the tables: the metrics of the commit this batch made (in this
             # attempt or an earlier one), or, if that commit is too far back in history, a count of
@@ -333,7 +328,7 @@ class IngestBatch:
             checked.unpersist()
         if self.on_batch:
             self.on_batch(BatchResult(lay.kind, batch_id, records_in, inserted, duplicates,
-                                      quarantined, reconciled, seconds))
+                                      quarantined, reconciled, lap.seconds))
 
 
 # ---- queries --------------------------------------------------------------------------------------

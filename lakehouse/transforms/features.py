@@ -238,12 +238,12 @@ def _group_features(hist: DataFrame, fraud: DataFrame, key: str, prefix: str) ->
     for w, seconds in TRAILING_WINDOWS:
         cols += [_trailing_total("_is_tx", [key], seconds).alias(f"{prefix}_tx_count_{w}"),
                  _usd(_trailing_total("_a", [key], seconds)).alias(f"{prefix}_amount_sum_{w}")]
-    for d, seconds in FRAUD_RATE_WINDOWS:
-        cols += [F.sum(f"_d{d}").over(_running([key])).alias(f"_f{d}"),  # fraud count as of t
-                 _trailing_total("_is_tx", [key], seconds).alias(f"_n{d}")]  # tx count
+    cols += [F.sum(f"_d{d}").over(_running([key])).alias(f"_f{d}") for d, _ in FRAUD_RATE_WINDOWS]  # fraud as of t
     out = rows.select("*", *cols).where(F.col("_is_tx") == 1)
-    out = out.select("*", *[F.try_divide(F.col(f"_f{d}").cast("double"), F.col(f"_n{d}"))
-                            .alias(f"{prefix}_fraud_rate_{d}") for d, _ in FRAUD_RATE_WINDOWS])
+    # The denominator is the trailing transaction count of the same span (1d = 24h, 7d, 30d).
+    tx_count = {seconds: f"{prefix}_tx_count_{w}" for w, seconds in TRAILING_WINDOWS}
+    out = out.select("*", *[F.try_divide(F.col(f"_f{d}").cast("double"), F.col(tx_count[seconds]))
+                            .alias(f"{prefix}_fraud_rate_{d}") for d, seconds in FRAUD_RATE_WINDOWS])
     return out.select("event_id", *(c for c in FEATURE_COLUMNS if c.startswith(f"{prefix}_")))
 
 
