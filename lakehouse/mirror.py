@@ -76,24 +76,34 @@ def net_changes(cdf: DataFrame, key: tuple[str, ...]) -> tuple[DataFrame, DataFr
 
 
 def mirror_table(spark: SparkSession, settings: Settings, name: str,
-                 on_retry: Callable | None = None, attempts: int | None = 10) -> dict:
-    """Bring the Postgres copy of Delta table ``name`` to the latest Delta version."""
+                 on_retry: Callable | None = None, attempts: int | None = 10,
+                 applied: dict[str, int] | None = None) -> dict:
+    """Bring the Postgres copy of Delta table ``name`` to the latest Delta version.
+
+    ``applied`` (the mirror loop's memory: table -> the Delta version this process last saw applied
+    in Postgres) skips a table whose version has not moved, without loading its snapshot or asking
+    Postgres; the ledger stays the truth for every table that did move.
+    """
     if name not in TABLES:
         return {"table": name, "skipped": "not defined in this version"}
     path = settings.table_path(name)
-    if not delta.is_delta_table(path):
+    version = delta.table_version(path)
+    if version is None:
         return {"table": name, "skipped": "no Delta table yet"}
-    version = delta.table_version(spark, path)
+    if applied is not None and applied.get(name) == version:
+        return {"table": name, "version": version, "applied": version, "rows": 0}
     snapshot = delta.read(spark, path, version=version)
     table = mirror_spec(name, snapshot.schema)
     source = f"delta:{name}"
 
-    def applied(conn) -> int | None:
+    def applied_version(conn) -> int | None:
         pg_mirror.ensure_schema(conn, settings.pg_schema, [table])
         return pg_mirror.applied_version(conn, settings.pg_schema, source, name)
 
-    done = pg_mirror.with_retries(applied, settings, attempts=attempts, on_retry=on_retry)
+    done = pg_mirror.with_retries(applied_version, settings, attempts=attempts, on_retry=on_retry)
     if done is not None and done >= version:
+        if applied is not None:
+            applied[name] = version
         return {"table": name, "version": version, "applied": done, "rows": 0}
     if done is None:
         upserts, deletes = snapshot, None
@@ -109,18 +119,23 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
         return pg_mirror.upsert_batch(conn, settings.pg_schema, table, rows, source, version, deletes=gone)
 
     changed = pg_mirror.with_retries(apply, settings, attempts=attempts, on_retry=on_retry)
+    if applied is not None:
+        applied[name] = version
     return {"table": name, "version": version, "applied_before": done, "rows": changed,
             "deleted": 0 if gone is None else len(gone)}
 
 
 def mirror_all(spark: SparkSession, settings: Settings, on_retry: Callable | None = None,
-               attempts: int | None = 10, tables=MIRRORED_TABLES, view_always: bool = True) -> list[dict]:
+               attempts: int | None = 10, tables=MIRRORED_TABLES, view_always: bool = True,
+               applied: dict[str, int] | None = None) -> list[dict]:
     """Mirror ``tables`` (default: all), then (re)create the analysts' ``risk_alerts`` view once
     ``risk_scores`` exists: always, or with ``view_always=False`` only when this round wrote rows to
-    a table the view reads (the mirror loop: no DDL lock every second)."""
+    a table the view reads (the mirror loop: no DDL lock every second). ``applied``: see
+    :func:`mirror_table`."""
     from lakehouse.ml import alerts
 
-    results = [mirror_table(spark, settings, name, on_retry=on_retry, attempts=attempts) for name in tables]
+    results = [mirror_table(spark, settings, name, on_retry=on_retry, attempts=attempts, applied=applied)
+               for name in tables]
     wrote = any(r["table"] in ("risk_scores", "silver_labels") and r.get("rows") for r in results)
     if (view_always or wrote) and any(r["table"] == "risk_scores" and "skipped" not in r for r in results):
         pg_mirror.with_retries(lambda conn: alerts.ensure_alerts_view(conn, settings.pg_schema), settings,
@@ -147,10 +162,15 @@ class MirrorLoop(threading.Thread):
         self.tables = tables or tuple(MIRRORED_TABLES)
         self.rounds = 0
         self.last_error: BaseException | None = None
+        self._applied: dict[str, int] = {}
         self._halt = threading.Event()
 
-    def run_round(self) -> list[dict]:
-        return mirror_all(self.spark, self.settings, attempts=1, tables=self.tables, view_always=self.rounds == 0)
+    def run_round(self, remember: bool = True) -> list[dict]:
+        """One round; with ``remember``, tables whose Delta version has not moved since this loop
+        last applied it are skipped without a snapshot load or a Postgres round trip (a poll every
+        second must not compete with the stream for the driver)."""
+        return mirror_all(self.spark, self.settings, attempts=1, tables=self.tables,
+                          view_always=self.rounds == 0, applied=self._applied if remember else None)
 
     def run(self) -> None:
         delay = self.interval
@@ -171,5 +191,5 @@ class MirrorLoop(threading.Thread):
     def stop(self, final_round: bool = True, timeout: float = 300.0) -> None:
         self._halt.set()
         self.join(timeout)
-        if final_round:
-            self.run_round()
+        if final_round:  # checks every table against the Postgres ledger
+            self.run_round(remember=False)

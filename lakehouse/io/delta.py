@@ -8,6 +8,7 @@ seen. A batch replayed after a crash therefore writes each table at most once.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -178,10 +179,16 @@ def read(spark: SparkSession, path: Path | str, version: int | None = None) -> D
     return reader.load(str(path))
 
 
-def table_version(spark: SparkSession, path: Path | str) -> int | None:
-    """Latest committed version of the table, or None when there is no table."""
-    if not is_delta_table(path):
-        return None
-    from delta.tables import DeltaTable
+def table_version(path: Path | str) -> int | None:
+    """Latest committed version of the table, or None when there is no table.
 
-    return DeltaTable.forPath(spark, str(path)).history(1).select("version").first()[0]
+    Read from the names of the commit files in ``_delta_log`` (``<20-digit version>.json``, written
+    atomically): no Spark job and no snapshot load, so a loop can poll it every second. Log clean-up
+    removes old commit files only, never the latest.
+    """
+    try:
+        names = os.listdir(Path(path) / "_delta_log")
+    except FileNotFoundError:
+        return None
+    versions = [int(n[:20]) for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit()]
+    return max(versions, default=None)

@@ -160,8 +160,8 @@ def resolve_snapshot(spark: SparkSession, settings: Settings, as_of_version: tup
     if as_of_timestamp is not None:
         return Snapshot(version_at(spark, fpath, as_of_timestamp),
                         version_at(spark, lpath, as_of_timestamp) if has_labels else None)
-    latest_f = delta.table_version(spark, fpath)
-    latest_l = delta.table_version(spark, lpath) if has_labels else None
+    latest_f = delta.table_version(fpath)
+    latest_l = delta.table_version(lpath) if has_labels else None
     if as_of_version is None:
         return Snapshot(latest_f, latest_l)
     f, lab = as_of_version

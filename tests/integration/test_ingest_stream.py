@@ -53,10 +53,10 @@ def test_feed_lands_in_silver_exactly_once_and_reconciles(spark, settings):
 def test_rerun_and_redelivery_are_counted_not_inserted(spark, settings):
     write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(10)], mtime=FILE_MTIME)
     streaming.run_streams(spark, settings, once=True, kinds=("events",))
-    version = delta.table_version(spark, settings.table_path("silver_transactions"))
+    version = delta.table_version(settings.table_path("silver_transactions"))
 
     streaming.run_streams(spark, settings, once=True, kinds=("events",))  # nothing new: no batch
-    assert delta.table_version(spark, settings.table_path("silver_transactions")) == version
+    assert delta.table_version(settings.table_path("silver_transactions")) == version
 
     # The same events delivered again in a new file, plus one new event.
     write_lines(settings.events_inbox, "b.jsonl", [event_line(i) for i in range(5)] + [event_line(99)],
@@ -117,14 +117,14 @@ def test_replayed_batch_after_a_crash_writes_nothing_twice(spark, settings, monk
     with pytest.raises(RuntimeError, match="simulated crash"):
         batch(lines, 0)
     monkeypatch.setattr(delta, "append_once", real_append)
-    versions = {n: delta.table_version(spark, settings.table_path(n))
+    versions = {n: delta.table_version(settings.table_path(n))
                 for n in ("bronze_events", "silver_quarantine", "silver_transactions")}
 
     batch(lines, 0)   # the replay
     batch(lines, 0)   # and once more, as if the replay too had died before Spark's commit
 
     for name, version in versions.items():  # bronze, quarantine, silver: not written again
-        assert delta.table_version(spark, settings.table_path(name)) == version, name
+        assert delta.table_version(settings.table_path(name)) == version, name
     assert table(spark, settings, "bronze_events").count() == 22
     assert table(spark, settings, "silver_transactions").count() == 20
     dq = dq_rows(spark, settings)

@@ -71,13 +71,13 @@ def test_dq_summary_counts_every_batch(spark, fed):
 @pytest.mark.integration
 def test_dry_run_changes_nothing_and_skips_missing_tables(spark, fed):
     path = fed.table_path("silver_transactions")
-    version = delta.table_version(spark, path)
+    version = delta.table_version(path)
     reports = maintenance.maintain(spark, fed, dry_run=True, pins={})
     names = {r.table for r in reports}
     assert {"silver_transactions", "bronze_events", "silver_dq_batches"} <= names
     assert "gold_transaction_features" not in names  # no such table yet: skipped
     assert all(r.retention_hours == 168 for r in reports)
-    assert delta.table_version(spark, path) == version
+    assert delta.table_version(path) == version
     with pytest.raises(KeyError):
         maintenance.maintain(spark, fed, tables=["nope"], pins={})
 

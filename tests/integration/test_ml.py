@@ -196,10 +196,10 @@ def test_scorer_writes_risk_scores_idempotently_and_follows_the_champion(spark, 
     n = feats.count()
     assert scorer_mod.write_scores(spark, ml_settings, scorer.score(feats), "test-scoring", 0) == n
     path = ml_settings.table_path("risk_scores")
-    version = delta.table_version(spark, path)
+    version = delta.table_version(path)
     # a replayed micro-batch (same app id and batch id) writes nothing
     scorer_mod.write_scores(spark, ml_settings, scorer.score(feats), "test-scoring", 0)
-    assert delta.table_version(spark, path) == version
+    assert delta.table_version(path) == version
     rows = delta.read(spark, path).toPandas().sort_values("event_id").reset_index(drop=True)
     assert len(rows) == n and rows["event_id"].is_unique
     assert set(rows["model_version"]) == {champion.model_version}
