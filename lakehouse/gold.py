@@ -25,7 +25,10 @@ a new fraud label reported at ``r`` for an event at ``e`` changes the merchant a
 of transactions in ``[max(e, r), e + 30d)``. The stream recomputes exactly those rows (a superset:
 everything of the key from the earliest change on), then the five-minute windows of the users with
 new on-time events, then the daily risk from the earliest touched day on (the trailing baselines of
-the following 30 days depend on it). Each write is idempotent by (query app id, batch id).
+the following 30 days depend on it). The daily risk's ``is_matured`` is judged by the calendar (a
+day matures 30 days after it, when its chargebacks have had time to arrive), so once per UTC day the
+risk step also reaches back to the earliest day still flagged young although it has matured. Each
+write is idempotent by (query app id, batch id).
 """
 
 from __future__ import annotations
@@ -231,6 +234,7 @@ class GoldStream:
         self.settings = settings
         self.on_features = on_features
         self._ready = False
+        self._maturity_checked: date | None = None  # the UTC day stale matured flags were last fixed
 
     def _path(self, name: str) -> str:
         return str(self.settings.table_path(name))
@@ -392,18 +396,36 @@ class GoldStream:
         finally:
             targets.unpersist()
 
+    def _stale_maturity(self, spark) -> date | None:
+        """The earliest day whose risk rows still say ``is_matured = false`` although the day is now
+        ``MATURITY_DAYS`` old (the flag is judged by the calendar, and the stream rewrites a day only
+        when something touches it). Asked once per UTC day; None when nothing is stale."""
+        today = _today()
+        if self._maturity_checked == today:
+            return None
+        cutoff = today - timedelta(days=risk_t.MATURITY_DAYS)
+        stale = [delta.read(spark, self._path(f"gold_{prefix}_risk_daily"))
+                 .where(~F.col("is_matured") & (F.col("day") <= F.lit(cutoff))).agg(F.min("day")).first()[0]
+                 for _, prefix in _RISK]
+        return min((d for d in stale if d is not None), default=None)
+
     def _risk(self, spark, first_day: date, app_id: str, batch_id: int) -> None:
-        """Daily risk of [first_day, first_day + 31d]: the touched days and those whose trailing
-        baseline includes them."""
+        """Daily risk of [first_day, first_day + 31d] (the touched days and those whose trailing
+        baseline includes them), extended back to the earliest day whose matured flag is stale."""
         last_day = first_day + timedelta(days=31)
+        checked = _today()
+        stale = self._stale_maturity(spark)
+        if stale is not None and stale < first_day:
+            first_day = stale
         silver = delta.read(spark, self._path("silver_transactions"))
         history = silver.where(_between("event_date", first_day - timedelta(days=31), last_day))
         tx = delta.read(spark, self._path("gold_transaction_features")).where(
             _between("event_date", first_day, last_day))
         for name, df in risk_rows(history, tx, _labels(spark, self.settings), first_day, last_day,
-                                  _today()).items():
+                                  checked).items():
             delta.replace_range_once(df, self._path(name), f"day >= '{first_day}' AND day <= '{last_day}'",
                                      app_id, batch_id)
+        self._maturity_checked = checked
 
     def _windows(self, spark, silver: DataFrame, on_time: DataFrame, late_ids: DataFrame, app_id: str,
                  batch_id: int) -> None:

@@ -119,3 +119,34 @@ def test_stream_and_backfill_give_identical_gold(spark, settings):
     # Too-late events are out of the windows, yet every one has its own feature row.
     tx_ids = set(streamed["gold_transaction_features"]["event_id"])
     assert set(late["event_id"]) <= tx_ids
+
+
+def test_matured_flags_are_refreshed_when_the_calendar_moves_on(spark, settings, monkeypatch):
+    """``is_matured`` of the daily risk is judged by the calendar: a day the stream wrote as young is
+    rewritten as matured once it is 30 days old, though no later event touches that day."""
+    clock = {"today": date(2026, 12, 19)}  # 11-20 is 29 days old: not matured yet
+    monkeypatch.setattr(gold, "_today", lambda: clock["today"])
+    settings = settings.replace(max_files_per_trigger=1)
+    write_lines(settings.events_inbox, "a.jsonl", [_ev(1, "u1", 0), _ev(2, "u2", 5, merchant="m002")],
+                mtime=FILE_MTIME)
+    write_lines(settings.events_inbox, "b.jsonl",
+                [event_line(3, user_id="u1", merchant_id="m001", country="FR", amount="10.00", currency="USD",
+                            event_time="2026-11-21T08:00:00Z")], mtime=FILE_MTIME + 1)
+    seen = {}
+
+    def flags(name):
+        df = delta.read(spark, settings.table_path(name)).select("day", "is_matured").distinct().collect()
+        return sorted((str(r["day"]), r["is_matured"]) for r in df)
+
+    def on_batch(r):
+        seen[r.batch_id] = {n: flags(n) for n in ("gold_merchant_risk_daily", "gold_country_risk_daily")}
+        clock["today"] = date(2026, 12, 20)  # a day passes before the next batch: 11-20 matures
+
+    streaming.run_streams(spark, settings, once=True, kinds=("events",), on_batch=on_batch)
+    for name in ("gold_merchant_risk_daily", "gold_country_risk_daily"):
+        assert seen[0][name] == [("2026-11-20", False)], name
+        # Batch 1 touched only 11-21, yet the 11-20 rows now say matured; 11-21 is 29 days old.
+        assert flags(name) == [("2026-11-20", True), ("2026-11-21", False)], name
+    merchants = _table(spark, settings, "gold_merchant_risk_daily")
+    assert list(merchants["merchant_id"]) == ["m001", "m001", "m002"]
+    assert list(merchants["tx_count"]) == [1, 1, 1]
