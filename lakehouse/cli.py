@@ -252,7 +252,7 @@ def cmd_demo(args, settings: Settings) -> int:
     from lakehouse import marts, mirror, streaming, summary
     from lakehouse.generator import GeneratorConfig, generate_backlog
     from lakehouse.io import postgres
-    from lakehouse.ml import dataset, scorer, train
+    from lakehouse.ml import dataset, evaluate, scorer, train
     from lakehouse.spark import build_spark
 
     steps, started = 8, time.time()
@@ -290,7 +290,9 @@ def cmd_demo(args, settings: Settings) -> int:
         cfg = train.TrainConfig(split=dataset.SplitConfig(train_days=train_days, gap_days=gap_days,
                                                           test_days=test_days, maturity_days=maturity_days))
         model = train.train(spark, settings, cfg, progress=say).summary()
-        say(f"{model['model']}: AUC {model.get('roc_auc', float('nan')):.3f}  AP {model.get('average_precision', float('nan')):.3f}"
+        say(f"{model['model']}: AUC {evaluate.with_interval(model, 'roc_auc')}  "
+            f"AP {evaluate.with_interval(model, 'average_precision')}  "
+            f"({int(model.get('n_test_fraud') or 0)} frauds in the test window)"
             f"  P@100/day {model.get('precision_at_100_per_day', float('nan')):.3f}  threshold {model['threshold']:.4f}  "
             f"{'promoted to champion' if model['promoted'] else 'not promoted'} ({model['reason']})")
     except dataset.DatasetError as exc:
@@ -406,7 +408,7 @@ def cmd_dashboard(args, settings: Settings) -> int:
 # ---- train / score / ui (model) ------------------------------------------------------------------
 
 def cmd_train(args, settings: Settings) -> int:
-    from lakehouse.ml import dataset, registry, threshold, train
+    from lakehouse.ml import dataset, evaluate, registry, threshold, train
     from lakehouse.spark import build_spark
 
     if sum(x is not None for x in (args.as_of_version, args.as_of_timestamp, args.as_of_run)) > 1:
@@ -437,7 +439,8 @@ def cmd_train(args, settings: Settings) -> int:
         raise UserError(str(exc)) from None
     s = result.summary()
     verdict = "[green]promoted to champion[/]" if result.promoted else "[yellow]not promoted[/]"
-    console.print(f"AUC {s['roc_auc']:.4f}  AP {s['average_precision']:.4f}  "
+    console.print(f"AUC {evaluate.with_interval(s, 'roc_auc', 4)}  AP {evaluate.with_interval(s, 'average_precision', 4)}  "
+                  f"({int(s.get('n_test_fraud') or 0)} frauds in {int(s.get('n_test') or 0)} test rows; 95% bootstrap intervals)  "
                   f"P@100/day {s['precision_at_100_per_day']:.3f}  threshold {s['threshold']:.4f}  "
                   f"{s['model']} {verdict} ({result.reason})")
     out.print(json.dumps(s, default=str), soft_wrap=True, highlight=False)

@@ -12,6 +12,10 @@ Definitions (``y`` = fraud label known in the snapshot, ``p`` = score):
 * ``recall_<scenario>``: the share of the scenario's fraud transactions at or above the threshold.
 * Calibration: ``brier``, and ``ece`` (expected calibration error over 10 equal-count bins of the
   score, ``sum_b n_b/n * |mean(p_b) - mean(y_b)|``); the bins are the calibration table.
+* ``roc_auc_ci_low`` / ``_high`` and ``average_precision_ci_low`` / ``_high``: 95% percentile
+  intervals from a Poisson bootstrap of the test transactions (200 resamples, fixed seed; each
+  resample weighs every row by a Poisson(1) count, the same metrics on the weighted rows). A test
+  window with a handful of frauds gives a wide interval: read the point figures with it.
 * ``psi`` (population stability index) of a variable between a reference sample (training window)
   and a current one (latest day): 10 bins at the reference's deciles (a variable with at most 10
   distinct values gets one bin per value); ``sum (a - e) * ln(a / e)`` with shares floored at 1e-4.
@@ -53,6 +57,47 @@ def calibration_table(y: np.ndarray, p: np.ndarray, bins: int = 10) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+def _ranking_metrics(y_sorted: np.ndarray, group_end: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """(ROC AUC, average precision) of rows sorted by decreasing score, weighted by ``w``;
+    ``group_end`` marks the last row of each run of equal scores (one threshold per distinct score,
+    ties count half in the AUC). With unit weights these are scikit-learn's two figures."""
+    tp = np.cumsum(w * y_sorted)[group_end]
+    fp = np.cumsum(w * ~y_sorted)[group_end]
+    pos, neg = tp[-1], fp[-1]
+    if pos <= 0 or neg <= 0:
+        return float("nan"), float("nan")
+    tpr, fpr = np.r_[0.0, tp / pos], np.r_[0.0, fp / neg]
+    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    ap = float(np.sum(np.diff(np.r_[0.0, tp / pos]) * tp / np.maximum(tp + fp, 1e-300)))
+    return auc, ap
+
+
+def bootstrap_intervals(y: np.ndarray, p: np.ndarray, resamples: int = 200, level: float = 0.95,
+                        seed: int = 0) -> dict[str, float]:
+    """Percentile intervals of ROC AUC and average precision from a Poisson bootstrap (module doc);
+    NaN when the test set lacks fraud or legitimate rows."""
+    y, p = np.asarray(y, dtype=bool), np.asarray(p, dtype=float)
+    names = ("roc_auc_ci_low", "roc_auc_ci_high", "average_precision_ci_low", "average_precision_ci_high")
+    if not 0 < y.sum() < len(y):
+        return dict.fromkeys(names, float("nan"))
+    order = np.argsort(-p, kind="mergesort")
+    y_sorted, p_sorted = y[order], p[order]
+    group_end = np.r_[p_sorted[1:] != p_sorted[:-1], True]
+    rng = np.random.default_rng(seed)
+    draws = np.array([_ranking_metrics(y_sorted, group_end, rng.poisson(1.0, len(y)).astype(float))
+                      for _ in range(resamples)])
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    (auc_lo, ap_lo), (auc_hi, ap_hi) = np.nanpercentile(draws, lo, axis=0), np.nanpercentile(draws, hi, axis=0)
+    return dict(zip(names, (float(auc_lo), float(auc_hi), float(ap_lo), float(ap_hi))))
+
+
+def with_interval(metrics: dict, name: str, digits: int = 3) -> str:
+    """``0.912 [0.884, 0.936]``: a metric with its bootstrap interval, when there is one."""
+    value, lo, hi = (metrics.get(k, float("nan")) for k in (name, f"{name}_ci_low", f"{name}_ci_high"))
+    text = f"{value:.{digits}f}"
+    return text if np.isnan(lo) or np.isnan(hi) else f"{text} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
 def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     alert = p >= threshold
     tp = int((alert & y).sum())
@@ -81,6 +126,7 @@ def evaluate(test: pd.DataFrame, scores: np.ndarray, threshold: float, k: int = 
         "brier": float(brier_score_loss(y, p)) if len(y) else float("nan"), "ece": ece,
         "threshold": float(threshold), "precision_at_threshold": at["precision"],
         "recall_at_threshold": at["recall"], "alerts_at_threshold": float(at["alerts"]),
+        **bootstrap_intervals(y, p),
     }
     scenarios = []
     for name in sorted(set(test.loc[test["is_fraud"], "scenario"].dropna())):

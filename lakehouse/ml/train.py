@@ -66,7 +66,8 @@ class TrainResult:
     seconds: dict
 
     def summary(self) -> dict:
-        keys = ("roc_auc", "average_precision", "precision_at_100_per_day", "precision_at_threshold",
+        keys = ("roc_auc", "roc_auc_ci_low", "roc_auc_ci_high", "average_precision", "average_precision_ci_low",
+                "average_precision_ci_high", "precision_at_100_per_day", "precision_at_threshold",
                 "recall_at_threshold", "fraud_rate", "n_test", "n_test_fraud")
         return {
             "run_id": self.run_id, "model": f"{self.model_name} v{self.model_version}",
@@ -122,8 +123,10 @@ def train(spark: SparkSession, settings: Settings, cfg: TrainConfig = TrainConfi
     p_test = model_mod.predict(fitted, ts.test)
     report = thr.choose(ts.test, p_test, cfg.policy)
     metrics, details = evaluate.evaluate(ts.test, p_test, report.chosen_threshold, cfg.top_k)
-    _say(progress, f"{cfg.model}: fit {seconds['fit']}s, AUC {metrics['roc_auc']:.4f}, "
-                   f"AP {metrics['average_precision']:.4f}, threshold {report.chosen_threshold:.4f}")
+    _say(progress, f"{cfg.model}: fit {seconds['fit']}s, AUC {evaluate.with_interval(metrics, 'roc_auc', 4)}, "
+                   f"AP {evaluate.with_interval(metrics, 'average_precision', 4)} (95% bootstrap intervals, "
+                   f"{int(metrics['n_test_fraud'])} frauds in {int(metrics['n_test'])} test rows), "
+                   f"threshold {report.chosen_threshold:.4f}")
 
     baseline = None
     if cfg.baseline and cfg.model != "logreg":

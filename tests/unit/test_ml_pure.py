@@ -115,3 +115,39 @@ def test_top_reasons_name_the_feature_that_drives_the_score():
     assert scores[0] == pytest.approx(model.predict_proba(row)[0, 1])
     base = model.predict_proba(row)[0, 1] - model.predict_proba(row.assign(b=medians[1]))[0, 1]
     assert top[0]["contribution"] == pytest.approx(base, abs=1e-6)
+
+
+def test_ranking_metrics_equal_scikit_learn_with_unit_weights_ties_included():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(5)
+    y = rng.random(3000) < 0.05
+    p = np.round(rng.random(3000) * 0.6 + 0.4 * y, 2)  # rounded: many tied scores
+    order = np.argsort(-p, kind="mergesort")
+    ends = np.r_[p[order][1:] != p[order][:-1], True]
+    auc, ap = evaluate._ranking_metrics(y[order], ends, np.ones(len(y)))
+    assert auc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert ap == pytest.approx(average_precision_score(y, p), abs=1e-12)
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_frauds():
+    rng = np.random.default_rng(7)
+
+    def data(n, rate):
+        y = rng.random(n) < rate
+        return y, 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 1.2 * y - 3)))  # probabilities
+
+    y_small, p_small = data(2000, 0.005)   # about 10 frauds, as in a small demo's test window
+    y_big, p_big = data(40000, 0.02)       # about 800
+    small, big = evaluate.bootstrap_intervals(y_small, p_small), evaluate.bootstrap_intervals(y_big, p_big)
+    metrics, _ = evaluate.evaluate(pd.DataFrame({"is_fraud": y_big, "user_id": "u", "scenario": None,
+                                                 "event_date": "2026-11-20"}), p_big, threshold=1.0)
+    for name in ("roc_auc", "average_precision"):
+        assert big[f"{name}_ci_low"] < metrics[name] < big[f"{name}_ci_high"]
+        assert metrics[f"{name}_ci_low"] == big[f"{name}_ci_low"]  # evaluate reports them, same seed
+        width = lambda ci: ci[f"{name}_ci_high"] - ci[f"{name}_ci_low"]  # noqa: E731
+        assert width(small) > 3 * width(big), name
+    assert evaluate.bootstrap_intervals(y_small, p_small) == small  # fixed seed: reproducible
+    assert np.isnan(evaluate.bootstrap_intervals(np.zeros(10, bool), np.arange(10.0))["roc_auc_ci_low"])
+    assert evaluate.with_interval({"roc_auc": 0.9, "roc_auc_ci_low": 0.85, "roc_auc_ci_high": 0.95},
+                                  "roc_auc") == "0.900 [0.850, 0.950]"
