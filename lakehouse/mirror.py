@@ -165,18 +165,24 @@ class MirrorLoop(threading.Thread):
         self._applied: dict[str, int] = {}
         self._halt = threading.Event()
 
+    #: Every this many rounds, and after a failed round (Postgres may have been restored or reset
+    #: meanwhile), a round checks every table against the ledger instead of trusting its memory.
+    FULL_CHECK_EVERY = 60
+
     def run_round(self, remember: bool = True) -> list[dict]:
         """One round; with ``remember``, tables whose Delta version has not moved since this loop
         last applied it are skipped without a snapshot load or a Postgres round trip (a poll every
         second must not compete with the stream for the driver)."""
+        if not remember:
+            self._applied.clear()  # relearned from the ledger in this round
         return mirror_all(self.spark, self.settings, attempts=1, tables=self.tables,
-                          view_always=self.rounds == 0, applied=self._applied if remember else None)
+                          view_always=self.rounds == 0, applied=self._applied)
 
     def run(self) -> None:
         delay = self.interval
         while not self._halt.is_set():
             try:
-                self.run_round()
+                self.run_round(remember=self.last_error is None and self.rounds % self.FULL_CHECK_EVERY != 0)
                 self.rounds += 1
                 if self.last_error is not None:
                     self.report("mirror: Postgres is back; caught up with gold")
