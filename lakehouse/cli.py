@@ -290,9 +290,7 @@ def cmd_demo(args, settings: Settings) -> int:
         cfg = train.TrainConfig(split=dataset.SplitConfig(train_days=train_days, gap_days=gap_days,
                                                           test_days=test_days, maturity_days=maturity_days))
         model = train.train(spark, settings, cfg, progress=say).summary()
-        say(f"{model['model']}: AUC {evaluate.with_interval(model, 'roc_auc')}  "
-            f"AP {evaluate.with_interval(model, 'average_precision')}  "
-            f"({int(model.get('n_test_fraud') or 0)} frauds in the test window)"
+        say(f"{model['model']}: {evaluate.ranking_summary(model, 3)}"
             f"  P@100/day {model.get('precision_at_100_per_day', float('nan')):.3f}  threshold {model['threshold']:.4f}  "
             f"{'promoted to champion' if model['promoted'] else 'not promoted'} ({model['reason']})")
     except dataset.DatasetError as exc:
@@ -439,8 +437,7 @@ def cmd_train(args, settings: Settings) -> int:
         raise UserError(str(exc)) from None
     s = result.summary()
     verdict = "[green]promoted to champion[/]" if result.promoted else "[yellow]not promoted[/]"
-    console.print(f"AUC {evaluate.with_interval(s, 'roc_auc', 4)}  AP {evaluate.with_interval(s, 'average_precision', 4)}  "
-                  f"({int(s.get('n_test_fraud') or 0)} frauds in {int(s.get('n_test') or 0)} test rows; 95% bootstrap intervals)  "
+    console.print(f"{evaluate.ranking_summary(s)}  "
                   f"P@100/day {s['precision_at_100_per_day']:.3f}  threshold {s['threshold']:.4f}  "
                   f"{s['model']} {verdict} ({result.reason})")
     out.print(json.dumps(s, default=str), soft_wrap=True, highlight=False)

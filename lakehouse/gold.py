@@ -396,11 +396,10 @@ class GoldStream:
         finally:
             targets.unpersist()
 
-    def _stale_maturity(self, spark) -> date | None:
+    def _stale_maturity(self, spark, today: date) -> date | None:
         """The earliest day whose risk rows still say ``is_matured = false`` although the day is now
         ``MATURITY_DAYS`` old (the flag is judged by the calendar, and the stream rewrites a day only
         when something touches it). Asked once per UTC day; None when nothing is stale."""
-        today = _today()
         if self._maturity_checked == today:
             return None
         cutoff = today - timedelta(days=risk_t.MATURITY_DAYS)
@@ -414,7 +413,7 @@ class GoldStream:
         baseline includes them), extended back to the earliest day whose matured flag is stale."""
         last_day = first_day + timedelta(days=31)
         checked = _today()
-        stale = self._stale_maturity(spark)
+        stale = self._stale_maturity(spark, checked)
         if stale is not None and stale < first_day:
             first_day = stale
         silver = delta.read(spark, self._path("silver_transactions"))

@@ -123,9 +123,7 @@ def train(spark: SparkSession, settings: Settings, cfg: TrainConfig = TrainConfi
     p_test = model_mod.predict(fitted, ts.test)
     report = thr.choose(ts.test, p_test, cfg.policy)
     metrics, details = evaluate.evaluate(ts.test, p_test, report.chosen_threshold, cfg.top_k)
-    _say(progress, f"{cfg.model}: fit {seconds['fit']}s, AUC {evaluate.with_interval(metrics, 'roc_auc', 4)}, "
-                   f"AP {evaluate.with_interval(metrics, 'average_precision', 4)} (95% bootstrap intervals, "
-                   f"{int(metrics['n_test_fraud'])} frauds in {int(metrics['n_test'])} test rows), "
+    _say(progress, f"{cfg.model}: fit {seconds['fit']}s, {evaluate.ranking_summary(metrics)}, "
                    f"threshold {report.chosen_threshold:.4f}")
 
     baseline = None
