@@ -56,12 +56,25 @@ the backfill agree to the last bit. A fraud label ``f`` (event time ``e``, effec
 ``g = max(e, reported_at)``) counts for a transaction of the same merchant at ``t`` iff
 ``g <= t < e + d``: an interval. So the fraud count at ``t`` is a running sum of +1 at ``g`` and -1
 at ``e + d`` (both applied at ``t`` itself), one sort per merchant (country) for all three ``d``.
-History is first pruned to the targets' keys and time span, so a small micro-batch only sorts the
-history it needs.
+History is first pruned to the targets' keys and time span.
+
+**Sliced evaluation** (the stream's micro-batches). Sorting a merchant's or a country's whole 30-day
+look-back makes a micro-batch cost grow with the history, not with the batch: a country's look-back
+is a large share of silver. When the targets span little event time (``[lo, hi]``, at most
+``SLICE_MAX_SECONDS``), the merchant and country totals are split at ``a = lo - 1`` instead:
+``total(t - W, t] = total(a - W, a] + total(a, t] - total(a - W, t - W]``. The first term is a plain
+per-key aggregate (a scan, no sort); the other two are running sums over slices as wide as the span
+(the span, and the span shifted back by ``W``), each read from its own days only. The fraud count at
+``t`` is the labels counting at ``a`` plus the steps in ``(a, t]``. Every term is an exact integer, so
+sliced and sorted evaluation agree to the bit (tested on random rows built to hit every edge). Slicing
+has a larger fixed cost (more, smaller scans and joins), so it is used only when the look-back is
+large against the targets (``SLICE_MIN_ROWS``, ``SLICE_MIN_RATIO``). The user features stay sorted: a
+card holder's look-back is short.
 """
 
 from __future__ import annotations
 
+from datetime import date, datetime, timedelta, timezone
 from functools import reduce
 
 from pyspark.sql import Column, DataFrame, Window
@@ -78,6 +91,14 @@ TRAILING_WINDOWS: tuple[tuple[str, int], ...] = (
 FRAUD_RATE_WINDOWS: tuple[tuple[str, int], ...] = (("1d", _DAY), ("7d", 7 * _DAY), ("30d", 30 * _DAY))
 #: How far back any feature looks: history must cover (t - LOOKBACK_SECONDS, t].
 LOOKBACK_SECONDS = 30 * _DAY
+#: When the merchant and country features are *sliced* (module docstring) rather than sorted: the
+#: targets span at most SLICE_MAX_SECONDS of event time (a stream micro-batch), and their look-back
+#: holds at least SLICE_MIN_ROWS rows and SLICE_MIN_RATIO times as many rows as there are targets.
+#: Measured on 2 cores: 1,000 targets over 1M rows of look-back took 16.9 s sliced, 26.0 s sorted;
+#: 300 over 10k rows 13.4 s sliced, 9.7 s sorted; 60k over 180k rows 23.7 s sliced, 16.2 s sorted.
+SLICE_MAX_SECONDS = _DAY
+SLICE_MIN_ROWS = 250_000
+SLICE_MIN_RATIO = 20
 _LOOKBACK_US = LOOKBACK_SECONDS * _US
 
 
@@ -165,15 +186,33 @@ def _in_lookback(prev_t: Column) -> Column:
     return prev_t.isNotNull() & (prev_t > F.col("_t") - F.lit(_LOOKBACK_US))
 
 
-def _pruned_history(targets: DataFrame, history: DataFrame) -> DataFrame:
-    """History rows in (min(t) - 30d, max(t)] of the targets, with ``_t`` = event time in µs."""
-    hist = history.select("event_id", "user_id", "merchant_id", "country", "amount_base",
-                          F.unix_micros("event_time").alias("_t"), F.lit(1).cast("long").alias("_n"),
-                          _micros(F.col("amount_base")).alias("_a"))
-    bounds = targets.agg(F.min(F.unix_micros("event_time")).alias("_lo"),
-                         F.max(F.unix_micros("event_time")).alias("_hi"))
-    cond = (F.col("_t") > F.col("_lo") - F.lit(_LOOKBACK_US)) & (F.col("_t") <= F.col("_hi"))
-    return hist.join(F.broadcast(bounds), cond, "inner").drop("_lo", "_hi")
+def _span(targets: DataFrame) -> tuple[int, int, int]:
+    """(count, earliest, latest event time in µs) of the targets; (0, 0, 0) when there are none."""
+    n, lo, hi = targets.agg(F.count(F.lit(1)), F.min(F.unix_micros("event_time")),
+                            F.max(F.unix_micros("event_time"))).first()
+    return (0, 0, 0) if not n else (int(n), int(lo), int(hi))
+
+
+def _day(us: int) -> date:
+    return (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=us)).date()
+
+
+def _within(lo_us: int, hi_us: int, column: str = "_t") -> Column:
+    """``lo_us < column <= hi_us`` (µs)."""
+    return (F.col(column) > F.lit(lo_us)) & (F.col(column) <= F.lit(hi_us))
+
+
+def _history_rows(history: DataFrame, lo_us: int, hi_us: int) -> DataFrame:
+    """History rows with event time in ``(lo_us, hi_us]``, with ``_t`` (event time in µs), ``_n`` (1)
+    and ``_a`` (amount in micro-USD). The event_date bounds (a day wider on each side, whatever the
+    session time zone) let Delta skip the partitions outside."""
+    days = ((F.col("event_date") >= F.lit(_day(lo_us) - timedelta(days=1)))
+            & (F.col("event_date") <= F.lit(_day(hi_us) + timedelta(days=1))))
+    return (history.where(days)
+            .select("event_id", "user_id", "merchant_id", "country", "amount_base",
+                    F.unix_micros("event_time").alias("_t"), F.lit(1).cast("long").alias("_n"),
+                    _micros(F.col("amount_base")).alias("_a"))
+            .where(_within(lo_us, hi_us)))
 
 
 def _only_keys(hist: DataFrame, targets: DataFrame, key: str) -> DataFrame:
@@ -210,43 +249,111 @@ def _fraud_labels(labels: DataFrame) -> DataFrame:
             .groupBy("event_id").agg(F.min(F.unix_micros("reported_at")).alias("_r")))
 
 
+def _counts_in(d_seconds: int) -> Column:
+    """A fraud label counts somewhere in window ``d`` iff its effective time ``_g`` comes before
+    ``_e + d``, when the event leaves the window."""
+    return F.col("_g") < F.col("_e") + F.lit(d_seconds * _US)
+
+
+def _fraud_steps(fraud: DataFrame, key: str) -> DataFrame:
+    """The fraud labels as steps of the running fraud count of each window ``d``: +1 at ``_g``, -1 at
+    ``_e + d`` (columns ``key``, ``_tau``, ``_d<d>``); a label that never counts in ``d`` adds nothing."""
+    starts = fraud.select(key, F.col("_g").alias("_tau"),
+                          *[_counts_in(s).cast("long").alias(f"_d{d}") for d, s in FRAUD_RATE_WINDOWS])
+    ends = [fraud.where(_counts_in(s)).select(
+        key, (F.col("_e") + F.lit(s * _US)).alias("_tau"),
+        *[F.lit(-1 if other == d else 0).cast("long").alias(f"_d{other}") for other, _ in FRAUD_RATE_WINDOWS])
+        for d, s in FRAUD_RATE_WINDOWS]
+    return reduce(DataFrame.unionByName, ends, starts)
+
+
+def _group_output(frame: DataFrame, prefix: str) -> DataFrame:
+    """The ``prefix`` feature columns from the trailing totals ``_n_<w>``, ``_a_<w>`` (micro-USD) and
+    ``_d<d>`` (fraud labels counting at ``t`` in fraud-rate window ``d``)."""
+    cols: list[Column] = []
+    for w, _ in TRAILING_WINDOWS:
+        cols += [F.col(f"_n_{w}").alias(f"{prefix}_tx_count_{w}"),
+                 _usd(F.col(f"_a_{w}")).alias(f"{prefix}_amount_sum_{w}")]
+    out = frame.select("*", *cols)
+    # The denominator is the trailing transaction count of the same span (1d = 24h, 7d, 30d).
+    tx_count = {seconds: f"{prefix}_tx_count_{w}" for w, seconds in TRAILING_WINDOWS}
+    out = out.select("*", *[F.try_divide(F.col(f"_d{d}").cast("double"), F.col(tx_count[seconds]))
+                            .alias(f"{prefix}_fraud_rate_{d}") for d, seconds in FRAUD_RATE_WINDOWS])
+    return out.select("event_id", *(c for c in FEATURE_COLUMNS if c.startswith(f"{prefix}_")))
+
+
 def _group_features(hist: DataFrame, fraud: DataFrame, key: str, prefix: str) -> DataFrame:
-    """Trailing counts, sums and label-delay-aware fraud rates per ``key`` (merchant or country).
+    """Trailing counts, sums and label-delay-aware fraud rates per ``key`` (merchant or country) of
+    every row of ``hist``, which covers their look-back, by sorting it.
 
     ``fraud`` holds the fraud-labelled history rows of ``hist``: key, ``_e`` (event µs), ``_g``
-    (max(event, reported) µs). Each contributes +1 at ``_g`` and -1 at ``_e + d`` to the running
-    fraud count for window ``d`` (when ``_g < _e + d``; otherwise it never counts).
+    (max(event, reported) µs); see :func:`_fraud_steps`.
     """
     deltas = [f"_d{d}" for d, _ in FRAUD_RATE_WINDOWS]
     tx_rows = hist.select(key, "event_id", "_t", "_a", F.col("_n").alias("_is_tx"),
-                          *[F.lit(0).alias(c) for c in deltas])
-    none = [F.lit(None).cast("string").alias("event_id")]
-    starts = fraud.select(
-        key, *none, F.col("_g").alias("_t"), F.lit(0).cast("long").alias("_a"),
-        F.lit(0).cast("long").alias("_is_tx"),
-        *[(F.col("_g") < F.col("_e") + F.lit(s * _US)).cast("int").alias(f"_d{d}") for d, s in FRAUD_RATE_WINDOWS],
-    )
-    ends = [
-        fraud.where(F.col("_g") < F.col("_e") + F.lit(s * _US)).select(
-            key, *none, (F.col("_e") + F.lit(s * _US)).alias("_t"),
-            F.lit(0).cast("long").alias("_a"), F.lit(0).cast("long").alias("_is_tx"),
-            *[F.lit(-1 if other == d else 0).alias(f"_d{other}") for other, _ in FRAUD_RATE_WINDOWS],
-        )
-        for d, s in FRAUD_RATE_WINDOWS
-    ]
-    rows = reduce(DataFrame.unionByName, ends, tx_rows.unionByName(starts))
-
+                          *[F.lit(0).cast("long").alias(c) for c in deltas])
+    steps = _fraud_steps(fraud, key).select(
+        key, F.lit(None).cast("string").alias("event_id"), F.col("_tau").alias("_t"),
+        F.lit(0).cast("long").alias("_a"), F.lit(0).cast("long").alias("_is_tx"), *deltas)
     cols: list[Column] = []
     for w, seconds in TRAILING_WINDOWS:
-        cols += [_trailing_total("_is_tx", [key], seconds).alias(f"{prefix}_tx_count_{w}"),
-                 _usd(_trailing_total("_a", [key], seconds)).alias(f"{prefix}_amount_sum_{w}")]
-    cols += [F.sum(f"_d{d}").over(_running([key])).alias(f"_f{d}") for d, _ in FRAUD_RATE_WINDOWS]  # fraud as of t
-    out = rows.select("*", *cols).where(F.col("_is_tx") == 1)
-    # The denominator is the trailing transaction count of the same span (1d = 24h, 7d, 30d).
-    tx_count = {seconds: f"{prefix}_tx_count_{w}" for w, seconds in TRAILING_WINDOWS}
-    out = out.select("*", *[F.try_divide(F.col(f"_f{d}").cast("double"), F.col(tx_count[seconds]))
-                            .alias(f"{prefix}_fraud_rate_{d}") for d, seconds in FRAUD_RATE_WINDOWS])
-    return out.select("event_id", *(c for c in FEATURE_COLUMNS if c.startswith(f"{prefix}_")))
+        cols += [_trailing_total("_is_tx", [key], seconds).alias(f"_n_{w}"),
+                 _trailing_total("_a", [key], seconds).alias(f"_a_{w}")]
+    running = [F.sum(c).over(_running([key])).alias(c) for c in deltas]  # fraud counting as of t
+    out = tx_rows.unionByName(steps).select("event_id", "_is_tx", *cols, *running)
+    return _group_output(out.where(F.col("_is_tx") == 1), prefix)
+
+
+def _group_features_sliced(history: DataFrame, key_values: DataFrame, fraud_labels: DataFrame, key: str,
+                           prefix: str, lo: int, hi: int) -> DataFrame:
+    """As :func:`_group_features`, for the rows in ``[lo, hi]`` of the keys in ``key_values``, without
+    sorting the look-back (the sliced evaluation, module docstring). With ``a = lo - 1``, for a row at
+    ``t`` and a window ``W``::
+
+        total(t - W, t] = total(a - W, a]  +  total(a, t]  -  total(a - W, t - W]
+
+    The first term is an aggregate per key; the other two are running sums over two slices as wide as
+    the span: the span itself, and the span shifted back by ``W`` (its rows placed at ``_t + W``, so
+    "at or before t" means "at or before t - W"). The fraud count at ``t`` is the labels counting at
+    ``a`` plus the steps in ``(a, t]``. Each slice reads only its own days of ``history``.
+    """
+    a = lo - 1
+    rows = lambda x, y: _history_rows(history, x, y).join(key_values, key, "left_semi")  # noqa: E731
+    deltas = [f"_d{d}" for d, _ in FRAUD_RATE_WINDOWS]
+    lefts = [f"_l{v}_{w}" for w, _ in TRAILING_WINDOWS for v in ("n", "a")]
+    totals = ["_rn", "_ra", *lefts, *deltas]
+
+    def piece(df: DataFrame, tau: Column, event_id: Column, given: dict[str, Column]) -> DataFrame:
+        return df.select(key, event_id.alias("event_id"), tau.alias("_tau"),
+                         *[given.get(c, F.lit(0)).cast("long").alias(c) for c in totals])
+
+    none = F.lit(None).cast("string")
+    fraud = rows(a - _LOOKBACK_US, hi).join(fraud_labels, "event_id").select(
+        key, F.col("_t").alias("_e"), F.greatest("_t", "_r").alias("_g"))
+    pieces = [piece(rows(a, hi), F.col("_t"), F.col("event_id"), {"_rn": F.col("_n"), "_ra": F.col("_a")}),
+              piece(_fraud_steps(fraud, key).where(_within(a, hi, "_tau")), F.col("_tau"), none,
+                    {c: F.col(c) for c in deltas})]
+    for w, s in TRAILING_WINDOWS:
+        pieces.append(piece(rows(a - s * _US, hi - s * _US), F.col("_t") + F.lit(s * _US), none,
+                            {f"_ln_{w}": F.col("_n"), f"_la_{w}": F.col("_a")}))
+    running = Window.partitionBy(key).orderBy("_tau").rangeBetween(Window.unboundedPreceding, Window.currentRow)
+    run = (reduce(DataFrame.unionByName, pieces)
+           .select("event_id", key, *[F.sum(c).over(running).alias(c) for c in totals])
+           .where(F.col("event_id").isNotNull()))
+    base = rows(a - _LOOKBACK_US, a).groupBy(key).agg(
+        *[F.sum(F.when(F.col("_t") > F.lit(a - s * _US), F.col(f"_{v}")).otherwise(F.lit(0))).alias(f"_b{v}_{w}")
+          for w, s in TRAILING_WINDOWS for v in ("n", "a")])
+    at_a = fraud.where(F.col("_g") <= F.lit(a)).groupBy(key).agg(
+        *[F.sum((F.col("_e") + F.lit(s * _US) > F.lit(a)).cast("long")).alias(f"_b_d{d}")
+          for d, s in FRAUD_RATE_WINDOWS])
+    # Keys are never null in silver (quarantined), so plain equi-joins are exact here.
+    out = run.join(base, key, "left").join(at_a, key, "left")
+    zero = F.lit(0)
+    return _group_output(out.select(
+        "event_id",
+        *[(F.coalesce(F.col(f"_b{v}_{w}"), zero) + F.col(f"_r{v}") - F.col(f"_l{v}_{w}")).alias(f"_{v}_{w}")
+          for w, _ in TRAILING_WINDOWS for v in ("n", "a")],
+        *[(F.coalesce(F.col(f"_b{c}"), zero) + F.col(c)).alias(c) for c in deltas]), prefix)
 
 
 def _time_features() -> list[Column]:
@@ -257,7 +364,8 @@ def _time_features() -> list[Column]:
     return [(hour < 6).alias("is_night"), weekday.isin(2, 3).alias("is_weekend")]
 
 
-def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFrame) -> DataFrame:
+def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFrame,
+                         mode: str = "auto") -> DataFrame:
     """Features of each target transaction as of its own event time (rules: module docstring).
 
     Args:
@@ -266,23 +374,35 @@ def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFra
         history: silver transactions covering the targets' 30-day look-back, targets included;
             wider is fine (it is pruned to the targets' keys and time span).
         labels: silver labels (event_id, is_fraud, reported_at, ...).
+        mode: how the merchant and country features are evaluated: ``"sorted"`` sorts their whole
+            look-back, ``"sliced"`` reads only its edges (module docstring); ``"auto"`` picks by
+            ``SLICE_MAX_SECONDS``, ``SLICE_MIN_ROWS`` and ``SLICE_MIN_RATIO``. Both give the same values.
 
     Returns:
         One row per target: ``ID_COLUMNS`` then ``FEATURE_COLUMNS``. Key: event_id. The values do
         not depend on how wide ``history`` is, so a micro-batch gets the same values as a backfill.
     """
-    hist = _pruned_history(targets, history)
+    if mode not in ("auto", "sorted", "sliced"):
+        raise ValueError(f"mode must be auto, sorted or sliced, not {mode!r}")
+    n, lo, hi = _span(targets)  # no targets: an empty result of the right shape
+    # From one µs before the earliest target's look-back: the sliced totals split at lo - 1.
+    hist = _history_rows(history, lo - 1 - _LOOKBACK_US, hi)
+    sliced = mode == "sliced" or (mode == "auto" and n > 0 and hi - lo <= SLICE_MAX_SECONDS * _US
+                                  and hist.count() >= max(SLICE_MIN_ROWS, SLICE_MIN_RATIO * n))
     fraud_labels = _fraud_labels(labels)
 
-    user = _user_features(_only_keys(hist, targets, "user_id"))
-    groups = []
+    parts = [_user_features(_only_keys(hist, targets, "user_id"))]
     for key, prefix in (("merchant_id", "merchant"), ("country", "country")):
-        keyed = _only_keys(hist, targets, key)
-        fraud = keyed.join(fraud_labels, "event_id").select(
-            key, F.col("_t").alias("_e"), F.greatest("_t", "_r").alias("_g"))
-        groups.append(_group_features(keyed, fraud, key, prefix))
+        if sliced:
+            parts.append(_group_features_sliced(history, targets.select(key).distinct(), fraud_labels, key,
+                                                prefix, lo, hi))
+        else:
+            keyed = _only_keys(hist, targets, key)
+            fraud = keyed.join(fraud_labels, "event_id").select(
+                key, F.col("_t").alias("_e"), F.greatest("_t", "_r").alias("_g"))
+            parts.append(_group_features(keyed, fraud, key, prefix))
 
     out = targets.select(*ID_COLUMNS, *_time_features())
-    for feats in (user, *groups):
+    for feats in parts:
         out = out.join(feats, "event_id", "left")
     return out.select(*ID_COLUMNS, *FEATURE_COLUMNS)

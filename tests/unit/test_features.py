@@ -3,7 +3,10 @@ equivalence of a micro-batch (few targets, wide history) with a backfill (target
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta, timezone
+
+import pytest
 
 from pyspark.sql import Row
 from pyspark.testing import assertDataFrameEqual
@@ -38,8 +41,10 @@ def labels_frame(spark, rows=()):
 
 
 def features(spark, rows, labels=(), cols=None):
-    tx = tx_frame(spark, rows)
-    out = transaction_features(tx, tx, labels_frame(spark, labels))
+    """Every row's features, evaluated sorted and sliced (which must agree to the bit)."""
+    tx, lab = tx_frame(spark, rows), labels_frame(spark, labels)
+    out = transaction_features(tx, tx, lab, mode="sorted")
+    assertDataFrameEqual(transaction_features(tx, tx, lab, mode="sliced"), out, rtol=0, atol=0)
     return {r["event_id"]: r for r in out.select("event_id", *(cols or FEATURE_COLUMNS)).collect()}
 
 
@@ -183,3 +188,41 @@ def test_amount_sums_are_exact_whatever_the_history(spark):
     assert got["a3"]["user_amount_sum_7d"] == 1234567.723456
     windows = {r["window_start"]: r for r in user_windows_5m(history).collect()}
     assert {w["amount_sum"] for w in windows.values()} >= {0.1, 0.2, 0.3}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sliced_equals_sorted_on_random_edges_ties_and_labels(spark, seed):
+    """The stream's sliced evaluation (edges of the look-back) against the sort of all of it, on
+    random rows built to hit the edges: history rows exactly W before a target (and a microsecond
+    either side) for every window, same-instant ties, labels reported before, at and after targets
+    and just before the span, and events beyond the look-back."""
+    rng = random.Random(seed)
+    lo = at(0, hour=10)  # the targets span [lo, lo + 50 min]
+    windows = [timedelta(minutes=5), timedelta(hours=1), timedelta(days=1), timedelta(days=7), timedelta(days=30)]
+    instants = [lo + timedelta(minutes=rng.randrange(0, 50), seconds=rng.choice([0, 0, 30])) for _ in range(14)]
+    instants += [lo, lo]  # ties at the very start of the span
+    past = [t - w + timedelta(microseconds=d) for t in instants[:6] for w in windows for d in (-1, 0, 1)]
+    past += [lo - timedelta(minutes=rng.randrange(1, 60 * 24 * 32)) for _ in range(40)]
+    rows = [(f"e{i:03d}", rng.choice(["u1", "u2", "u3"]), rng.choice(["m1", "m2", "m3"]), rng.choice(["FR", "DE"]),
+             round(rng.uniform(1, 500), 2), t) for i, t in enumerate(sorted(instants) + past, 1)]
+    n_targets = len(instants)
+    labels = []
+    for e, *_, t in rng.sample(rows, 30):
+        reported = rng.choice([t, t + timedelta(minutes=rng.randrange(1, 90)), lo - timedelta(microseconds=1),
+                               lo, t + timedelta(days=rng.randrange(0, 40)), t - timedelta(days=1)])
+        labels.append((e, rng.random() < 0.8, reported))
+    history, lab = tx_frame(spark, rows), labels_frame(spark, labels)
+    targets = history.where(f"event_id <= 'e{n_targets:03d}'")
+    sliced = transaction_features(targets, history, lab, mode="sliced")
+    assert sliced.count() == n_targets
+    assertDataFrameEqual(sliced, transaction_features(targets, history, lab, mode="sorted"), rtol=0, atol=0)
+    # And both equal the backfill's rows (targets == history, sorted as its span is long).
+    backfill = transaction_features(history, history, lab).where(f"event_id <= 'e{n_targets:03d}'")
+    assertDataFrameEqual(sliced, backfill, rtol=0, atol=0)
+    assert sum(r["merchant_fraud_rate_30d"] > 0 for r in sliced.collect()) > 0  # labels do reach the targets
+
+
+def test_mode_is_checked(spark):
+    tx = tx_frame(spark, [("e1", "u1", "m1", "FR", 1.0, at())])
+    with pytest.raises(ValueError, match="mode must be"):
+        transaction_features(tx, tx, labels_frame(spark), mode="fast")
