@@ -249,6 +249,11 @@ def _fraud_labels(labels: DataFrame) -> DataFrame:
             .groupBy("event_id").agg(F.min(F.unix_micros("reported_at")).alias("_r")))
 
 
+def _fraud_rows(rows: DataFrame, fraud_labels: DataFrame, key: str) -> DataFrame:
+    """The fraud-labelled ``rows``: ``key``, ``_e`` (event µs) and ``_g`` (max(event, reported) µs)."""
+    return rows.join(fraud_labels, "event_id").select(key, F.col("_t").alias("_e"), F.greatest("_t", "_r").alias("_g"))
+
+
 def _counts_in(d_seconds: int) -> Column:
     """A fraud label counts somewhere in window ``d`` iff its effective time ``_g`` comes before
     ``_e + d``, when the event leaves the window."""
@@ -304,9 +309,9 @@ def _group_features(hist: DataFrame, fraud: DataFrame, key: str, prefix: str) ->
     return _group_output(out.where(F.col("_is_tx") == 1), prefix)
 
 
-def _group_features_sliced(history: DataFrame, key_values: DataFrame, fraud_labels: DataFrame, key: str,
+def _group_features_sliced(history: DataFrame, targets: DataFrame, fraud_labels: DataFrame, key: str,
                            prefix: str, lo: int, hi: int) -> DataFrame:
-    """As :func:`_group_features`, for the rows in ``[lo, hi]`` of the keys in ``key_values``, without
+    """As :func:`_group_features`, for the rows in ``[lo, hi]`` of the targets' keys, without
     sorting the look-back (the sliced evaluation, module docstring). With ``a = lo - 1``, for a row at
     ``t`` and a window ``W``::
 
@@ -318,7 +323,7 @@ def _group_features_sliced(history: DataFrame, key_values: DataFrame, fraud_labe
     ``a`` plus the steps in ``(a, t]``. Each slice reads only its own days of ``history``.
     """
     a = lo - 1
-    rows = lambda x, y: _history_rows(history, x, y).join(key_values, key, "left_semi")  # noqa: E731
+    rows = lambda x, y: _only_keys(_history_rows(history, x, y), targets, key)  # noqa: E731
     deltas = [f"_d{d}" for d, _ in FRAUD_RATE_WINDOWS]
     lefts = [f"_l{v}_{w}" for w, _ in TRAILING_WINDOWS for v in ("n", "a")]
     totals = ["_rn", "_ra", *lefts, *deltas]
@@ -328,8 +333,7 @@ def _group_features_sliced(history: DataFrame, key_values: DataFrame, fraud_labe
                          *[given.get(c, F.lit(0)).cast("long").alias(c) for c in totals])
 
     none = F.lit(None).cast("string")
-    fraud = rows(a - _LOOKBACK_US, hi).join(fraud_labels, "event_id").select(
-        key, F.col("_t").alias("_e"), F.greatest("_t", "_r").alias("_g"))
+    fraud = _fraud_rows(rows(a - _LOOKBACK_US, hi), fraud_labels, key)
     pieces = [piece(rows(a, hi), F.col("_t"), F.col("event_id"), {"_rn": F.col("_n"), "_ra": F.col("_a")}),
               piece(_fraud_steps(fraud, key).where(_within(a, hi, "_tau")), F.col("_tau"), none,
                     {c: F.col(c) for c in deltas})]
@@ -394,13 +398,10 @@ def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFra
     parts = [_user_features(_only_keys(hist, targets, "user_id"))]
     for key, prefix in (("merchant_id", "merchant"), ("country", "country")):
         if sliced:
-            parts.append(_group_features_sliced(history, targets.select(key).distinct(), fraud_labels, key,
-                                                prefix, lo, hi))
+            parts.append(_group_features_sliced(history, targets, fraud_labels, key, prefix, lo, hi))
         else:
             keyed = _only_keys(hist, targets, key)
-            fraud = keyed.join(fraud_labels, "event_id").select(
-                key, F.col("_t").alias("_e"), F.greatest("_t", "_r").alias("_g"))
-            parts.append(_group_features(keyed, fraud, key, prefix))
+            parts.append(_group_features(keyed, _fraud_rows(keyed, fraud_labels, key), key, prefix))
 
     out = targets.select(*ID_COLUMNS, *_time_features())
     for feats in parts:
