@@ -82,6 +82,7 @@ from pyspark.sql import functions as F
 
 _US = 1_000_000
 _DAY = 86_400
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 #: Trailing windows (suffix, seconds) of the count and sum features.
 TRAILING_WINDOWS: tuple[tuple[str, int], ...] = (
@@ -194,7 +195,7 @@ def _span(targets: DataFrame) -> tuple[int, int, int]:
 
 
 def _day(us: int) -> date:
-    return (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=us)).date()
+    return _instant(us).date()
 
 
 def _within(lo_us: int, hi_us: int, column: str = "_t") -> Column:
@@ -202,17 +203,23 @@ def _within(lo_us: int, hi_us: int, column: str = "_t") -> Column:
     return (F.col(column) > F.lit(lo_us)) & (F.col(column) <= F.lit(hi_us))
 
 
+def _instant(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
 def _history_rows(history: DataFrame, lo_us: int, hi_us: int) -> DataFrame:
     """History rows with event time in ``(lo_us, hi_us]``, with ``_t`` (event time in µs), ``_n`` (1)
-    and ``_a`` (amount in micro-USD). The event_date bounds (a day wider on each side, whatever the
-    session time zone) let Delta skip the partitions outside."""
-    days = ((F.col("event_date") >= F.lit(_day(lo_us) - timedelta(days=1)))
-            & (F.col("event_date") <= F.lit(_day(hi_us) + timedelta(days=1))))
-    return (history.where(days)
-            .select("event_id", "user_id", "merchant_id", "country", "amount_base",
-                    F.unix_micros("event_time").alias("_t"), F.lit(1).cast("long").alias("_n"),
-                    _micros(F.col("amount_base")).alias("_a"))
-            .where(_within(lo_us, hi_us)))
+    and ``_a`` (amount in micro-USD). The bounds are plain literals on the stored columns, so a scan
+    skips what lies outside: Delta the event_date partitions (a day wider on each side, whatever the
+    session time zone) and, by the files' event_time statistics, the files of other hours (a stream
+    writes files that each cover a short stretch of event time); a cached frame its other batches."""
+    keep = ((F.col("event_date") >= F.lit(_day(lo_us) - timedelta(days=1)))
+            & (F.col("event_date") <= F.lit(_day(hi_us) + timedelta(days=1)))
+            & (F.col("event_time") > F.lit(_instant(lo_us))) & (F.col("event_time") <= F.lit(_instant(hi_us))))
+    return history.where(keep).select(
+        "event_id", "user_id", "merchant_id", "country", "amount_base",
+        F.unix_micros("event_time").alias("_t"), F.lit(1).cast("long").alias("_n"),
+        _micros(F.col("amount_base")).alias("_a"))
 
 
 def _only_keys(hist: DataFrame, targets: DataFrame, key: str) -> DataFrame:
