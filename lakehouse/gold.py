@@ -38,6 +38,7 @@ import threading
 from datetime import date, datetime, timedelta, timezone
 from typing import Callable
 
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType, TimestampType, DateType
@@ -372,27 +373,44 @@ class GoldStream:
             laps("affected")
             per_day = targets.groupBy("event_date").agg(F.count(F.lit(1)).alias("n"), F.min("event_time").alias("lo"),
                                                         F.max("event_time").alias("hi")).collect()
-            bounds = {"n": sum(r["n"] for r in per_day), "lo": min((r["lo"] for r in per_day), default=None),
-                      "hi": max((r["hi"] for r in per_day), default=None)}
-            if bounds["n"]:
-                days = sorted(str(r["event_date"]) for r in per_day)
-                silver = delta.read(spark, self._path("silver_transactions"))
-                history = silver.where(_between("event_date", bounds["lo"].date() - _LOOKBACK - timedelta(days=1),
-                                                bounds["hi"].date()))
-                # Materialized first: the MERGE source reads the target table and cached frames.
-                tx = transaction_rows(targets, history, _labels(spark, self.settings), late_ids).localCheckpoint()
-                laps("features")
-                with delta.idempotent_dml(spark, app_id, batch_id):
-                    delta.merge_upsert(spark, tx, self._path("gold_transaction_features"), ("event_id",),
-                                       {"event_date": days})
-                laps("features_merge")
+            n = sum(r["n"] for r in per_day)
             touched = [date.fromisoformat(str(d)) for d in extra_days]
-            if bounds["n"]:
-                touched.append(bounds["lo"].date())
-            if touched:
-                self._risk(spark, min(touched), app_id, batch_id)
-                laps("risk")
-            return int(bounds["n"])
+            spans = []  # (first, last) silver days read
+            if n:
+                lo, hi = min(r["lo"] for r in per_day), max(r["hi"] for r in per_day)
+                feature_days = (lo.date() - _LOOKBACK - timedelta(days=1), hi.date())
+                spans.append(feature_days)
+                touched.append(lo.date())
+            risk = self._risk_days(spark, min(touched)) if touched else None
+            if risk:
+                spans.append((risk[0] - timedelta(days=31), risk[1]))
+            if not spans:
+                return 0
+            # The look-back is read by a dozen parts of the feature query (each key's totals, the
+            # fraud rows, the slices, the too-late targets' second pass) and by the daily risk: one
+            # scan into memory, of the columns they use, instead of one per part.
+            history = (delta.read(spark, self._path("silver_transactions"))
+                       .where(_between("event_date", min(s[0] for s in spans), max(s[1] for s in spans)))
+                       .select(*features.ID_COLUMNS).persist(StorageLevel.MEMORY_AND_DISK))
+            labels = (_labels(spark, self.settings).where(F.col("is_fraud"))  # only fraud labels count
+                      .select("event_id", "is_fraud", "reported_at").persist(StorageLevel.MEMORY_AND_DISK))
+            try:
+                if n:
+                    # Materialized first: the MERGE source reads the target table and cached frames.
+                    tx = transaction_rows(targets, history.where(_between("event_date", *feature_days)),
+                                          labels, late_ids).localCheckpoint()
+                    laps("features")
+                    with delta.idempotent_dml(spark, app_id, batch_id):
+                        delta.merge_upsert(spark, tx, self._path("gold_transaction_features"), ("event_id",),
+                                           {"event_date": sorted(str(r["event_date"]) for r in per_day)})
+                    laps("features_merge")
+                if risk:
+                    self._risk(spark, history, labels, *risk, app_id, batch_id)
+                    laps("risk")
+            finally:
+                history.unpersist()
+                labels.unpersist()
+            return int(n)
         finally:
             targets.unpersist()
 
@@ -408,23 +426,26 @@ class GoldStream:
                  for _, prefix in _RISK]
         return min((d for d in stale if d is not None), default=None)
 
-    def _risk(self, spark, first_day: date, app_id: str, batch_id: int) -> None:
-        """Daily risk of [first_day, first_day + 31d] (the touched days and those whose trailing
-        baseline includes them), extended back to the earliest day whose matured flag is stale."""
-        last_day = first_day + timedelta(days=31)
-        checked = _today()
-        stale = self._stale_maturity(spark, checked)
-        if stale is not None and stale < first_day:
-            first_day = stale
-        silver = delta.read(spark, self._path("silver_transactions"))
-        history = silver.where(_between("event_date", first_day - timedelta(days=31), last_day))
+    def _risk_days(self, spark, first_day: date) -> tuple[date, date, date]:
+        """(first, last, today): the days of daily risk to rewrite when ``first_day`` is the earliest
+        touched one -- it and the next 31 (whose trailing baselines include it), from the earliest day
+        whose matured flag is stale if that is earlier -- and the day ``is_matured`` is judged by."""
+        today = _today()
+        stale = self._stale_maturity(spark, today)
+        first_day = stale if stale is not None and stale < first_day else first_day
+        return first_day, first_day + timedelta(days=31), today
+
+    def _risk(self, spark, history: DataFrame, labels: DataFrame, first_day: date, last_day: date,
+              today: date, app_id: str, batch_id: int) -> None:
+        """Rewrite the daily risk of [first_day, last_day] (see :meth:`_risk_days`); ``history`` holds
+        silver from ``first_day - 31d`` to ``last_day``, ``labels`` the fraud labels."""
         tx = delta.read(spark, self._path("gold_transaction_features")).where(
             _between("event_date", first_day, last_day))
-        for name, df in risk_rows(history, tx, _labels(spark, self.settings), first_day, last_day,
-                                  checked).items():
+        for name, df in risk_rows(history.where(_between("event_date", first_day - timedelta(days=31), last_day)),
+                                  tx, labels, first_day, last_day, today).items():
             delta.replace_range_once(df, self._path(name), f"day >= '{first_day}' AND day <= '{last_day}'",
                                      app_id, batch_id)
-        self._maturity_checked = checked
+        self._maturity_checked = today
 
     def _windows(self, spark, silver: DataFrame, on_time: DataFrame, late_ids: DataFrame, app_id: str,
                  batch_id: int) -> None:
