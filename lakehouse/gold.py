@@ -160,6 +160,12 @@ def _today() -> date:
     return datetime.now(timezone.utc).date()
 
 
+def _risk_silver_days(first_day: date, last_day: date) -> tuple[date, date]:
+    """The silver days the daily risk of [first_day, last_day] reads: its trailing baselines reach
+    back 30 days (:func:`risk_rows`), one more for the session time zone."""
+    return first_day - timedelta(days=31), last_day
+
+
 # ---- I/O helpers ------------------------------------------------------------------------------------
 
 def ensure_gold_tables(spark: SparkSession, settings: Settings, schemas: dict[str, StructType]) -> None:
@@ -383,7 +389,7 @@ class GoldStream:
                 touched.append(lo.date())
             risk = self._risk_days(spark, min(touched)) if touched else None
             if risk:
-                spans.append((risk[0] - timedelta(days=31), risk[1]))
+                spans.append(_risk_silver_days(risk[0], risk[1]))
             if not spans:
                 return 0
             # The look-back is read by a dozen parts of the feature query (each key's totals, the
@@ -438,10 +444,10 @@ class GoldStream:
     def _risk(self, spark, history: DataFrame, labels: DataFrame, first_day: date, last_day: date,
               today: date, app_id: str, batch_id: int) -> None:
         """Rewrite the daily risk of [first_day, last_day] (see :meth:`_risk_days`); ``history`` holds
-        silver from ``first_day - 31d`` to ``last_day``, ``labels`` the fraud labels."""
+        at least the silver days of :func:`_risk_silver_days`, ``labels`` the fraud labels."""
         tx = delta.read(spark, self._path("gold_transaction_features")).where(
             _between("event_date", first_day, last_day))
-        for name, df in risk_rows(history.where(_between("event_date", first_day - timedelta(days=31), last_day)),
+        for name, df in risk_rows(history.where(_between("event_date", *_risk_silver_days(first_day, last_day))),
                                   tx, labels, first_day, last_day, today).items():
             delta.replace_range_once(df, self._path(name), f"day >= '{first_day}' AND day <= '{last_day}'",
                                      app_id, batch_id)

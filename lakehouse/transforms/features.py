@@ -194,6 +194,10 @@ def _span(targets: DataFrame) -> tuple[int, int, int]:
     return (0, 0, 0) if not n else (int(n), int(lo), int(hi))
 
 
+def _instant(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
 def _day(us: int) -> date:
     return _instant(us).date()
 
@@ -201,10 +205,6 @@ def _day(us: int) -> date:
 def _within(lo_us: int, hi_us: int, column: str = "_t") -> Column:
     """``lo_us < column <= hi_us`` (µs)."""
     return (F.col(column) > F.lit(lo_us)) & (F.col(column) <= F.lit(hi_us))
-
-
-def _instant(us: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=us)
 
 
 def _history_rows(history: DataFrame, lo_us: int, hi_us: int) -> DataFrame:
