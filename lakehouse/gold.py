@@ -98,12 +98,7 @@ def transaction_rows(targets: DataFrame, history: DataFrame, labels: DataFrame,
                      too_late_ids: DataFrame) -> DataFrame:
     """Point-in-time features of ``targets`` under the lateness rule (module docstring): an on-time
     target sees ``history`` without the too-late events; a too-late target sees all of ``history``."""
-    clean = history.join(too_late_ids, "event_id", "left_anti")
-    on_time = features.transaction_features(targets.join(too_late_ids, "event_id", "left_anti"), clean, labels)
-    late_targets = targets.join(too_late_ids, "event_id", "left_semi")
-    if late_targets.isEmpty():
-        return on_time
-    return on_time.unionByName(features.transaction_features(late_targets, history, labels))
+    return features.transaction_features(targets, history, labels, late_ids=too_late_ids)
 
 
 def window_rows(events: DataFrame, too_late_ids: DataFrame) -> DataFrame:

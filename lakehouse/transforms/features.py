@@ -101,6 +101,8 @@ SLICE_MAX_SECONDS = _DAY
 SLICE_MIN_ROWS = 250_000
 SLICE_MIN_RATIO = 20
 _LOOKBACK_US = LOOKBACK_SECONDS * _US
+#: The per-key totals behind the merchant and country features (see :func:`_group_output`).
+_TOTALS = (*[f"_{v}_{w}" for w, _ in TRAILING_WINDOWS for v in ("n", "a")], *[f"_d{d}" for d, _ in FRAUD_RATE_WINDOWS])
 
 
 def _count_sum_names(prefix: str) -> list[str]:
@@ -294,32 +296,45 @@ def _group_output(frame: DataFrame, prefix: str) -> DataFrame:
     return out.select("event_id", *(c for c in FEATURE_COLUMNS if c.startswith(f"{prefix}_")))
 
 
-def _group_features(hist: DataFrame, fraud: DataFrame, key: str, prefix: str) -> DataFrame:
-    """Trailing counts, sums and label-delay-aware fraud rates per ``key`` (merchant or country) of
-    every row of ``hist``, which covers their look-back, by sorting it.
+def _group_totals(hist: DataFrame, fraud: DataFrame, key: str, probes: DataFrame | None = None) -> DataFrame:
+    """Trailing totals per ``key`` (merchant or country) of every row of ``hist``, which covers their
+    look-back, by sorting it: ``event_id`` and :data:`_TOTALS` (counts ``_n_<w>``, micro-USD sums
+    ``_a_<w>``, fraud labels counting ``_d<d>``), to be turned into features by :func:`_group_output`.
 
     ``fraud`` holds the fraud-labelled history rows of ``hist``: key, ``_e`` (event µs), ``_g``
-    (max(event, reported) µs); see :func:`_fraud_steps`.
+    (max(event, reported) µs); see :func:`_fraud_steps`. ``probes`` (rows shaped like ``hist``) get
+    their totals over ``hist`` at their own time without adding to anybody's: the too-late targets,
+    which are not in the history the on-time ones see.
     """
     deltas = [f"_d{d}" for d, _ in FRAUD_RATE_WINDOWS]
-    tx_rows = hist.select(key, "event_id", "_t", "_a", F.col("_n").alias("_is_tx"),
-                          *[F.lit(0).cast("long").alias(c) for c in deltas])
+    zero = F.lit(0).cast("long")
+    tx_rows = hist.select(key, "event_id", "_t", "_n", "_a", *[zero.alias(c) for c in deltas])
+    if probes is not None:
+        tx_rows = tx_rows.unionByName(probes.select(key, "event_id", "_t", zero.alias("_n"), zero.alias("_a"),
+                                                    *[zero.alias(c) for c in deltas]))
     steps = _fraud_steps(fraud, key).select(
         key, F.lit(None).cast("string").alias("event_id"), F.col("_tau").alias("_t"),
-        F.lit(0).cast("long").alias("_a"), F.lit(0).cast("long").alias("_is_tx"), *deltas)
+        zero.alias("_n"), zero.alias("_a"), *deltas)
     cols: list[Column] = []
     for w, seconds in TRAILING_WINDOWS:
-        cols += [_trailing_total("_is_tx", [key], seconds).alias(f"_n_{w}"),
+        cols += [_trailing_total("_n", [key], seconds).alias(f"_n_{w}"),
                  _trailing_total("_a", [key], seconds).alias(f"_a_{w}")]
     running = [F.sum(c).over(_running([key])).alias(c) for c in deltas]  # fraud counting as of t
-    out = tx_rows.unionByName(steps).select("event_id", "_is_tx", *cols, *running)
-    return _group_output(out.where(F.col("_is_tx") == 1), prefix)
+    out = tx_rows.unionByName(steps).select("event_id", *cols, *running)
+    return out.where(F.col("event_id").isNotNull()).select("event_id", *_TOTALS)
 
 
-def _group_features_sliced(history: DataFrame, targets: DataFrame, fraud_labels: DataFrame, key: str,
-                           prefix: str, lo: int, hi: int) -> DataFrame:
-    """As :func:`_group_features`, for the rows in ``[lo, hi]`` of the targets' keys, without
-    sorting the look-back (the sliced evaluation, module docstring). With ``a = lo - 1``, for a row at
+def _plus(totals: DataFrame, extra: DataFrame) -> DataFrame:
+    """``totals`` with ``extra``'s totals (a few rows, by event_id) added where it has a row."""
+    extra = extra.select("event_id", *[F.col(c).alias(f"_x{c}") for c in _TOTALS])
+    return totals.join(F.broadcast(extra), "event_id", "left").select(
+        "event_id", *[(F.col(c) + F.coalesce(F.col(f"_x{c}"), F.lit(0))).alias(c) for c in _TOTALS])
+
+
+def _group_totals_sliced(history: DataFrame, targets: DataFrame, fraud_labels: DataFrame, key: str,
+                         lo: int, hi: int, probes: DataFrame | None = None) -> DataFrame:
+    """As :func:`_group_totals`, for the rows in ``[lo, hi]`` of the targets' keys (and the
+    ``probes``, which lie in that span), without sorting the look-back (the sliced evaluation, module docstring). With ``a = lo - 1``, for a row at
     ``t`` and a window ``W``::
 
         total(t - W, t] = total(a - W, a]  +  total(a, t]  -  total(a - W, t - W]
@@ -344,6 +359,8 @@ def _group_features_sliced(history: DataFrame, targets: DataFrame, fraud_labels:
     pieces = [piece(rows(a, hi), F.col("_t"), F.col("event_id"), {"_rn": F.col("_n"), "_ra": F.col("_a")}),
               piece(_fraud_steps(fraud, key).where(_within(a, hi, "_tau")), F.col("_tau"), none,
                     {c: F.col(c) for c in deltas})]
+    if probes is not None:  # totals at their time, adding nothing
+        pieces.append(piece(probes, F.col("_t"), F.col("event_id"), {}))
     for w, s in TRAILING_WINDOWS:
         pieces.append(piece(rows(a - s * _US, hi - s * _US), F.col("_t") + F.lit(s * _US), none,
                             {f"_ln_{w}": F.col("_n"), f"_la_{w}": F.col("_a")}))
@@ -360,11 +377,11 @@ def _group_features_sliced(history: DataFrame, targets: DataFrame, fraud_labels:
     # Keys are never null in silver (quarantined), so plain equi-joins are exact here.
     out = run.join(base, key, "left").join(at_a, key, "left")
     zero = F.lit(0)
-    return _group_output(out.select(
+    return out.select(
         "event_id",
         *[(F.coalesce(F.col(f"_b{v}_{w}"), zero) + F.col(f"_r{v}") - F.col(f"_l{v}_{w}")).alias(f"_{v}_{w}")
           for w, _ in TRAILING_WINDOWS for v in ("n", "a")],
-        *[(F.coalesce(F.col(f"_b{c}"), zero) + F.col(c)).alias(c) for c in deltas]), prefix)
+        *[(F.coalesce(F.col(f"_b{c}"), zero) + F.col(c)).alias(c) for c in deltas])
 
 
 def _time_features() -> list[Column]:
@@ -376,7 +393,7 @@ def _time_features() -> list[Column]:
 
 
 def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFrame,
-                         mode: str = "auto") -> DataFrame:
+                         mode: str = "auto", late_ids: DataFrame | None = None) -> DataFrame:
     """Features of each target transaction as of its own event time (rules: module docstring).
 
     Args:
@@ -388,6 +405,12 @@ def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFra
         mode: how the merchant and country features are evaluated: ``"sorted"`` sorts their whole
             look-back, ``"sliced"`` reads only its edges (module docstring); ``"auto"`` picks by
             ``SLICE_MAX_SECONDS``, ``SLICE_MIN_ROWS`` and ``SLICE_MIN_RATIO``. Both give the same values.
+        late_ids: event ids (column ``event_id``) of events that only targets among them see: a
+            target in ``late_ids`` sees all of ``history``, any other target sees ``history``
+            without them (gold's too-late events). The merchant and country totals of a late target
+            are the totals over the other events, evaluated at its time in the same pass as the
+            on-time targets', plus those over the few late events; its user features are a second,
+            small pass over its user's events.
 
     Returns:
         One row per target: ``ID_COLUMNS`` then ``FEATURE_COLUMNS``. Key: event_id. The values do
@@ -396,19 +419,41 @@ def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFra
     if mode not in ("auto", "sorted", "sliced"):
         raise ValueError(f"mode must be auto, sorted or sliced, not {mode!r}")
     n, lo, hi = _span(targets)  # no targets: an empty result of the right shape
+    late_targets, seen = None, history  # seen: what the on-time targets see
+    if late_ids is not None:
+        late_ids = late_ids.select("event_id")
+        seen = history.join(late_ids, "event_id", "left_anti")
+        late_targets = targets.join(late_ids, "event_id", "left_semi")
+        if n == 0 or late_targets.isEmpty():
+            late_targets = None
+    on_time = targets if late_targets is None else targets.join(late_ids, "event_id", "left_anti")
     # From one µs before the earliest target's look-back: the sliced totals split at lo - 1.
-    hist = _history_rows(history, lo - 1 - _LOOKBACK_US, hi)
+    window = (lo - 1 - _LOOKBACK_US, hi)
+    hist = _history_rows(seen, *window)
     sliced = mode == "sliced" or (mode == "auto" and n > 0 and hi - lo <= SLICE_MAX_SECONDS * _US
                                   and hist.count() >= max(SLICE_MIN_ROWS, SLICE_MIN_RATIO * n))
     fraud_labels = _fraud_labels(labels)
 
-    parts = [_user_features(_only_keys(hist, targets, "user_id"))]
+    users = _user_features(_only_keys(hist, on_time, "user_id"))
+    probes = late_rows = None
+    if late_targets is not None:
+        late_ids_only = late_targets.select("event_id")
+        users = users.unionByName(_user_features(_only_keys(_history_rows(history, *window), late_targets, "user_id"))
+                                  .join(late_ids_only, "event_id", "left_semi"))
+        probes = _history_rows(late_targets, lo - 1, hi)
+        late_rows = _history_rows(history.join(late_ids, "event_id", "left_semi"), *window)
+    parts = [users]
     for key, prefix in (("merchant_id", "merchant"), ("country", "country")):
         if sliced:
-            parts.append(_group_features_sliced(history, targets, fraud_labels, key, prefix, lo, hi))
+            totals = _group_totals_sliced(seen, targets, fraud_labels, key, lo, hi, probes)
         else:
             keyed = _only_keys(hist, targets, key)
-            parts.append(_group_features(keyed, _fraud_rows(keyed, fraud_labels, key), key, prefix))
+            totals = _group_totals(keyed, _fraud_rows(keyed, fraud_labels, key), key, probes)
+        if late_targets is not None:  # what the late targets see on top: the late events
+            keyed = _only_keys(late_rows, late_targets, key)
+            totals = _plus(totals, _group_totals(keyed, _fraud_rows(keyed, fraud_labels, key), key)
+                           .join(late_ids_only, "event_id", "left_semi"))
+        parts.append(_group_output(totals, prefix))
 
     out = targets.select(*ID_COLUMNS, *_time_features())
     for feats in parts:

@@ -222,6 +222,41 @@ def test_sliced_equals_sorted_on_random_edges_ties_and_labels(spark, seed):
     assert sum(r["merchant_fraud_rate_30d"] > 0 for r in sliced.collect()) > 0  # labels do reach the targets
 
 
+@pytest.mark.parametrize("mode", ["sorted", "sliced"])
+def test_late_events_are_seen_only_by_late_targets(spark, mode):
+    """``late_ids`` (gold's too-late events) in one pass: an on-time target gets the features of the
+    history without the late events, a late target those of all of it -- the same values, to the
+    bit, as two separate computations. Late events are among the targets and in the earlier history,
+    share users, merchants, countries and instants with on-time ones, and carry fraud labels."""
+    rng = random.Random(7)
+    lo = at(0, hour=10)
+    instants = [lo + timedelta(minutes=rng.randrange(0, 40), seconds=rng.choice([0, 0, 30])) for _ in range(16)]
+    past = [lo - timedelta(minutes=rng.randrange(1, 60 * 24 * 31)) for _ in range(40)]
+    past += [lo - timedelta(minutes=3), lo - timedelta(minutes=3)]  # a late and an on-time event at one instant
+    rows = [(f"e{i:03d}", rng.choice(["u1", "u2"]), rng.choice(["m1", "m2"]), rng.choice(["FR", "DE"]),
+             round(rng.uniform(1, 500), 2), t) for i, t in enumerate(sorted(instants) + past, 1)]
+    n_targets = len(instants)
+    late = {"e002", "e005", "e009", f"e{n_targets + 3:03d}", f"e{n_targets + 11:03d}", f"e{len(rows):03d}"}
+    labels = [(e, True, t + timedelta(minutes=rng.choice([0, 1, 90]))) for e, *_, t in rows if e in late]
+    labels += [(e, True, t) for e, *_, t in rng.sample(rows, 12) if e not in late]
+    history, lab = tx_frame(spark, rows), labels_frame(spark, labels)
+    targets = history.where(f"event_id <= 'e{n_targets:03d}'")
+    late_ids = spark.createDataFrame([(e,) for e in sorted(late)], "event_id string")
+    late_targets = targets.join(late_ids, "event_id", "left_semi")
+
+    got = transaction_features(targets, history, lab, mode=mode, late_ids=late_ids)
+    assert got.count() == n_targets
+    on_time = transaction_features(targets.join(late_ids, "event_id", "left_anti"),
+                                   history.join(late_ids, "event_id", "left_anti"), lab, mode=mode)
+    expected = on_time.unionByName(transaction_features(late_targets, history, lab, mode=mode))
+    assertDataFrameEqual(got, expected, rtol=0, atol=0)
+    # The late events do change what the two kinds of target see (else the test proves nothing).
+    blind = {r["event_id"]: r for r in transaction_features(targets, history, lab, mode=mode).collect()}
+    mine = {r["event_id"]: r for r in got.collect()}
+    assert any(mine[e]["country_tx_count_30d"] != blind[e]["country_tx_count_30d"] for e in mine if e not in late)
+    assert all(mine[e] == blind[e] for e in late & set(mine))
+
+
 def test_mode_is_checked(spark):
     tx = tx_frame(spark, [("e1", "u1", "m1", "FR", 1.0, at())])
     with pytest.raises(ValueError, match="mode must be"):
