@@ -95,6 +95,9 @@ class Settings:
     max_record_bytes: int = 100_000
     #: Gold: lateness accepted by the five-minute windows.
     allowed_lateness_minutes: int = 10
+    #: Gold in the stream: the daily merchant and country risk is rewritten at most this often
+    #: (seconds; 0 = every micro-batch), and when the stream stops or idles past it.
+    risk_refresh_seconds: float = 300.0
     #: Whether the stream keeps gold up to date per micro-batch (else only `lakehouse backfill` does).
     stream_gold: bool = True
     #: Whether the stream scores each new transaction with the champion model (needs stream_gold).
@@ -123,6 +126,7 @@ class Settings:
             max_event_age_days=_env_int(env, "LAKEHOUSE_MAX_EVENT_AGE_DAYS", 365),
             max_record_bytes=_env_int(env, "LAKEHOUSE_MAX_RECORD_BYTES", 100_000),
             allowed_lateness_minutes=_env_int(env, "LAKEHOUSE_ALLOWED_LATENESS_MINUTES", 10),
+            risk_refresh_seconds=_env_float(env, "LAKEHOUSE_RISK_REFRESH_SECONDS", 300.0),
             stream_gold=_env_flag(env, "LAKEHOUSE_STREAM_GOLD", True),
             stream_scoring=_env_flag(env, "LAKEHOUSE_STREAM_SCORING", True),
             mlflow_tracking_uri=mlflow_uri,

@@ -25,7 +25,10 @@ a new fraud label reported at ``r`` for an event at ``e`` changes the merchant a
 of transactions in ``[max(e, r), e + 30d)``. The stream recomputes exactly those rows (a superset:
 everything of the key from the earliest change on), then the five-minute windows of the users with
 new on-time events, then the daily risk from the earliest touched day on (the trailing baselines of
-the following 30 days depend on it). The daily risk's ``is_matured`` is judged by the calendar (a
+the following 30 days depend on it). The daily risk is daily and not on the features' path, so the
+stream rewrites it at most every ``settings.risk_refresh_seconds``: a batch inside the interval *owes*
+its days (the earliest is kept on disk before the batch commits), and the next batch past the
+interval, the idle stream, or its clean stop pays them; a restart after a crash reads what is owed. The daily risk's ``is_matured`` is judged by the calendar (a
 day matures 30 days after it, when its chargebacks have had time to arrive), so once per UTC day the
 risk step also reaches back to the earliest day still flagged young although it has matured. Each
 write is idempotent by (query app id, batch id).
@@ -33,8 +36,11 @@ write is idempotent by (query app id, batch id).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
+import time
 from datetime import date, datetime, timedelta, timezone
 from typing import Callable
 
@@ -237,6 +243,8 @@ class GoldStream:
         self.on_features = on_features
         self._ready = False
         self._maturity_checked: date | None = None  # the UTC day stale matured flags were last fixed
+        self._risk_from = self._owed_risk()  # the earliest day whose daily risk is owed, if any
+        self._risk_at = float("-inf")  # time.monotonic() of the last risk refresh
 
     def _path(self, name: str) -> str:
         return str(self.settings.table_path(name))
@@ -382,7 +390,14 @@ class GoldStream:
                 feature_days = (lo.date() - _LOOKBACK - timedelta(days=1), hi.date())
                 spans.append(feature_days)
                 touched.append(lo.date())
-            risk = self._risk_days(spark, min(touched)) if touched else None
+            # The daily risk is rewritten at most every settings.risk_refresh_seconds (it is daily
+            # and not on the features' path); until then the touched days are owed.
+            owed = min([*touched, *([self._risk_from] if self._risk_from else [])], default=None)
+            risk = None
+            if owed is not None and self._risk_due():
+                risk = self._risk_days(spark, owed)
+            elif owed is not None:
+                self._owe_risk(owed)
             if risk:
                 spans.append(_risk_silver_days(risk[0], risk[1]))
             if not spans:
@@ -415,6 +430,56 @@ class GoldStream:
         finally:
             targets.unpersist()
 
+    # -- the daily risk's cadence ---------------------------------------------------------------------
+    @property
+    def _owed_path(self):
+        return self.settings.checkpoint_root / "gold_risk_owed.json"
+
+    def _owed_risk(self) -> date | None:
+        try:
+            return date.fromisoformat(json.loads(self._owed_path.read_text())["from"])
+        except FileNotFoundError:
+            return None
+
+    def _owe_risk(self, first_day: date) -> None:
+        """Defer the daily risk from ``first_day`` on. Written to disk before the batch commits, so a
+        restart after a crash still pays it (a superset: paying twice rewrites the same rows)."""
+        if self._risk_from is not None and self._risk_from <= first_day:
+            return
+        self._owed_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._owed_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"from": first_day.isoformat()}))
+        os.replace(tmp, self._owed_path)
+        self._risk_from = first_day
+
+    def _risk_paid(self) -> None:
+        self._risk_from, self._risk_at = None, time.monotonic()
+        self._owed_path.unlink(missing_ok=True)
+
+    def _risk_due(self) -> bool:
+        return time.monotonic() - self._risk_at >= self.settings.risk_refresh_seconds
+
+    def flush_risk(self, spark: SparkSession, force: bool = True) -> bool:
+        """Rewrite the owed daily risk now (``force``), or only if its refresh interval has passed and
+        no batch is running. The stream calls it when it stops and while it idles. Returns whether
+        it ran. Not tied to a batch: the rows are a pure function of silver and gold, so running it
+        again rewrites the same rows."""
+        if self._risk_from is None or not self._lock.acquire(blocking=force):
+            return False
+        try:
+            if self._risk_from is None or not (force or self._risk_due()):
+                return False
+            self._ensure(spark)
+            first, last, today = self._risk_days(spark, self._risk_from)
+            history = (delta.read(spark, self._path("silver_transactions"))
+                       .where(_between("event_date", *_risk_silver_days(first, last)))
+                       .select(*features.ID_COLUMNS))
+            labels = _labels(spark, self.settings).where(F.col("is_fraud")).select("event_id", "is_fraud", "reported_at")
+            self._risk(spark, history, labels, first, last, today)
+            return True
+        finally:
+            self._lock.release()
+
     def _stale_maturity(self, spark, today: date) -> date | None:
         """The earliest day whose risk rows still say ``is_matured = false`` although the day is now
         ``MATURITY_DAYS`` old (the flag is judged by the calendar, and the stream rewrites a day only
@@ -437,9 +502,10 @@ class GoldStream:
         return first_day, first_day + timedelta(days=31), today
 
     def _risk(self, spark, history: DataFrame, labels: DataFrame, first_day: date, last_day: date,
-              today: date, app_id: str, batch_id: int) -> None:
-        """Rewrite the daily risk of [first_day, last_day] (see :meth:`_risk_days`); ``history`` holds
-        at least the silver days of :func:`_risk_silver_days`, ``labels`` the fraud labels."""
+              today: date, app_id: str | None = None, batch_id: int | None = None) -> None:
+        """Rewrite the daily risk of [first_day, last_day] (see :meth:`_risk_days`), once per
+        (``app_id``, ``batch_id``) when given; ``history`` holds at least the silver days of
+        :func:`_risk_silver_days`, ``labels`` the fraud labels. Pays what was owed."""
         tx = delta.read(spark, self._path("gold_transaction_features")).where(
             _between("event_date", first_day, last_day))
         for name, df in risk_rows(history.where(_between("event_date", *_risk_silver_days(first_day, last_day))),
@@ -447,6 +513,7 @@ class GoldStream:
             delta.replace_range_once(df, self._path(name), f"day >= '{first_day}' AND day <= '{last_day}'",
                                      app_id, batch_id)
         self._maturity_checked = today
+        self._risk_paid()
 
     def _windows(self, spark, silver: DataFrame, on_time: DataFrame, late_ids: DataFrame, app_id: str,
                  batch_id: int) -> None:

@@ -400,14 +400,19 @@ def run_streams(
         else:
             stop_event = stop_event or threading.Event()
             while not stop_event.is_set():
-                for q in queries:
-                    if not q.isActive:
-                        _await(q, settings.checkpoint(q.name.removeprefix("ingest_")))
-                        return
+                ended = [q for q in queries if not q.isActive]
+                for q in ended:
+                    _await(q, settings.checkpoint(q.name.removeprefix("ingest_")))
+                if ended:
+                    break
+                if gold is not None:  # a daily risk owed by earlier batches, once it is due
+                    gold.flush_risk(spark, force=False)
                 stop_event.wait(0.5)
     finally:
         for q in queries:
             _stop_between_batches(q)
+    if gold is not None:  # stopped cleanly: what the last batches owed of the daily risk
+        gold.flush_risk(spark)
 
 
 def scoring_hook(spark: SparkSession, settings: Settings) -> Callable[[DataFrame, str, int], None]:

@@ -65,18 +65,15 @@ def append_once(df: DataFrame, path: Path | str, app_id: str, version: int, merg
     writer.save(str(path))
 
 
-def replace_range_once(df: DataFrame, path: Path | str, predicate: str, app_id: str, version: int) -> None:
+def replace_range_once(df: DataFrame, path: Path | str, predicate: str, app_id: str | None,
+                       version: int | None) -> None:
     """Atomically replace the rows matching ``predicate`` (Delta ``replaceWhere``) with ``df``,
-    unless this (app_id, version) was already committed to the table."""
-    (
-        df.write.format("delta")
-        .mode("overwrite")
-        .option("replaceWhere", predicate)
-        .option("txnAppId", app_id)
-        .option("txnVersion", int(version))
-        .option("userMetadata", commit_tag(app_id, version))
-        .save(str(path))
-    )
+    unless this (app_id, version) was already committed to the table; with no app_id, always."""
+    writer = df.write.format("delta").mode("overwrite").option("replaceWhere", predicate)
+    if app_id is not None:
+        writer = (writer.option("txnAppId", app_id).option("txnVersion", int(version))
+                  .option("userMetadata", commit_tag(app_id, version)))
+    writer.save(str(path))
 
 
 @contextmanager

@@ -150,3 +150,40 @@ def test_matured_flags_are_refreshed_when_the_calendar_moves_on(spark, settings,
     merchants = _table(spark, settings, "gold_merchant_risk_daily")
     assert list(merchants["merchant_id"]) == ["m001", "m001", "m002"]
     assert list(merchants["tx_count"]) == [1, 1, 1]
+
+
+def test_daily_risk_is_deferred_then_paid_even_after_a_crash(spark, settings, monkeypatch):
+    """The daily risk is rewritten at most every ``risk_refresh_seconds``: a batch inside the interval
+    owes its days (kept on disk), and whoever runs gold next pays them -- here a restart after a
+    crash that lost the final flush."""
+    settings = settings.replace(max_files_per_trigger=1, risk_refresh_seconds=3600)
+    write_lines(settings.events_inbox, "a.jsonl", [_ev(1, "u1", 0), _ev(2, "u2", 5, merchant="m002")],
+                mtime=FILE_MTIME)
+    write_lines(settings.events_inbox, "b.jsonl",
+                [event_line(3, user_id="u1", merchant_id="m001", country="FR", amount="10.00", currency="USD",
+                            event_time="2026-11-21T08:00:00Z")], mtime=FILE_MTIME + 1)
+    owed = settings.checkpoint_root / "gold_risk_owed.json"
+
+    def days(name="gold_merchant_risk_daily"):
+        return sorted(str(r["day"]) for r in delta.read(spark, settings.table_path(name)).select("day").distinct().collect())
+
+    seen = {}
+
+    def on_batch(r):
+        seen[r.batch_id] = (days(), owed.read_text() if owed.exists() else None)
+
+    # The crash: the process dies after its last batch committed, before the final flush.
+    monkeypatch.setattr(gold.GoldStream, "flush_risk", lambda self, spark, force=True: False)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",), on_batch=on_batch)
+    assert seen[0] == (["2026-11-20"], None)             # a fresh stream's first batch pays at once
+    assert seen[1] == (["2026-11-20"], '{"from": "2026-11-21"}')  # the next one, inside the hour, owes
+    assert days() == ["2026-11-20"] and days("gold_country_risk_daily") == ["2026-11-20"]
+
+    monkeypatch.undo()
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))  # nothing new to ingest
+    assert not owed.exists()
+    for name in ("gold_merchant_risk_daily", "gold_country_risk_daily"):
+        assert days(name) == ["2026-11-20", "2026-11-21"], name
+    merchants = _table(spark, settings, "gold_merchant_risk_daily")
+    assert list(zip(merchants["day"].astype(str), merchants["merchant_id"], merchants["tx_count"])) == [
+        ("2026-11-20", "m001", 1), ("2026-11-21", "m001", 1), ("2026-11-20", "m002", 1)]
