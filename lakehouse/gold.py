@@ -25,13 +25,15 @@ a new fraud label reported at ``r`` for an event at ``e`` changes the merchant a
 of transactions in ``[max(e, r), e + 30d)``. The stream recomputes exactly those rows (a superset:
 everything of the key from the earliest change on), then the five-minute windows of the users with
 new on-time events, then the daily risk from the earliest touched day on (the trailing baselines of
-the following 30 days depend on it). The daily risk is daily and not on the features' path, so the
-stream rewrites it at most every ``settings.risk_refresh_seconds``: a batch inside the interval *owes*
-its days (the earliest is kept on disk before the batch commits), and the next batch past the
-interval, the idle stream, or its clean stop pays them; a restart after a crash reads what is owed. The daily risk's ``is_matured`` is judged by the calendar (a
-day matures 30 days after it, when its chargebacks have had time to arrive), so once per UTC day the
-risk step also reaches back to the earliest day still flagged young although it has matured. Each
-write is idempotent by (query app id, batch id).
+the following 30 days depend on it). Each write is idempotent by (query app id, batch id).
+
+**The daily risk's cadence.** The daily risk is daily and not on the features' path, so the stream
+rewrites it at most every ``settings.risk_refresh_seconds``: a batch inside the interval *owes* its
+days (the earliest is kept on disk before the batch commits), and the next batch past the interval,
+the idle stream, or its clean stop pays them; a restart after a crash reads what is owed. Its
+``is_matured`` is judged by the calendar (a day matures 30 days after it, when its chargebacks have had
+time to arrive), so once per UTC day the risk step also reaches back to the earliest day still flagged
+young although it has matured.
 """
 
 from __future__ import annotations
@@ -403,7 +405,7 @@ class GoldStream:
             if not spans:
                 return 0
             # The look-back is read by a dozen parts of the feature query (each key's totals, the
-            # fraud rows, the slices, the too-late targets' second pass) and by the daily risk: one
+            # fraud rows, the slices, the too-late targets' user pass) and by the daily risk: one
             # scan into memory, of the columns they use, instead of one per part.
             history = (delta.read(spark, self._path("silver_transactions"))
                        .where(_between("event_date", min(s[0] for s in spans), max(s[1] for s in spans)))
@@ -440,6 +442,12 @@ class GoldStream:
             return date.fromisoformat(json.loads(self._owed_path.read_text())["from"])
         except FileNotFoundError:
             return None
+        except (ValueError, KeyError, TypeError) as exc:  # written atomically, so only by hand
+            raise RuntimeError(
+                f"{self._owed_path} is unreadable ({exc!r}); it names the earliest day whose daily risk "
+                'the stream owes, as {"from": "YYYY-MM-DD"}. Write the earliest day that may be stale '
+                "there, or delete it and run `lakehouse backfill --from DATE --to DATE` over those days."
+            ) from exc
 
     def _owe_risk(self, first_day: date) -> None:
         """Defer the daily risk from ``first_day`` on. Written to disk before the batch commits, so a

@@ -187,3 +187,13 @@ def test_daily_risk_is_deferred_then_paid_even_after_a_crash(spark, settings, mo
     merchants = _table(spark, settings, "gold_merchant_risk_daily")
     assert list(zip(merchants["day"].astype(str), merchants["merchant_id"], merchants["tx_count"])) == [
         ("2026-11-20", "m001", 1), ("2026-11-21", "m001", 1), ("2026-11-20", "m002", 1)]
+
+
+def test_an_unreadable_owed_risk_file_is_refused_with_the_fix(settings):
+    owed = settings.checkpoint_root / "gold_risk_owed.json"
+    owed.parent.mkdir(parents=True)
+    owed.write_text("{not json")
+    with pytest.raises(RuntimeError, match=r"gold_risk_owed.json is unreadable.*lakehouse backfill"):
+        gold.GoldStream(settings)
+    owed.write_text('{"from": "2026-11-21"}')
+    assert gold.GoldStream(settings)._risk_from == date(2026, 11, 21)
