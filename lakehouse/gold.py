@@ -394,7 +394,7 @@ class GoldStream:
                 touched.append(lo.date())
             # The daily risk is rewritten at most every settings.risk_refresh_seconds (it is daily
             # and not on the features' path); until then the touched days are owed.
-            owed = min([*touched, *([self._risk_from] if self._risk_from else [])], default=None)
+            owed = min((d for d in (*touched, self._risk_from) if d is not None), default=None)
             risk = None
             if owed is not None and self._risk_due():
                 risk = self._risk_days(spark, owed)
@@ -407,11 +407,9 @@ class GoldStream:
             # The look-back is read by a dozen parts of the feature query (each key's totals, the
             # fraud rows, the slices, the too-late targets' user pass) and by the daily risk: one
             # scan into memory, of the columns they use, instead of one per part.
-            history = (delta.read(spark, self._path("silver_transactions"))
-                       .where(_between("event_date", min(s[0] for s in spans), max(s[1] for s in spans)))
-                       .select(*features.ID_COLUMNS).persist(StorageLevel.MEMORY_AND_DISK))
-            labels = (_labels(spark, self.settings).where(F.col("is_fraud"))  # only fraud labels count
-                      .select("event_id", "is_fraud", "reported_at").persist(StorageLevel.MEMORY_AND_DISK))
+            history = self._silver_ids(spark, min(s[0] for s in spans), max(s[1] for s in spans)).persist(
+                StorageLevel.MEMORY_AND_DISK)
+            labels = self._fraud_only_labels(spark).persist(StorageLevel.MEMORY_AND_DISK)
             try:
                 if n:
                     # Materialized first: the MERGE source reads the target table and cached frames.
@@ -431,6 +429,15 @@ class GoldStream:
             return int(n)
         finally:
             targets.unpersist()
+
+    def _silver_ids(self, spark, first_day: date, last_day: date) -> DataFrame:
+        """The silver columns the features and the daily risk read (``ID_COLUMNS``), of those days."""
+        return (delta.read(spark, self._path("silver_transactions"))
+                .where(_between("event_date", first_day, last_day)).select(*features.ID_COLUMNS))
+
+    def _fraud_only_labels(self, spark) -> DataFrame:
+        """The fraud labels, the only ones the features and the daily risk count."""
+        return _labels(spark, self.settings).where(F.col("is_fraud")).select("event_id", "is_fraud", "reported_at")
 
     # -- the daily risk's cadence ---------------------------------------------------------------------
     @property
@@ -479,11 +486,8 @@ class GoldStream:
                 return False
             self._ensure(spark)
             first, last, today = self._risk_days(spark, self._risk_from)
-            history = (delta.read(spark, self._path("silver_transactions"))
-                       .where(_between("event_date", *_risk_silver_days(first, last)))
-                       .select(*features.ID_COLUMNS))
-            labels = _labels(spark, self.settings).where(F.col("is_fraud")).select("event_id", "is_fraud", "reported_at")
-            self._risk(spark, history, labels, first, last, today)
+            history = self._silver_ids(spark, *_risk_silver_days(first, last))
+            self._risk(spark, history, self._fraud_only_labels(spark), first, last, today)
             return True
         finally:
             self._lock.release()

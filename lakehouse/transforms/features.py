@@ -334,8 +334,8 @@ def _plus(totals: DataFrame, extra: DataFrame) -> DataFrame:
 def _group_totals_sliced(history: DataFrame, targets: DataFrame, fraud_labels: DataFrame, key: str,
                          lo: int, hi: int, probes: DataFrame | None = None) -> DataFrame:
     """As :func:`_group_totals`, for the rows in ``[lo, hi]`` of the targets' keys (and the
-    ``probes``, which lie in that span), without sorting the look-back (the sliced evaluation, module docstring). With ``a = lo - 1``, for a row at
-    ``t`` and a window ``W``::
+    ``probes``, which lie in that span), without sorting the look-back (the sliced evaluation,
+    module docstring). With ``a = lo - 1``, for a row at ``t`` and a window ``W``::
 
         total(t - W, t] = total(a - W, a]  +  total(a, t]  -  total(a - W, t - W]
 
