@@ -18,6 +18,7 @@ so the replay records exactly what an uninterrupted run would have.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -40,6 +41,8 @@ from lakehouse.io import delta
 from lakehouse.laps import Laps
 from lakehouse.transforms import bronze as bronze_t
 from lakehouse.transforms import silver as silver_t
+
+log = logging.getLogger(__name__)
 
 #: Schema of the lines a stream reads from an inbox (the text source plus file metadata).
 LINES_SCHEMA = StructType(
@@ -203,6 +206,32 @@ class BatchResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+class StoppedMidBatch(RuntimeError):
+    """A micro-batch ended because its query was stopped while it ran (see :func:`stopped_mid_batch`)."""
+
+
+#: The interruptions by which Spark recognizes a foreachBatch function cut short by ``stop()``.
+_INTERRUPTIONS = ("java.lang.InterruptedException", "java.io.InterruptedIOException",
+                  "java.nio.channels.ClosedByInterruptException")
+
+
+def stopped_mid_batch(exc: BaseException) -> bool:
+    """Whether ``exc`` (raised inside a micro-batch) means its query was stopped meanwhile: a Spark
+    call interrupted, or a job cancelled because the query was stopped.
+
+    Spark tells such a stop from a failure by matching the Python traceback it gets back against a
+    regular expression that recurses once per character (``StreamExecution.PROXY_ERROR``). The
+    traceback of an interrupted Spark call holds a Java stack trace and overflows the thread's
+    stack (a ``StackOverflowError`` instead of a clean stop), so the batch function re-raises it as a
+    short :class:`StoppedMidBatch` in the form Spark looks for.
+    """
+    try:
+        text = str(exc)  # a Py4JJavaError asks the JVM for its stack trace
+    except Exception:  # noqa: BLE001 -- the JVM is gone: not a stop to recognize
+        return False
+    return any(name in text for name in _INTERRUPTIONS) or ("SPARK_JOB_CANCELLED" in text and "was stopped" in text)
+
+
 class IngestBatch:
     """The foreachBatch function of one inbox stream."""
 
@@ -223,6 +252,19 @@ class IngestBatch:
         return str(self.settings.table_path(name))
 
     def __call__(self, lines: DataFrame, batch_id: int) -> None:
+        try:
+            self._batch(lines, batch_id)
+        except Exception as exc:
+            if not stopped_mid_batch(exc):
+                raise
+            log.warning("%s batch %d interrupted: the query was stopped; a restart replays the batch",
+                        self.layer.kind, batch_id)
+            raise StoppedMidBatch(
+                f"py4j.protocol.Py4JJavaError: An error occurred while calling Spark in {self.layer.kind} batch "
+                f"{batch_id}: java.lang.InterruptedException (the query was stopped during the batch; a "
+                "restart replays it, and each of its writes lands once)") from None
+
+    def _batch(self, lines: DataFrame, batch_id: int) -> None:
         spark = lines.sparkSession
         lay, app = self.layer, self.app_id
         ingested_at = datetime.now(timezone.utc)
