@@ -110,7 +110,7 @@ def test_stream_goes_on_while_postgres_is_down_and_the_mirror_catches_up(spark, 
 @pytest.mark.slow
 def test_kill_9_of_the_streaming_mirror_job_then_restart_converges(spark, pg, tmp_path):
     settings = pg
-    for f in range(4):
+    for f in range(3):
         write_lines(settings.events_inbox, f"e{f}.jsonl", [event_line(300 * f + i) for i in range(300)],
                     mtime=FILE_MTIME + f)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")},
@@ -122,8 +122,8 @@ def test_kill_9_of_the_streaming_mirror_job_then_restart_converges(spark, pg, tm
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
-        # Kill once a few batches are in, mid-run.
-        while time.time() < deadline and proc.poll() is None and log.read_text().count("batch") < 2:
+        # Kill once the first batch is in, in the middle of the second.
+        while time.time() < deadline and proc.poll() is None and log.read_text().count("batch") < 1:
             time.sleep(0.2)
         assert proc.poll() is None, log.read_text()[-2000:]
         os.killpg(proc.pid, signal.SIGKILL)
@@ -131,4 +131,4 @@ def test_kill_9_of_the_streaming_mirror_job_then_restart_converges(spark, pg, tm
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     compared = assert_pg_equals_delta(spark, settings)
-    assert compared["gold_transaction_features"] == 1200
+    assert compared["gold_transaction_features"] == 900
