@@ -10,6 +10,7 @@ from pyspark.sql import functions as F
 
 from lakehouse import gold, streaming
 from lakehouse.io import delta
+from lakehouse.transforms import features
 from tests.conftest import write_lines
 from tests.integration.inbox_data import FILE_MTIME, event_line, label_line
 
@@ -116,6 +117,14 @@ def test_stream_and_backfill_give_identical_gold(spark, settings):
         assert len(backfilled) == len(streamed[n]), n
         pd.testing.assert_frame_equal(backfilled[list(streamed[n].columns)], streamed[n],
                                       check_exact=True, obj=n)  # exact sums: equal to the bit
+    # The features evaluated in Spark instead of the driver (a cluster's path when the look-back is
+    # too big for the driver) are the same too, on this realistic data.
+    silver = delta.read(spark, settings.table_path("silver_transactions"))
+    in_spark = features.transaction_features(
+        silver, silver, delta.read(spark, settings.table_path("silver_labels")), mode="sorted",
+        late_ids=gold.too_late_ids(spark, settings)).toPandas().sort_values("event_id").reset_index(drop=True)
+    tx = streamed["gold_transaction_features"]
+    pd.testing.assert_frame_equal(in_spark[list(tx.columns)], tx, check_exact=True, obj="sorted in Spark")
     # Too-late events are out of the windows, yet every one has its own feature row.
     tx_ids = set(streamed["gold_transaction_features"]["event_id"])
     assert set(late["event_id"]) <= tx_ids

@@ -41,10 +41,11 @@ def labels_frame(spark, rows=()):
 
 
 def features(spark, rows, labels=(), cols=None):
-    """Every row's features, evaluated sorted and sliced (which must agree to the bit)."""
+    """Every row's features, evaluated sorted, sliced and in the driver (which must agree to the bit)."""
     tx, lab = tx_frame(spark, rows), labels_frame(spark, labels)
     out = transaction_features(tx, tx, lab, mode="sorted")
-    assertDataFrameEqual(transaction_features(tx, tx, lab, mode="sliced"), out, rtol=0, atol=0)
+    for mode in ("sliced", "driver"):
+        assertDataFrameEqual(transaction_features(tx, tx, lab, mode=mode), out, rtol=0, atol=0)
     return {r["event_id"]: r for r in out.select("event_id", *(cols or FEATURE_COLUMNS)).collect()}
 
 
@@ -216,13 +217,14 @@ def test_sliced_equals_sorted_on_random_edges_ties_and_labels(spark, seed):
     sliced = transaction_features(targets, history, lab, mode="sliced")
     assert sliced.count() == n_targets
     assertDataFrameEqual(sliced, transaction_features(targets, history, lab, mode="sorted"), rtol=0, atol=0)
+    assertDataFrameEqual(transaction_features(targets, history, lab, mode="driver"), sliced, rtol=0, atol=0)
     # And both equal the backfill's rows (targets == history, sorted as its span is long).
     backfill = transaction_features(history, history, lab).where(f"event_id <= 'e{n_targets:03d}'")
     assertDataFrameEqual(sliced, backfill, rtol=0, atol=0)
     assert sum(r["merchant_fraud_rate_30d"] > 0 for r in sliced.collect()) > 0  # labels do reach the targets
 
 
-@pytest.mark.parametrize("mode", ["sorted", "sliced"])
+@pytest.mark.parametrize("mode", ["sorted", "sliced", "driver"])
 def test_late_events_are_seen_only_by_late_targets(spark, mode):
     """``late_ids`` (gold's too-late events) in one pass: an on-time target gets the features of the
     history without the late events, a late target those of all of it -- the same values, to the
@@ -261,3 +263,37 @@ def test_mode_is_checked(spark):
     tx = tx_frame(spark, [("e1", "u1", "m1", "FR", 1.0, at())])
     with pytest.raises(ValueError, match="mode must be"):
         transaction_features(tx, tx, labels_frame(spark), mode="fast")
+
+
+def test_driver_evaluation_ranks_times_when_keys_and_microseconds_do_not_fit(monkeypatch):
+    """Many keys over a long span do not fit a key and a time in µs into one int64: the driver then
+    codes times by rank, which must give the same features (no Spark here: arrays in, arrays out)."""
+    import numpy as np
+
+    from lakehouse.transforms import driver_features as drv
+    from lakehouse.transforms.features import FRAUD_RATE_WINDOWS, LOOKBACK_SECONDS, TRAILING_WINDOWS
+
+    rng = np.random.default_rng(3)
+    n = 400
+    t = np.sort(rng.integers(0, 40 * 86_400, n)) * 1_000_000 + 1_780_000_000_000_000
+    t[0:-1:7] = t[1::7]  # ties
+    user, merchant, country = rng.integers(0, 9, n), rng.integers(0, 5, n), rng.integers(0, 3, n)
+    report = np.where(rng.random(n) < 0.3, t + rng.integers(-3_600, 20 * 86_400, n) * 1_000_000, drv.NO_REPORT)
+    report[0] = t[0]  # a label at the earliest instant of all: the lowest rank
+    a = rng.integers(1, 50_000_000, n)
+    rows = drv.Rows(order=rng.permutation(n), user=user, merchant=merchant, country=country,
+                    user_merchant=user * 5 + merchant, user_country=user * 3 + country, t=t, a=a,
+                    amount=a / 1e6, report=report)
+    at = np.flatnonzero(t > t[0] + 31 * 86_400 * 1_000_000)  # their look-back starts after the first row
+
+    def evaluate():
+        return drv.features(rows, at, TRAILING_WINDOWS, FRAUD_RATE_WINDOWS, LOOKBACK_SECONDS)
+
+    exact = evaluate()
+    monkeypatch.setattr(drv, "MAX_BITS", 30)
+    assert drv._Axis(8, [t], int(t.min()) - 1, int(t.max()) + 1).ranks is not None  # the ranked path
+    ranked = evaluate()
+    for name, col in exact.items():
+        assert np.array_equal(col.values, ranked[name].values, equal_nan=True), name
+        assert (col.null is None and ranked[name].null is None) or np.array_equal(col.null, ranked[name].null), name
+    assert exact["merchant_fraud_rate_30d"].values[-1] > 0 and exact["user_tx_count_30d"].values.max() > 10

@@ -1,0 +1,271 @@
+"""The point-in-time feature rules of :mod:`lakehouse.transforms.features`, evaluated with numpy on
+arrays in the driver: the ``"driver"`` mode of :func:`~lakehouse.transforms.features.transaction_features`.
+
+A stream micro-batch has few targets and a look-back of at most a few million rows. Evaluated in
+Spark, its features cost about a hundred small jobs (sorts, broadcasts, joins per key and per
+window), whatever the batch's size. Here the same rules are answered by binary search over sorted
+arrays, in a fraction of a second for a million rows of look-back.
+
+Same rules, same arithmetic, so the same values to the bit (tested against the sorted and sliced
+Spark evaluations on random rows built to hit every edge):
+
+* a trailing total over ``(t - W, t]`` is the running total up to ``t`` minus the running total up to
+  ``t - W`` (both with ties at the same instant), on exact integers (counts, micro-USD);
+* "previous" is in ``(event_time, event_id)`` order;
+* a fraud label of an event at ``e``, effective at ``g = max(e, reported)``, counts at ``t`` in window
+  ``d`` iff ``g <= t < e + d``;
+* doubles are made the way Spark makes them (a long divided by a double), and a division by zero is
+  null, as ``try_divide``.
+
+Rows are keyed by small integer codes, and times are microseconds. Everything is pure: arrays in,
+arrays out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_US = 1_000_000
+#: Bits of an int64 code of (key, time); times are ranked when a key and a time in µs do not fit.
+MAX_BITS = 62
+#: A row without a fraud label with a report time.
+NO_REPORT = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The history rows, one entry per transaction (parallel arrays).
+
+    ``order`` ranks event_id (ties at one instant are ordered by it); ``user``, ``merchant``,
+    ``country`` and ``user_merchant``, ``user_country`` are integer codes of the keys; ``t`` the event
+    time in µs; ``a`` amount_base in micro-USD (0 where null); ``amount`` amount_base (NaN where null);
+    ``report`` the earliest report time (µs) of a fraud label of the event, or :data:`NO_REPORT`.
+    """
+
+    order: np.ndarray
+    user: np.ndarray
+    merchant: np.ndarray
+    country: np.ndarray
+    user_merchant: np.ndarray
+    user_country: np.ndarray
+    t: np.ndarray
+    a: np.ndarray
+    amount: np.ndarray
+    report: np.ndarray
+
+    def take(self, keep: np.ndarray) -> "Rows":
+        return Rows(**{name: getattr(self, name)[keep] for name in self.__dataclass_fields__})
+
+
+@dataclass
+class Column:
+    """A feature column: values and the mask of nulls (None: no nulls)."""
+
+    values: np.ndarray
+    null: np.ndarray | None = None
+
+
+class _Axis:
+    """Sortable int64 codes of (key, time) pairs: ``key << bits | (time - t0)``, with times clamped
+    to ``[t0, t1]``. Every stored time is above ``t0`` and every asked time at most ``t1``, so clamping
+    changes no answer. When keys and times do not fit in 62 bits, times are replaced by their rank
+    among ``times`` (all the times that will be stored or asked), which keeps their order."""
+
+    def __init__(self, max_key: int, times: list[np.ndarray], t0: int, t1: int):
+        self.t0, self.t1 = t0, t1
+        self.bits = max(int(t1 - t0).bit_length(), 1)
+        self.ranks = None
+        if int(max_key).bit_length() + self.bits > MAX_BITS:
+            self.ranks = np.unique(np.clip(np.concatenate([np.array([t0, t1]), *times]), t0, t1))
+            self.bits = max(len(self.ranks).bit_length(), 1)
+
+    def __call__(self, key: np.ndarray, t: np.ndarray) -> np.ndarray:
+        t = np.clip(t, self.t0, self.t1)
+        t = t - self.t0 if self.ranks is None else np.searchsorted(self.ranks, t)
+        return (key.astype(np.int64) << self.bits) + t
+
+
+class _Key:
+    """One key (user, merchant or country): its :class:`_Axis` and the targets' places on it.
+    Lookups go in the targets' (key, time) order, so the binary searches walk the stored codes
+    forward instead of jumping about them (several times faster on a million targets)."""
+
+    def __init__(self, rows_key: np.ndarray, key_at: np.ndarray, t_at: np.ndarray, times: list[np.ndarray],
+                 t0: int, t1: int):
+        self.axis = _Axis(int(rows_key.max()), times, t0, t1)
+        self.key, self.t = key_at, t_at
+        self.order = np.argsort(self.axis(key_at, t_at), kind="stable")
+        self.sorted_key, self.sorted_t = key_at[self.order], t_at[self.order]
+
+    def stored(self, key: np.ndarray, t: np.ndarray, values: tuple[np.ndarray, ...] = ()):
+        """Stored rows of this key at times ``t``: sorted codes and the running totals of ``values``
+        (with a leading 0), to be read by :meth:`upto`."""
+        codes = self.axis(key, t)
+        order = np.argsort(codes, kind="stable")
+        return codes[order], [np.concatenate(([0], np.cumsum(v[order], dtype=np.int64))) for v in values]
+
+    def upto(self, codes: np.ndarray, back_us: int | None = 0) -> np.ndarray:
+        """For each target: how many stored ``codes`` have its key and a time <= its time - ``back_us``
+        (None: before any time), plus the number of codes of smaller keys -- an offset that cancels
+        in a difference of two lookups of one target."""
+        t = np.full_like(self.sorted_t, self.axis.t0) if back_us is None else self.sorted_t - back_us
+        out = np.empty(len(t), dtype=np.int64)
+        out[self.order] = np.searchsorted(codes, self.axis(self.sorted_key, t), side="right")
+        return out
+
+    def trailing(self, stored, seconds: int) -> list[np.ndarray]:
+        """Count and sums of the stored rows of the target's key in ``(t - seconds, t]``."""
+        codes, cums = stored
+        hi, lo = self.upto(codes), self.upto(codes, seconds * _US)
+        return [hi - lo] + [cum[hi] - cum[lo] for cum in cums]
+
+    def count(self, codes: np.ndarray) -> np.ndarray:
+        """How many stored ``codes`` have the target's key and a time <= its time."""
+        return self.upto(codes) - self.upto(codes, None)
+
+
+def _usd(micros: np.ndarray) -> np.ndarray:
+    return micros.astype(np.float64) / float(_US)
+
+
+def _try_divide(num: np.ndarray, num_null: np.ndarray | None, den: np.ndarray) -> Column:
+    """``try_divide(num, den)`` on doubles: null when either is null (NaN den) or den is zero."""
+    den = den.astype(np.float64)
+    null = (den == 0) | np.isnan(den)
+    if num_null is not None:
+        null |= num_null
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return Column(np.where(null, np.nan, num.astype(np.float64) / np.where(null, 1.0, den)), null)
+
+
+def _neighbours(rows: Rows, group: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the rows ``at``, in (time, event_id) order within ``group``: the time of the previous row
+    of the group, whether there is one, and whether the next row of the group has the same time."""
+    order = np.lexsort((rows.order, rows.t, group))
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    p = position[at]
+    prev, after = order[np.maximum(p - 1, 0)], order[np.minimum(p + 1, len(order) - 1)]
+    has_prev = (p > 0) & (group[prev] == group[at])
+    tie_after = (p < len(order) - 1) & (group[after] == group[at]) & (rows.t[after] == rows.t[at])
+    return rows.t[prev], has_prev, tie_after
+
+
+def features(rows: Rows, at: np.ndarray, windows: tuple[tuple[str, int], ...],
+             fraud_windows: tuple[tuple[str, int], ...], lookback_seconds: int) -> dict[str, Column]:
+    """The features of the rows ``at`` (indices into ``rows``), each as of its own time, from
+    ``rows`` (which hold their whole look-back). Names as in ``features.FEATURE_COLUMNS``."""
+    t_at = rows.t[at]
+    longest = max(s for _, s in windows + fraud_windows)
+    t0 = int(min(rows.t.min(), t_at.min() - longest * _US)) - 1
+    t1 = int(t_at.max()) + 1
+    labelled = rows.report != NO_REPORT
+    e = rows.t[labelled]
+    g = np.maximum(e, rows.report[labelled])
+    times = [t_at - s * _US for _, s in windows] + [t_at, rows.t, g] + [e + s * _US for _, s in fraud_windows]
+    lookback = lookback_seconds * _US
+    out: dict[str, Column] = {}
+
+    # -- user ----------------------------------------------------------------------------------------
+    user = _Key(rows.user, rows.user[at], t_at, times, t0, t1)
+    tx = user.stored(rows.user, rows.t, (rows.a,))
+    for w, seconds in windows:
+        n, a = user.trailing(tx, seconds)
+        out[f"user_tx_count_{w}"], out[f"user_amount_sum_{w}"] = Column(n), Column(_usd(a))
+    n30, sum30 = out[f"user_tx_count_{windows[-1][0]}"].values, out[f"user_amount_sum_{windows[-1][0]}"].values
+    mean = _try_divide(sum30, None, n30)
+    amount = rows.amount[at]
+    out["user_amount_ratio_30d"] = _try_divide(amount, np.isnan(amount) | mean.null,
+                                               np.where(mean.null, 0.0, mean.values))
+    prev_t, has, _ = _neighbours(rows, rows.user, at)
+    recent = has & (prev_t > t_at - lookback)
+    out["seconds_since_prev_user_tx"] = Column(np.where(recent, (t_at - prev_t) / float(_US), np.nan), ~recent)
+    prev_t, has, _ = _neighbours(rows, rows.user_merchant, at)
+    out["is_first_user_merchant"] = Column(~(has & (prev_t > t_at - lookback)))
+    prev_t, has, tie_after = _neighbours(rows, rows.user_country, at)
+    first_in_country = ~(has & (prev_t > t_at - lookback))
+    out["is_first_user_country"] = Column(first_in_country)
+    # Alone in its country over (t - 30d, t]: no recent earlier row there, no tie after it.
+    out["is_unusual_country"] = Column((n30 > 1) & first_in_country & ~tie_after)
+
+    # -- merchant and country ------------------------------------------------------------------------
+    tx_count = {seconds: w for w, seconds in windows}
+    for prefix, key in (("merchant", rows.merchant), ("country", rows.country)):
+        place = _Key(key, key[at], t_at, times, t0, t1)
+        tx = place.stored(key, rows.t, (rows.a,))
+        for w, seconds in windows:
+            n, a = place.trailing(tx, seconds)
+            out[f"{prefix}_tx_count_{w}"], out[f"{prefix}_amount_sum_{w}"] = Column(n), Column(_usd(a))
+        key_l = key[labelled]
+        for d, seconds in fraud_windows:
+            counts = g < e + seconds * _US  # else the label never counts in this window
+            started = place.count(place.stored(key_l[counts], g[counts])[0])
+            ended = place.count(place.stored(key_l[counts], e[counts] + seconds * _US)[0])
+            out[f"{prefix}_fraud_rate_{d}"] = _try_divide(started - ended, None,
+                                                          out[f"{prefix}_tx_count_{tx_count[seconds]}"].values)
+    return out
+
+
+# ---- Arrow in, Arrow out ------------------------------------------------------------------------------
+
+def _arrow_type(name: str) -> pa.DataType:
+    """A feature's type, by its name: flags are booleans, counts longs, everything else doubles."""
+    if name.startswith("is_"):
+        return pa.bool_()
+    return pa.int64() if "_tx_count_" in name else pa.float64()
+
+
+def _codes(column: pa.ChunkedArray) -> np.ndarray:
+    """Dense int64 codes of a column (nulls get a code of their own, as in Spark's partitions)."""
+    return pc.dictionary_encode(column, null_encoding="encode").combine_chunks().indices.to_numpy().astype(np.int64)
+
+
+def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Dense codes of the pairs (a, b)."""
+    return np.unique(a * (int(b.max()) + 1) + b, return_inverse=True)[1].astype(np.int64)
+
+
+def _rows(table: pa.Table) -> Rows:
+    order = np.empty(table.num_rows, dtype=np.int64)
+    order[pc.sort_indices(table["event_id"]).to_numpy()] = np.arange(table.num_rows)  # UTF-8 byte order, as Spark
+    user, merchant, country = (_codes(table[c]) for c in ("user_id", "merchant_id", "country"))
+    return Rows(order=order, user=user, merchant=merchant, country=country,
+                user_merchant=_pairs(user, merchant), user_country=_pairs(user, country),
+                t=table["_t"].to_numpy().astype(np.int64),
+                a=pc.fill_null(table["_a"], 0).to_numpy().astype(np.int64),
+                amount=pc.fill_null(pc.cast(table["amount_base"], pa.float64()), float("nan")).to_numpy(),
+                report=pc.fill_null(table["_r"], NO_REPORT).to_numpy().astype(np.int64))
+
+
+def evaluate(table: pa.Table, wanted: pa.ChunkedArray, names: list[str], windows: tuple[tuple[str, int], ...],
+             fraud_windows: tuple[tuple[str, int], ...], lookback_seconds: int) -> pa.Table:
+    """The features ``names`` of the events ``wanted`` (event ids) from the history ``table``: one row
+    per transaction of their look-back, with event_id, user_id, merchant_id, country, amount_base,
+    ``_t`` (event time, µs), ``_a`` (amount_base, micro-USD), ``_r`` (earliest report of a fraud
+    label, µs, or null) and ``_late`` (a too-late event: only late targets see it). Returns
+    event_id and ``names``, one row per wanted event found in ``table`` (the others have no history
+    row to be computed from)."""
+    where = pc.index_in(wanted, value_set=table["event_id"])
+    found = pc.is_valid(where).to_numpy(zero_copy_only=False)
+    at = pc.fill_null(where, 0).to_numpy().astype(np.int64)[found]
+    values = {c: np.zeros(len(at), dtype=_arrow_type(c).to_pandas_dtype()) for c in names}
+    nulls = {c: np.zeros(len(at), dtype=bool) for c in names}
+    if len(at):
+        everything = _rows(table)
+        late = table["_late"].to_numpy(zero_copy_only=False).astype(bool)
+        # An on-time target sees the history without the late events; a late one sees all of it.
+        for kept, mine in ((~late, ~late[at]), (np.ones_like(late), late[at])):
+            if not mine.any():
+                continue
+            position = np.cumsum(kept) - 1  # row index -> index among the kept rows
+            got = features(everything.take(kept), position[at[mine]], windows, fraud_windows, lookback_seconds)
+            for c in names:
+                values[c][mine] = got[c].values
+                if got[c].null is not None:
+                    nulls[c][mine] = got[c].null
+    return pa.table({"event_id": pc.filter(wanted, pa.array(found)),
+                     **{c: pa.array(values[c], type=_arrow_type(c), mask=nulls[c]) for c in names}})
