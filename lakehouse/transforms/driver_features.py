@@ -249,6 +249,7 @@ def evaluate(table: pa.Table, wanted: pa.ChunkedArray, names: list[str], windows
     label, µs, or null) and ``_late`` (a too-late event: only late targets see it). Returns
     event_id and ``names``, one row per wanted event found in ``table`` (the others have no history
     row to be computed from)."""
+    wanted = pc.unique(wanted)
     where = pc.index_in(wanted, value_set=table["event_id"])
     found = pc.is_valid(where).to_numpy(zero_copy_only=False)
     at = pc.fill_null(where, 0).to_numpy().astype(np.int64)[found]
