@@ -98,6 +98,10 @@ class Settings:
     #: Gold in the stream: the daily merchant and country risk is rewritten at most this often
     #: (seconds; 0 = every micro-batch), and when the stream stops or idles past it.
     risk_refresh_seconds: float = 300.0
+    #: Gold features: computed in the driver (numpy over the look-back collected as Arrow) while the
+    #: look-back holds at most this many rows, else in Spark; 0 = always in Spark. Lower it for a
+    #: small driver (a row takes about 100 bytes there).
+    features_driver_max_rows: int = 3_000_000
     #: Whether the stream keeps gold up to date per micro-batch (else only `lakehouse backfill` does).
     stream_gold: bool = True
     #: Whether the stream scores each new transaction with the champion model (needs stream_gold).
@@ -127,6 +131,7 @@ class Settings:
             max_record_bytes=_env_int(env, "LAKEHOUSE_MAX_RECORD_BYTES", 100_000),
             allowed_lateness_minutes=_env_int(env, "LAKEHOUSE_ALLOWED_LATENESS_MINUTES", 10),
             risk_refresh_seconds=_env_float(env, "LAKEHOUSE_RISK_REFRESH_SECONDS", 300.0),
+            features_driver_max_rows=_env_int(env, "LAKEHOUSE_FEATURES_DRIVER_MAX_ROWS", 3_000_000),
             stream_gold=_env_flag(env, "LAKEHOUSE_STREAM_GOLD", True),
             stream_scoring=_env_flag(env, "LAKEHOUSE_STREAM_SCORING", True),
             mlflow_tracking_uri=mlflow_uri,

@@ -102,11 +102,13 @@ def _between(col: str, lo: date, hi: date):
 
 # ---- pure functions shared by the stream and the backfill ------------------------------------------
 
-def transaction_rows(targets: DataFrame, history: DataFrame, labels: DataFrame,
-                     too_late_ids: DataFrame) -> DataFrame:
+def transaction_rows(targets: DataFrame, history: DataFrame, labels: DataFrame, too_late_ids: DataFrame,
+                     driver_max_rows: int = features.DRIVER_MAX_ROWS) -> DataFrame:
     """Point-in-time features of ``targets`` under the lateness rule (module docstring): an on-time
-    target sees ``history`` without the too-late events; a too-late target sees all of ``history``."""
-    return features.transaction_features(targets, history, labels, late_ids=too_late_ids)
+    target sees ``history`` without the too-late events; a too-late target sees all of ``history``.
+    Evaluated in the driver up to ``driver_max_rows`` rows of look-back, else in Spark (same values)."""
+    return features.transaction_features(targets, history, labels, late_ids=too_late_ids,
+                                         driver_max_rows=driver_max_rows)
 
 
 def window_rows(events: DataFrame, too_late_ids: DataFrame) -> DataFrame:
@@ -126,11 +128,12 @@ def risk_rows(history: DataFrame, tx: DataFrame, labels: DataFrame, date_from: d
 
 
 def gold_frames(silver: DataFrame, labels: DataFrame, too_late_ids: DataFrame, date_from: date,
-                date_to: date, as_of: date | None = None) -> dict[str, DataFrame]:
+                date_to: date, as_of: date | None = None,
+                driver_max_rows: int = features.DRIVER_MAX_ROWS) -> dict[str, DataFrame]:
     """The gold rows of [date_from, date_to] (UTC dates), computed from silver. Pure."""
     history = silver.where(_between("event_date", date_from - _LOOKBACK - timedelta(days=1), date_to))
     targets = history.where(_between("event_date", date_from, date_to))
-    tx = transaction_rows(targets, history, labels, too_late_ids)
+    tx = transaction_rows(targets, history, labels, too_late_ids, driver_max_rows)
     # A window starting on date_to can hold events of the next day's first minutes.
     window_events = silver.where(_between("event_date", date_from, date_to + timedelta(days=1)))
     windows = window_rows(window_events, too_late_ids).where(_between("window_date", date_from, date_to))
@@ -211,7 +214,8 @@ def backfill(spark: SparkSession, settings: Settings, date_from: date, date_to: 
     late = too_late_ids(spark, settings).persist()
     written = {}
     try:
-        for name, df in gold_frames(silver, _labels(spark, settings), late, date_from, date_to).items():
+        for name, df in gold_frames(silver, _labels(spark, settings), late, date_from, date_to,
+                                    driver_max_rows=settings.features_driver_max_rows).items():
             spec = GOLD_TABLES[name]
             df = df.persist()
             written[name] = df.count()
@@ -414,7 +418,8 @@ class GoldStream:
                 if n:
                     # Materialized first: the MERGE source reads the target table and cached frames.
                     tx = transaction_rows(targets, history.where(_between("event_date", *feature_days)),
-                                          labels, late_ids).localCheckpoint()
+                                          labels, late_ids, self.settings.features_driver_max_rows
+                                          ).localCheckpoint()
                     laps("features")
                     with delta.idempotent_dml(spark, app_id, batch_id):
                         delta.merge_upsert(spark, tx, self._path("gold_transaction_features"), ("event_id",),

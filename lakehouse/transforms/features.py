@@ -113,8 +113,8 @@ SLICE_MAX_SECONDS = _DAY
 #: Evaluation modes of :func:`transaction_features`.
 MODES = ("auto", "driver", "sorted", "sliced")
 #: ``"auto"`` evaluates in the driver when the look-back (history rows in the targets' span and the
-#: 30 days before it, too-late events included) holds at most this many rows: they are collected to
-#: the driver as Arrow (about 100 bytes a row).
+#: 30 days before it, too-late events included) holds at most this many rows (the default of
+#: ``driver_max_rows``): they are collected to the driver as Arrow (about 100 bytes a row).
 DRIVER_MAX_ROWS = 3_000_000
 SLICE_MIN_ROWS = 250_000
 SLICE_MIN_RATIO = 20
@@ -431,7 +431,8 @@ def _driver_features(targets: DataFrame, history: DataFrame, late_ids: DataFrame
 
 
 def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFrame,
-                         mode: str = "auto", late_ids: DataFrame | None = None) -> DataFrame:
+                         mode: str = "auto", late_ids: DataFrame | None = None,
+                         driver_max_rows: int = DRIVER_MAX_ROWS) -> DataFrame:
     """Features of each target transaction as of its own event time (rules: module docstring).
 
     Args:
@@ -443,7 +444,7 @@ def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFra
         mode: how the features are evaluated (module docstring): ``"driver"`` collects the look-back
             to the driver and answers them with numpy; in Spark, ``"sorted"`` sorts the merchants'
             and countries' whole look-back, ``"sliced"`` reads only its edges. ``"auto"`` takes the
-            driver up to ``DRIVER_MAX_ROWS`` rows of look-back, then picks between the other two by
+            driver up to ``driver_max_rows`` rows of look-back, then picks between the other two by
             ``SLICE_MAX_SECONDS``, ``SLICE_MIN_ROWS`` and ``SLICE_MIN_RATIO``. All give the same values.
         late_ids: event ids (column ``event_id``) of events that only targets among them see: a
             target in ``late_ids`` sees all of ``history``, any other target sees ``history``
@@ -451,6 +452,7 @@ def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFra
             are the totals over the other events, evaluated at its time in the same pass as the
             on-time targets', plus those over the few late events; its user features are a second,
             small pass over its user's events.
+        driver_max_rows: the most rows of look-back ``"auto"`` collects to the driver (0: never).
 
     Returns:
         One row per target: ``ID_COLUMNS`` then ``FEATURE_COLUMNS``. Key: event_id. The values do
@@ -464,7 +466,7 @@ def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFra
     rows = None
     if mode == "auto" and n:
         rows = _history_rows(history, *window).count()
-        mode = "driver" if rows <= DRIVER_MAX_ROWS else "auto"
+        mode = "driver" if 0 < rows <= driver_max_rows else "auto"
     fraud_labels = _fraud_labels(labels)
     if mode == "driver" and n:
         return _driver_features(targets, history, late_ids, fraud_labels, window)
