@@ -65,12 +65,13 @@ window) whatever its size: 5-14 s for 20 to 2,000 events on 2 cores. The driver 
 the look-back's rows once (Arrow) and answers the same rules by binary search over sorted arrays of
 (key, time) with running integer totals (:mod:`lakehouse.transforms.driver_features`), then hands
 the features back to Spark. Same arithmetic, same values to the bit (tested against both Spark
-evaluations on random rows built to hit every edge). On a cluster, a look-back larger than the
-driver should hold is evaluated in Spark, as below.
+evaluations on random rows built to hit every edge, and by the stream/backfill parity gate). On a
+cluster, a look-back larger than the driver should hold (``driver_max_rows``,
+``LAKEHOUSE_FEATURES_DRIVER_MAX_ROWS``) is evaluated in Spark, as below.
 
-**Sliced evaluation** (Spark, a short span of targets over a long look-back). Sorting a merchant's or a country's whole 30-day
-look-back makes a micro-batch cost grow with the history, not with the batch: a country's look-back
-is a large share of silver. When the targets span little event time (``[lo, hi]``, at most
+**Sliced evaluation** (Spark, a short span of targets over a long look-back). Sorting a merchant's
+or a country's whole 30-day look-back makes a micro-batch cost grow with the history, not with the
+batch: a country's look-back is a large share of silver. When the targets span little event time (``[lo, hi]``, at most
 ``SLICE_MAX_SECONDS``), the merchant and country totals are split at ``a = lo - 1`` instead:
 ``total(t - W, t] = total(a - W, a] + total(a, t] - total(a - W, t - W]``. The first term is a plain
 per-key aggregate (a scan, no sort); the other two are running sums over slices as wide as the span
