@@ -170,12 +170,16 @@ def features(rows: Rows, at: np.ndarray, windows: tuple[tuple[str, int], ...],
     lookback = lookback_seconds * _US
     out: dict[str, Column] = {}
 
-    # -- user ----------------------------------------------------------------------------------------
-    user = _Key(rows.user, rows.user[at], t_at, times, t0, t1)
-    tx = user.stored(rows.user, rows.t, (rows.a,))
-    for w, seconds in windows:
-        n, a = user.trailing(tx, seconds)
-        out[f"user_tx_count_{w}"], out[f"user_amount_sum_{w}"] = Column(n), Column(_usd(a))
+    # -- trailing counts and sums of the user, the merchant and the country ----------------------------
+    places: dict[str, _Key] = {}
+    for prefix, key in (("user", rows.user), ("merchant", rows.merchant), ("country", rows.country)):
+        place = places[prefix] = _Key(key, key[at], t_at, times, t0, t1)
+        tx = place.stored(key, rows.t, (rows.a,))
+        for w, seconds in windows:
+            n, a = place.trailing(tx, seconds)
+            out[f"{prefix}_tx_count_{w}"], out[f"{prefix}_amount_sum_{w}"] = Column(n), Column(_usd(a))
+
+    # -- the rest of the user's ------------------------------------------------------------------------
     n30, sum30 = out[f"user_tx_count_{windows[-1][0]}"].values, out[f"user_amount_sum_{windows[-1][0]}"].values
     mean = _try_divide(sum30, None, n30)
     amount = rows.amount[at]
@@ -192,15 +196,10 @@ def features(rows: Rows, at: np.ndarray, windows: tuple[tuple[str, int], ...],
     # Alone in its country over (t - 30d, t]: no recent earlier row there, no tie after it.
     out["is_unusual_country"] = Column((n30 > 1) & first_in_country & ~tie_after)
 
-    # -- merchant and country ------------------------------------------------------------------------
+    # -- merchant and country fraud rates ----------------------------------------------------------------
     tx_count = {seconds: w for w, seconds in windows}
     for prefix, key in (("merchant", rows.merchant), ("country", rows.country)):
-        place = _Key(key, key[at], t_at, times, t0, t1)
-        tx = place.stored(key, rows.t, (rows.a,))
-        for w, seconds in windows:
-            n, a = place.trailing(tx, seconds)
-            out[f"{prefix}_tx_count_{w}"], out[f"{prefix}_amount_sum_{w}"] = Column(n), Column(_usd(a))
-        key_l = key[labelled]
+        place, key_l = places[prefix], key[labelled]
         for d, seconds in fraud_windows:
             counts = g < e + seconds * _US  # else the label never counts in this window
             started = place.count(place.stored(key_l[counts], g[counts])[0])
