@@ -43,8 +43,13 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -54,7 +59,7 @@ from pyspark.sql.types import DoubleType, LongType, StringType, StructField, Str
 from lakehouse.config import Settings
 from lakehouse.io import delta
 from lakehouse.laps import Laps
-from lakehouse.transforms import features
+from lakehouse.transforms import driver_features, features
 from lakehouse.transforms import risk as risk_t
 
 log = logging.getLogger(__name__)
@@ -93,6 +98,7 @@ TOO_LATE_SCHEMA = StructType([
 _CDF = {"delta.enableChangeDataFeed": "true"}
 _LOOKBACK = timedelta(seconds=features.LOOKBACK_SECONDS)
 _RISK = (("merchant_id", "merchant"), ("country", "country"))
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _EMPTY_LABELS = "event_id string, is_fraud boolean, scenario string, reported_at timestamp"
 
 
@@ -160,6 +166,109 @@ def affected_rows(gold_tx: DataFrame, changes: DataFrame, keys: tuple[str, ...],
                .select(*ids))
         out = hit if out is None else out.unionByName(hit)
     return out.dropDuplicates(["event_id"])
+
+
+@dataclass(frozen=True)
+class DriverBatch:
+    """What an events micro-batch writes to gold, computed in the driver (:func:`driver_batch`)."""
+
+    features: pa.Table  # gold_transaction_features rows: the new and the affected transactions
+    feature_days: list[str]  # their event_date partitions
+    windows: pa.Table  # gold_user_features_5m rows of the users with new on-time events
+    window_days: list[str]  # their window_date partitions
+
+
+def new_rows(table: pa.Table, batch_id: int, dates: list[str]) -> np.ndarray:
+    """Indices of the rows of ``table`` the events batch ``batch_id`` inserted (partitions ``dates``)."""
+    is_new = pc.and_(pc.equal(table["batch_id"], batch_id),
+                     pc.is_in(pc.cast(table["event_date"], pa.string()), value_set=pa.array(dates, pa.string())))
+    return np.flatnonzero(is_new.to_numpy(zero_copy_only=False))
+
+
+def driver_batch(table: pa.Table, new: np.ndarray) -> DriverBatch:
+    """The gold rows an events batch changes, from its look-back ``table``
+    (:func:`features.lookback_rows`), by the rules the Spark route follows (module docstring): the
+    batch's transactions (``batch_id`` in the partitions ``dates``) and the transactions they affect
+    (:func:`affected_rows`' rule; too-late events only affect too-late rows) get their features
+    (:func:`driver_features.evaluate`), and the users of the on-time ones their five-minute windows
+    from a minute-aligned four minutes before to the last event (:func:`driver_features.windows_5m`).
+    Pure: Arrow in, Arrow out, the same values as the Spark route to the bit."""
+    us, minute, day = 1_000_000, 60_000_000, 86_400_000_000
+    lookback = features.LOOKBACK_SECONDS
+    t = table["_t"].to_numpy().astype(np.int64)
+    late = table["_late"].to_numpy(zero_copy_only=False).astype(bool)
+    keys = [driver_features._codes(table[c]) for c in ("user_id", "merchant_id", "country")]
+    on_time, late_new = new[~late[new]], new[late[new]]
+    hit = driver_features.affected(t, keys, on_time, lookback)
+    if len(late_new):
+        hit |= late & driver_features.affected(t, keys, late_new, lookback)
+    hit[new] = True
+    at = np.flatnonzero(hit)
+    ids = table["event_id"].take(at)
+    if len(pc.unique(ids)) != len(ids):  # one event_id on two dates: its first row, as the Spark route
+        at = at[np.sort(pc.index_in(pc.unique(ids), value_set=ids).to_numpy())]
+        ids = table["event_id"].take(at)
+
+    names = [c for c in features.FEATURE_COLUMNS if c not in ("is_night", "is_weekend")]
+    got = driver_features.evaluate(table.select(["event_id", "user_id", "merchant_id", "country", "amount_base",
+                                                 "_t", "_a", "_r", "_late"]),
+                                   ids, names, features.TRAILING_WINDOWS, features.FRAUD_RATE_WINDOWS, lookback)
+    assert got["event_id"].equals(ids), "driver features came back in another order"
+    seconds = np.floor_divide(t[at], us)
+    columns = {c: table[c].take(at) for c in features.ID_COLUMNS} | {c: got[c] for c in names}
+    columns["is_night"] = pa.array((seconds % 86_400) // 3_600 < 6)
+    columns["is_weekend"] = pa.array(np.isin(np.floor_divide(seconds, 86_400) % 7, (2, 3)))
+    rows = pa.table({c: columns[c] for c in (*features.ID_COLUMNS, *features.FEATURE_COLUMNS)})
+    feature_days = sorted(pc.unique(pc.cast(columns["event_date"], pa.string())).to_pylist())
+
+    # Five-minute windows: each user with new on-time events, from the minute four minutes before
+    # the earliest of them to the latest; the events of [that start, the latest + 5 min), too-late
+    # events left out.
+    user = keys[0]
+    lo = np.full(int(user.max()) + 1, np.iinfo(np.int64).max)
+    hi = np.full(int(user.max()) + 1, np.iinfo(np.int64).min)
+    np.minimum.at(lo, user[on_time], np.floor_divide(t[on_time], minute) * minute - 4 * minute)
+    np.maximum.at(hi, user[on_time], t[on_time])
+    scope = np.flatnonzero(~late & (t >= lo[user]) & (t < hi[user] + 5 * minute))
+    a = table["_a"]
+    null = {c: pc.is_null(table[c]).to_numpy(zero_copy_only=False)[scope] for c in ("merchant_id", "country")}
+    w = driver_features.windows_5m(
+        user[scope], t[scope], pc.fill_null(a, 0).to_numpy().astype(np.int64)[scope],
+        pc.is_null(a).to_numpy(zero_copy_only=False)[scope],
+        pc.fill_null(pc.cast(table["amount_base"], pa.float64()), float("nan")).to_numpy()[scope],
+        keys[1][scope], null["merchant_id"], keys[2][scope], null["country"])
+    of = scope[w["row"]]
+    keep = (w["start"] >= lo[user[of]]) & (w["start"] <= hi[user[of]])
+    start = w["start"][keep]
+    ts = pa.timestamp("us", tz="UTC")
+    windows = pa.table({
+        "user_id": table["user_id"].take(of[keep]),
+        "window_start": pa.array(start, ts), "window_end": pa.array(start + 5 * minute, ts),
+        "tx_count": pa.array(w["tx_count"][keep]),
+        **{c: pa.array(w[c][keep], mask=w[f"{c}_null"][keep]) for c in ("amount_sum", "amount_mean", "amount_max")},
+        "distinct_merchants": pa.array(w["distinct_merchants"][keep]),
+        "distinct_countries": pa.array(w["distinct_countries"][keep]),
+        "window_date": pa.array(np.floor_divide(start, day).astype("int32"), pa.date32()),
+    })
+    window_days = []
+    if len(on_time):
+        first, last = int(lo[user[on_time]].min()) // day, int(hi[user[on_time]].max()) // day
+        window_days = [str(date(1970, 1, 1) + timedelta(days=d)) for d in range(first, last + 1)]
+    return DriverBatch(rows, feature_days, windows, window_days)
+
+
+def _micros_of(instant: datetime) -> int:
+    """µs since the epoch of a datetime from Spark (naive ones are in the local time zone) or of UTC."""
+    return (instant.astimezone(timezone.utc) - _EPOCH) // timedelta(microseconds=1)
+
+
+def _instant(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _utc_date(instant: datetime) -> date:
+    """The UTC date of a datetime collected from Spark (naive: in the local time zone)."""
+    return instant.astimezone(timezone.utc).date()
 
 
 def _today() -> date:
@@ -248,6 +357,11 @@ class GoldStream:
         self.settings = settings
         self.on_features = on_features
         self._ready = False
+        self._schemas: dict[str, StructType] = {}
+        # Whether an events batch's gold is computed in the driver (:meth:`_events_in_driver`); off
+        # for the rest of the run once the look-back outgrows settings.features_driver_max_rows.
+        self._in_driver = settings.features_driver_max_rows > 0
+        self._mark: tuple[str, int, int] | None = None  # (app id, batch id, watermark µs after it)
         self._maturity_checked: date | None = None  # the UTC day stale matured flags were last fixed
         self._risk_from = self._owed_risk()  # the earliest day whose daily risk is owed, if any
         self._risk_at = float("-inf")  # time.monotonic() of the last risk refresh
@@ -257,7 +371,8 @@ class GoldStream:
 
     def _ensure(self, spark: SparkSession) -> None:
         if not self._ready:
-            ensure_gold_tables(spark, self.settings, _schemas_of(spark, self.settings))
+            self._schemas = _schemas_of(spark, self.settings)
+            ensure_gold_tables(spark, self.settings, self._schemas)
             self._ready = True
 
     def watermark(self, spark: SparkSession, app_id: str, batch_id: int) -> datetime | None:
@@ -271,7 +386,8 @@ class GoldStream:
 
     # -- events ------------------------------------------------------------------------------------
     def after_events(self, spark: SparkSession, app_id: str, batch_id: int, dates: list[str]) -> dict:
-        """Gold for the transactions batch ``batch_id`` inserted into silver (partitions ``dates``).
+        """Gold for the transactions batch ``batch_id`` inserted into silver (partitions ``dates``):
+        in the driver (:meth:`_events_in_driver`) while its look-back fits there, else in Spark.
 
         Returns ``max_event_time`` (of the new transactions), ``too_late``, ``recomputed``.
         """
@@ -280,48 +396,155 @@ class GoldStream:
             laps("wait")
             self._ensure(spark)
             silver = delta.read(spark, self._path("silver_transactions"))
-            new = (silver.where(F.col("event_date").isin(dates) & (F.col("batch_id") == batch_id))
-                   .select(*features.ID_COLUMNS).persist())
-            try:
-                stats = new.agg(F.count(F.lit(1)).alias("n"), F.min("event_time").alias("min_t"),
-                                F.max("event_time").alias("max_t")).first()
-                if not stats["n"]:
-                    return {"max_event_time": None, "too_late": 0, "recomputed": 0, "seconds": laps.seconds}
-                mark = self.watermark(spark, app_id, batch_id)
-                n_late = self._record_too_late(spark, new, stats["min_t"], mark, app_id, batch_id) if mark else 0
-                laps("too_late")
-                late_ids = too_late_ids(spark, self.settings)
-                on_time = new.join(late_ids, "event_id", "left_anti")
-                late_new = new.join(late_ids, "event_id", "left_semi")
-                gold_tx = delta.read(spark, self._path("gold_transaction_features"))
-                changes = lambda df: df.select("user_id", "merchant_id", "country",  # noqa: E731
-                                               F.col("event_time").alias("_lo"), F.col("event_time").alias("_hi"))
-                keys, since = ("user_id", "merchant_id", "country"), stats["min_t"].date()
-                affected = [affected_rows(gold_tx, changes(on_time), keys, since)]
-                if n_late:  # too-late events change only too-late rows
-                    affected.append(affected_rows(gold_tx.join(late_ids, "event_id", "left_semi"),
-                                                  changes(late_new), keys, since))
-                targets = new
-                for df in affected:
-                    targets = targets.unionByName(df)
-                recomputed = self._recompute(spark, targets.dropDuplicates(["event_id"]), late_ids, app_id,
-                                             batch_id, extra_days=(), laps=laps)
-                self._windows(spark, silver, on_time, late_ids, app_id, batch_id)
-                laps("windows")
-                if self.on_features is not None:
-                    # A fresh, shallow plan (a Delta scan and a local list of ids): the scorer's
-                    # pandas UDF and checkpoint must not drag the batch's cached lineage along.
-                    ids = spark.createDataFrame([(r[0],) for r in new.select("event_id").collect()],
-                                                "event_id string")
-                    new_features = (delta.read(spark, self._path("gold_transaction_features"))
-                                    .where(F.col("event_date").isin(dates))
-                                    .join(F.broadcast(ids), "event_id", "left_semi"))
-                    self.on_features(new_features, app_id, batch_id)
-                    laps("score")
-                return {"max_event_time": stats["max_t"], "too_late": n_late, "recomputed": recomputed,
-                        "seconds": laps.seconds}
-            finally:
-                new.unpersist()
+            done = self._events_in_driver(spark, silver, app_id, batch_id, dates, laps) if self._in_driver else None
+            if done is None:
+                done = self._events_in_spark(spark, silver, app_id, batch_id, dates, laps)
+            new_ids, result = done
+            if result["max_event_time"] is not None:  # the next batch's watermark, without a read
+                latest = _micros_of(result["max_event_time"])
+                self._mark = (app_id, batch_id, max(latest, self._mark[2] if self._mark_for(app_id, batch_id)
+                                                    is not None else latest))
+            if new_ids:
+                self._scored(spark, new_ids, dates, app_id, batch_id, laps)
+            return result | {"seconds": laps.seconds}
+
+    def _mark_for(self, app_id: str, batch_id: int) -> int | None:
+        """The watermark (µs) before ``batch_id`` as kept by this object, if it knows it: it saw the
+        query's earlier batches (a batch that inserted nothing does not move the watermark)."""
+        if self._mark is not None and self._mark[0] == app_id and self._mark[1] < batch_id:
+            return self._mark[2]
+        return None
+
+    def _watermark_us(self, spark, app_id: str, batch_id: int) -> int | None:
+        kept = self._mark_for(app_id, batch_id)
+        if kept is not None:
+            return kept
+        mark = self.watermark(spark, app_id, batch_id)
+        return None if mark is None else _micros_of(mark)
+
+    def _events_in_spark(self, spark, silver: DataFrame, app_id: str, batch_id: int, dates: list[str], laps: Laps):
+        """:meth:`after_events` in Spark (a look-back too large for the driver). Returns the new
+        transactions' ids and the result."""
+        new = (silver.where(F.col("event_date").isin(dates) & (F.col("batch_id") == batch_id))
+               .select(*features.ID_COLUMNS).persist())
+        try:
+            stats = new.agg(F.count(F.lit(1)).alias("n"), F.min("event_time").alias("min_t"),
+                            F.max("event_time").alias("max_t")).first()
+            if not stats["n"]:
+                return [], {"max_event_time": None, "too_late": 0, "recomputed": 0}
+            mark = self._watermark_us(spark, app_id, batch_id)
+            n_late = (self._record_too_late(spark, new, _instant(_micros_of(stats["min_t"])), _instant(mark),
+                                            app_id, batch_id)
+                      if mark is not None else 0)
+            laps("too_late")
+            late_ids = too_late_ids(spark, self.settings)
+            on_time = new.join(late_ids, "event_id", "left_anti")
+            late_new = new.join(late_ids, "event_id", "left_semi")
+            gold_tx = delta.read(spark, self._path("gold_transaction_features"))
+            changes = lambda df: df.select("user_id", "merchant_id", "country",  # noqa: E731
+                                           F.col("event_time").alias("_lo"), F.col("event_time").alias("_hi"))
+            keys, since = ("user_id", "merchant_id", "country"), _utc_date(stats["min_t"])
+            affected = [affected_rows(gold_tx, changes(on_time), keys, since)]
+            if n_late:  # too-late events change only too-late rows
+                affected.append(affected_rows(gold_tx.join(late_ids, "event_id", "left_semi"),
+                                              changes(late_new), keys, since))
+            targets = new
+            for df in affected:
+                targets = targets.unionByName(df)
+            recomputed = self._recompute(spark, targets.dropDuplicates(["event_id"]), late_ids, app_id,
+                                         batch_id, extra_days=(), laps=laps)
+            self._windows(spark, silver, on_time, late_ids, app_id, batch_id)
+            laps("windows")
+            ids = [r[0] for r in new.select("event_id").collect()]
+            return ids, {"max_event_time": stats["max_t"], "too_late": n_late, "recomputed": recomputed}
+        finally:
+            new.unpersist()
+
+    def _scored(self, spark, new_ids: list[str], dates: list[str], app_id: str, batch_id: int, laps: Laps) -> None:
+        """Hand the new transactions' feature rows to ``on_features`` (scoring), if set."""
+        if self.on_features is not None:
+            # A fresh, shallow plan (a Delta scan and a local list of ids): the scorer's
+            # pandas UDF and checkpoint must not drag the batch's cached lineage along.
+            ids = spark.createDataFrame([(i,) for i in new_ids], "event_id string")
+            new_features = (delta.read(spark, self._path("gold_transaction_features"))
+                            .where(F.col("event_date").isin(dates))
+                            .join(F.broadcast(ids), "event_id", "left_semi"))
+            self.on_features(new_features, app_id, batch_id)
+            laps("score")
+
+    # -- an events batch in the driver ---------------------------------------------------------------
+    def _events_in_driver(self, spark, silver: DataFrame, app_id: str, batch_id: int, dates: list[str],
+                          laps: Laps):
+        """:meth:`after_events` in the driver: the look-back of the batch's earliest day is collected
+        once (:func:`features.lookback_rows`); the batch's new transactions are found in it, the
+        too-late ones recorded, and :func:`driver_batch` computes the same rows as the Spark route,
+        written by the same MERGEs. Returns the new transactions' ids and the result, or None
+        when the look-back holds more than ``settings.features_driver_max_rows`` rows (nothing is
+        written then, and later batches go to Spark directly)."""
+        first_day = date.fromisoformat(min(dates))  # no new transaction is earlier
+        # A batch that inserts rows pays the daily risk now if it is due: then one scan of silver
+        # into memory serves the look-back and the risk's baselines.
+        shared = self._risk_due()
+        since = first_day - _LOOKBACK - timedelta(days=33)
+        source = (silver.where(F.col("event_date") >= F.lit(since)).select(*features.ID_COLUMNS, "batch_id")
+                  .persist(StorageLevel.MEMORY_AND_DISK) if shared else silver)
+        try:
+            limit = self.settings.features_driver_max_rows
+            table = features.lookback_rows(source, datetime.combine(first_day, datetime.min.time(), timezone.utc),
+                                           self._fraud_only_labels(spark), too_late_ids(spark, self.settings)
+                                           ).limit(limit + 1).toArrow()
+            if table.num_rows > limit:
+                log.info("gold: the look-back holds more than %d rows (LAKEHOUSE_FEATURES_DRIVER_MAX_ROWS); "
+                         "events batches are computed in Spark from now on", limit)
+                self._in_driver = False
+                return None
+            laps("lookback")
+            new = new_rows(table, batch_id, dates)
+            if not len(new):
+                return [], {"max_event_time": None, "too_late": 0, "recomputed": 0}
+            t = table["_t"].to_numpy()
+            lo_us, hi_us = int(t[new].min()), int(t[new].max())
+            mark = self._watermark_us(spark, app_id, batch_id)
+            n_late = 0
+            if mark is not None:
+                threshold = mark - self.settings.allowed_lateness_minutes * 60_000_000
+                late = new[t[new] < threshold]
+                if len(late):
+                    rows = spark.createDataFrame(table.take(late).select(list(features.ID_COLUMNS)),
+                                                 schema=silver.select(*features.ID_COLUMNS).schema)
+                    n_late = self._record_too_late(spark, rows, _instant(lo_us), _instant(mark), app_id, batch_id)
+                    flags = table["_late"].to_numpy(zero_copy_only=False).copy()
+                    flags[late] = True
+                    table = table.set_column(table.schema.get_field_index("_late"), "_late", pa.array(flags))
+            laps("too_late")
+            batch = driver_batch(table, new)
+            laps("affected")
+            tx = spark.createDataFrame(batch.features, schema=self._schemas["gold_transaction_features"])
+            laps("features")
+            with delta.idempotent_dml(spark, app_id, batch_id):
+                delta.merge_upsert(spark, tx, self._path("gold_transaction_features"), ("event_id",),
+                                   {"event_date": batch.feature_days})
+            laps("features_merge")
+            if batch.windows.num_rows:
+                windows = spark.createDataFrame(batch.windows, schema=self._schemas["gold_user_features_5m"])
+                with delta.idempotent_dml(spark, app_id, batch_id):
+                    delta.merge_upsert(spark, windows, self._path("gold_user_features_5m"),
+                                       ("user_id", "window_start"), {"window_date": batch.window_days})
+            laps("windows")
+            risk = self._risk_plan(spark, [_instant(lo_us).date()])
+            if risk:
+                lo_day, hi_day = _risk_silver_days(risk[0], risk[1])
+                if shared and lo_day >= since:
+                    self._risk(spark, source.where(_between("event_date", lo_day, hi_day)).select(*features.ID_COLUMNS),
+                               self._fraud_only_labels(spark), *risk, app_id, batch_id)
+                else:
+                    self._risk_from_silver(spark, *risk, app_id, batch_id)
+                laps("risk")
+            ids = table["event_id"].take(new).to_pylist()
+            return ids, {"max_event_time": _instant(hi_us), "too_late": n_late, "recomputed": batch.features.num_rows}
+        finally:
+            if source is not silver:
+                source.unpersist()
 
     def _record_too_late(self, spark, new: DataFrame, earliest: datetime, mark: datetime, app_id: str,
                          batch_id: int) -> int:
@@ -396,14 +619,7 @@ class GoldStream:
                 feature_days = (lo.date() - _LOOKBACK - timedelta(days=1), hi.date())
                 spans.append(feature_days)
                 touched.append(lo.date())
-            # The daily risk is rewritten at most every settings.risk_refresh_seconds (it is daily
-            # and not on the features' path); until then the touched days are owed.
-            owed = min((d for d in (*touched, self._risk_from) if d is not None), default=None)
-            risk = None
-            if owed is not None and self._risk_due():
-                risk = self._risk_days(spark, owed)
-            elif owed is not None:
-                self._owe_risk(owed)
+            risk = self._risk_plan(spark, touched)
             if risk:
                 spans.append(_risk_silver_days(risk[0], risk[1]))
             if not spans:
@@ -434,6 +650,19 @@ class GoldStream:
             return int(n)
         finally:
             targets.unpersist()
+
+    def _risk_plan(self, spark, touched: list[date]) -> tuple[date, date, date] | None:
+        """The daily risk to rewrite now, after a batch that touched the days ``touched``, as
+        :meth:`_risk_days`; or None. The daily risk is rewritten at most every
+        settings.risk_refresh_seconds (it is daily and not on the features' path); until then the
+        touched days are owed."""
+        owed = min((d for d in (*touched, self._risk_from) if d is not None), default=None)
+        if owed is None:
+            return None
+        if self._risk_due():
+            return self._risk_days(spark, owed)
+        self._owe_risk(owed)
+        return None
 
     def _silver_ids(self, spark, first_day: date, last_day: date) -> DataFrame:
         """The silver columns the features and the daily risk read (``ID_COLUMNS``), of those days."""
@@ -490,9 +719,7 @@ class GoldStream:
             if self._risk_from is None or not (force or self._risk_due()):
                 return False
             self._ensure(spark)
-            first, last, today = self._risk_days(spark, self._risk_from)
-            history = self._silver_ids(spark, *_risk_silver_days(first, last))
-            self._risk(spark, history, self._fraud_only_labels(spark), first, last, today)
+            self._risk_from_silver(spark, *self._risk_days(spark, self._risk_from))
             return True
         finally:
             self._lock.release()
@@ -517,6 +744,16 @@ class GoldStream:
         stale = self._stale_maturity(spark, today)
         first_day = stale if stale is not None and stale < first_day else first_day
         return first_day, first_day + timedelta(days=31), today
+
+    def _risk_from_silver(self, spark, first_day: date, last_day: date, today: date, app_id: str | None = None,
+                          batch_id: int | None = None) -> None:
+        """:meth:`_risk` on the silver days it reads, scanned once (its parts read them several times)."""
+        history = self._silver_ids(spark, *_risk_silver_days(first_day, last_day)).persist(
+            StorageLevel.MEMORY_AND_DISK)
+        try:
+            self._risk(spark, history, self._fraud_only_labels(spark), first_day, last_day, today, app_id, batch_id)
+        finally:
+            history.unpersist()
 
     def _risk(self, spark, history: DataFrame, labels: DataFrame, first_day: date, last_day: date,
               today: date, app_id: str | None = None, batch_id: int | None = None) -> None:

@@ -411,18 +411,39 @@ def _time_features() -> list[Column]:
     return [(hour < 6).alias("is_night"), weekday.isin(2, 3).alias("is_weekend")]
 
 
+def _driver_rows(rows: DataFrame, fraud_labels: DataFrame, late_ids: DataFrame | None,
+                 extra: tuple[str, ...] = ()) -> DataFrame:
+    """``rows`` (of :func:`_history_rows`) as :func:`driver_features.evaluate` reads them: with the
+    earliest fraud report ``_r`` and the too-late flag ``_late``, plus the ``extra`` columns."""
+    rows = rows.join(fraud_labels, "event_id", "left")
+    late = F.lit(False)
+    if late_ids is not None:
+        rows = rows.join(late_ids.distinct().select("event_id", F.lit(True).alias("_late")), "event_id", "left")
+        late = F.coalesce(F.col("_late"), F.lit(False))
+    return rows.select("event_id", "user_id", "merchant_id", "country", "amount_base", "_t", "_a", "_r",
+                       late.alias("_late"), *extra)
+
+
+def lookback_rows(silver: DataFrame, earliest: datetime, labels: DataFrame, late_ids: DataFrame) -> DataFrame:
+    """Every row of ``silver`` that the features of a transaction at ``earliest`` or later may read
+    (from 30 days before it on, with no end), as :func:`driver_features.evaluate` reads them, plus
+    ``event_time``, ``event_date`` and ``batch_id``: what a stream micro-batch whose earliest event
+    is at ``earliest`` needs to compute its gold in the driver."""
+    # (a naive datetime, as collected from Spark, is in the local time zone: astimezone says so)
+    lo = (earliest.astimezone(timezone.utc) - _EPOCH) // timedelta(microseconds=1) - 1 - _LOOKBACK_US
+    rows = silver.where((F.col("event_date") >= F.lit(_day(lo) - timedelta(days=1)))
+                        & (F.col("event_time") > F.lit(_instant(lo))))
+    rows = rows.select(*ID_COLUMNS, "batch_id", F.unix_micros("event_time").alias("_t"),
+                       _micros(F.col("amount_base")).alias("_a"))
+    return _driver_rows(rows, _fraud_labels(labels), late_ids, extra=("event_time", "event_date", "batch_id"))
+
+
 def _driver_features(targets: DataFrame, history: DataFrame, late_ids: DataFrame | None,
                      fraud_labels: DataFrame, window: tuple[int, int]) -> DataFrame:
     """:func:`transaction_features` evaluated in the driver (``mode="driver"``): the look-back's rows
     are collected once, as Arrow, :func:`driver_features.evaluate` answers every feature from them,
     and only the features come back to Spark."""
-    rows = _history_rows(history, *window).join(fraud_labels, "event_id", "left")
-    late = F.lit(False)
-    if late_ids is not None:
-        rows = rows.join(late_ids.distinct().select("event_id", F.lit(True).alias("_late")), "event_id", "left")
-        late = F.coalesce(F.col("_late"), F.lit(False))
-    table = rows.select("event_id", "user_id", "merchant_id", "country", "amount_base", "_t", "_a", "_r",
-                        late.alias("_late")).toArrow()
+    table = _driver_rows(_history_rows(history, *window), fraud_labels, late_ids).toArrow()
     names = [c for c in FEATURE_COLUMNS if c not in _TIME_COLUMNS]
     feats = driver_features.evaluate(table, targets.select("event_id").toArrow()["event_id"], names,
                                      TRAILING_WINDOWS, FRAUD_RATE_WINDOWS, LOOKBACK_SECONDS)

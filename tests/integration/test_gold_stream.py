@@ -33,8 +33,10 @@ def settings(settings):
     return settings.replace(stream_gold=True)
 
 
-def test_lateness_inside_updates_windows_and_beyond_is_recorded(spark, settings):
-    settings = settings.replace(max_files_per_trigger=1)
+@pytest.mark.parametrize("driver_max_rows", [3_000_000, 0], ids=["in-driver", "in-spark"])
+def test_lateness_inside_updates_windows_and_beyond_is_recorded(spark, settings, driver_max_rows):
+    # An events batch's gold is computed in the driver while its look-back fits there, else in Spark.
+    settings = settings.replace(max_files_per_trigger=1, features_driver_max_rows=driver_max_rows)
     # batch 0: user u1 pays at 12:00 and 12:30 (watermark after it: 12:30)
     write_lines(settings.events_inbox, "a.jsonl", [_ev(1, "u1", 0), _ev(2, "u1", 30)], mtime=FILE_MTIME)
     # batch 1: 12:26 is 4 min late (inside the 10 min lateness); 12:05 is 25 min late (too late)

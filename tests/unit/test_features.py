@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from pyspark.sql import Row
+from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 from lakehouse.transforms.features import (
@@ -297,3 +298,47 @@ def test_driver_evaluation_ranks_times_when_keys_and_microseconds_do_not_fit(mon
         assert np.array_equal(col.values, ranked[name].values, equal_nan=True), name
         assert (col.null is None and ranked[name].null is None) or np.array_equal(col.null, ranked[name].null), name
     assert exact["merchant_fraud_rate_30d"].values[-1] > 0 and exact["user_tx_count_30d"].values.max() > 10
+
+
+def _driver_windows(spark, tx):
+    """``user_windows_5m`` of ``tx`` computed by :func:`driver_features.windows_5m`, as a DataFrame."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from lakehouse.transforms import driver_features as dv
+
+    table = tx.select("user_id", "merchant_id", "country", "amount_base",
+                      F.unix_micros("event_time").alias("_t"),
+                      F.round(F.col("amount_base") * 1_000_000).cast("long").alias("_a")).toArrow()
+    codes = {c: dv._codes(table[c]) for c in ("user_id", "merchant_id", "country")}
+    nulls = {c: pc.is_null(table[c]).to_numpy(zero_copy_only=False) for c in ("merchant_id", "country", "_a")}
+    w = dv.windows_5m(codes["user_id"], table["_t"].to_numpy(), pc.fill_null(table["_a"], 0).to_numpy(),
+                      nulls["_a"], pc.fill_null(table["amount_base"], float("nan")).to_numpy(),
+                      codes["merchant_id"], nulls["merchant_id"], codes["country"], nulls["country"])
+    ts = pa.timestamp("us", tz="UTC")
+    out = pa.table({
+        "user_id": table["user_id"].take(w["row"]), "window_start": pa.array(w["start"], ts),
+        "window_end": pa.array(w["start"] + 300_000_000, ts), "tx_count": pa.array(w["tx_count"]),
+        **{c: pa.array(w[c], mask=w[f"{c}_null"]) for c in ("amount_sum", "amount_mean", "amount_max")},
+        "distinct_merchants": pa.array(w["distinct_merchants"]), "distinct_countries": pa.array(w["distinct_countries"]),
+    })
+    assert len(np.unique(np.stack([codes["user_id"][w["row"]], w["start"]]), axis=1)[0]) == out.num_rows
+    return spark.createDataFrame(out)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_driver_windows_equal_spark_windows_on_random_edges(spark, seed):
+    # The stream computes the five-minute windows in the driver, the backfill in Spark: the same
+    # rows to the bit, with events on minute boundaries, ties, null merchants and null amounts.
+    rng = random.Random(seed)
+    rows = []
+    for i in range(300):
+        t = at(minute=rng.randrange(0, 40), second=rng.choice([0, 0, 0, 59, rng.randrange(60)]),
+               micro=rng.choice([0, 0, 1, 999_999]))
+        amount = rng.choice([None, 0.01, 19.99, 123.456789, float(rng.randrange(1, 10_000)) / 100])
+        rows.append((f"e{i:04d}", f"u{rng.randrange(6)}", rng.choice([None, "m1", "m2", "m3"]),
+                     rng.choice(["FR", "DE", None]), amount, t))
+    tx = tx_frame(spark, rows)
+    want = user_windows_5m(tx)
+    assertDataFrameEqual(_driver_windows(spark, tx).select(*want.columns), want, rtol=0, atol=0)
