@@ -26,6 +26,9 @@ of transactions in ``[max(e, r), e + 30d)``. The stream recomputes exactly those
 everything of the key from the earliest change on), then the five-minute windows of the users with
 new on-time events, then the daily risk from the earliest touched day on (the trailing baselines of
 the following 30 days depend on it). Each write is idempotent by (query app id, batch id).
+While the look-back fits in the driver (``settings.features_driver_max_rows``), an events batch is
+computed there from one collect of it (:func:`driver_batch`: the same rules, the same values);
+beyond that, in Spark.
 
 **The daily risk's cadence.** The daily risk is daily and not on the features' path, so the stream
 rewrites it at most every ``settings.risk_refresh_seconds``: a batch inside the interval *owes* its
@@ -401,9 +404,8 @@ class GoldStream:
                 done = self._events_in_spark(spark, silver, app_id, batch_id, dates, laps)
             new_ids, result = done
             if result["max_event_time"] is not None:  # the next batch's watermark, without a read
-                latest = _micros_of(result["max_event_time"])
-                self._mark = (app_id, batch_id, max(latest, self._mark[2] if self._mark_for(app_id, batch_id)
-                                                    is not None else latest))
+                latest, before = _micros_of(result["max_event_time"]), self._mark_for(app_id, batch_id)
+                self._mark = (app_id, batch_id, latest if before is None else max(before, latest))
             if new_ids:
                 self._scored(spark, new_ids, dates, app_id, batch_id, laps)
             return result | {"seconds": laps.seconds}
@@ -416,11 +418,15 @@ class GoldStream:
         return None
 
     def _watermark_us(self, spark, app_id: str, batch_id: int) -> int | None:
+        """The watermark (µs) before ``batch_id``: kept from the batches before, else read (:meth:`watermark`)."""
         kept = self._mark_for(app_id, batch_id)
         if kept is not None:
             return kept
         mark = self.watermark(spark, app_id, batch_id)
-        return None if mark is None else _micros_of(mark)
+        if mark is None:
+            return None
+        self._mark = (app_id, batch_id - 1, _micros_of(mark))  # the watermark after the batches before
+        return self._mark[2]
 
     def _events_in_spark(self, spark, silver: DataFrame, app_id: str, batch_id: int, dates: list[str], laps: Laps):
         """:meth:`after_events` in Spark (a look-back too large for the driver). Returns the new

@@ -71,6 +71,21 @@ def test_lateness_inside_updates_windows_and_beyond_is_recorded(spark, settings,
     assert dq["max_event_time"].iloc[0] == pd.Timestamp("2026-11-20 12:30:00")
 
 
+def test_the_watermark_survives_a_restart_and_an_older_batch(spark, settings):
+    # The watermark is kept between batches and read from the data-quality rows after a restart;
+    # a batch of older (on-time) events must not lower it for the next batch.
+    settings = settings.replace(max_files_per_trigger=1)
+    write_lines(settings.events_inbox, "a.jsonl", [_ev(1, "u1", 0), _ev(2, "u2", 30)], mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))  # watermark 12:30
+    # after a restart: 12:25 is on time (5 min late); then 12:17 is 13 min behind 12:30: too late
+    write_lines(settings.events_inbox, "b.jsonl", [_ev(3, "u3", 25)], mtime=FILE_MTIME + 1)
+    write_lines(settings.events_inbox, "c.jsonl", [_ev(4, "u4", 17)], mtime=FILE_MTIME + 2)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    late = _table(spark, settings, "gold_too_late_events")
+    assert list(late["event_id"]) == ["e000004"]
+    assert late["watermark"].iloc[0] == pd.Timestamp("2026-11-20 12:30:00")
+
+
 def test_a_label_arriving_after_the_transactions_updates_their_fraud_rates(spark, settings):
     settings = settings.replace(max_files_per_trigger=1)
     # e1 (12:00) is fraud, reported at 12:10; e2 at 12:05 (before the report), e3 at 12:20 (after it)
