@@ -488,16 +488,20 @@ class GoldStream:
         when the look-back holds more than ``settings.features_driver_max_rows`` rows (nothing is
         written then, and later batches go to Spark directly)."""
         first_day = date.fromisoformat(min(dates))  # no new transaction is earlier
-        # A batch that inserts rows pays the daily risk now if it is due: then one scan of silver
-        # into memory serves the look-back and the risk's baselines.
+        # A batch that inserts rows pays the daily risk now if it is due: then one scan of silver and
+        # of the labels into memory serves the look-back and the risk (its baselines reach back 31
+        # days from the earliest touched day; the look-back reads from 32 days before first_day).
         shared = self._risk_due()
-        since = first_day - _LOOKBACK - timedelta(days=33)
-        source = (silver.where(F.col("event_date") >= F.lit(since)).select(*features.ID_COLUMNS, "batch_id")
-                  .persist(StorageLevel.MEMORY_AND_DISK) if shared else silver)
+        since = first_day - timedelta(days=33)
+        source, labels = silver, self._fraud_only_labels(spark)
+        if shared:
+            source = (silver.where(F.col("event_date") >= F.lit(since)).select(*features.ID_COLUMNS, "batch_id")
+                      .persist(StorageLevel.MEMORY_AND_DISK))
+            labels = labels.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             limit = self.settings.features_driver_max_rows
             table = features.lookback_rows(source, datetime.combine(first_day, datetime.min.time(), timezone.utc),
-                                           self._fraud_only_labels(spark), too_late_ids(spark, self.settings)
+                                           labels, too_late_ids(spark, self.settings)
                                            ).limit(limit + 1).toArrow()
             if table.num_rows > limit:
                 log.info("gold: the look-back holds more than %d rows (LAKEHOUSE_FEATURES_DRIVER_MAX_ROWS); "
@@ -542,15 +546,16 @@ class GoldStream:
                 lo_day, hi_day = _risk_silver_days(risk[0], risk[1])
                 if shared and lo_day >= since:
                     self._risk(spark, source.where(_between("event_date", lo_day, hi_day)).select(*features.ID_COLUMNS),
-                               self._fraud_only_labels(spark), *risk, app_id, batch_id)
+                               labels, *risk, app_id, batch_id)
                 else:
                     self._risk_from_silver(spark, *risk, app_id, batch_id)
                 laps("risk")
             ids = table["event_id"].take(new).to_pylist()
             return ids, {"max_event_time": _instant(hi_us), "too_late": n_late, "recomputed": batch.features.num_rows}
         finally:
-            if source is not silver:
+            if shared:
                 source.unpersist()
+                labels.unpersist()
 
     def _record_too_late(self, spark, new: DataFrame, earliest: datetime, mark: datetime, app_id: str,
                          batch_id: int) -> int:
