@@ -191,7 +191,7 @@ def new_rows(table: pa.Table, batch_id: int, dates: list[str]) -> np.ndarray:
 def driver_batch(table: pa.Table, new: np.ndarray) -> DriverBatch:
     """The gold rows an events batch changes, from its look-back ``table``
     (:func:`features.lookback_rows`), by the rules the Spark route follows (module docstring): the
-    batch's transactions (``batch_id`` in the partitions ``dates``) and the transactions they affect
+    batch's transactions (the rows ``new``: :func:`new_rows`) and the transactions they affect
     (:func:`affected_rows`' rule; too-late events only affect too-late rows) get their features
     (:func:`driver_features.evaluate`), and the users of the on-time ones their five-minute windows
     from a minute-aligned four minutes before to the last event (:func:`driver_features.windows_5m`).
@@ -208,7 +208,7 @@ def driver_batch(table: pa.Table, new: np.ndarray) -> DriverBatch:
     hit[new] = True
     at = np.flatnonzero(hit)
     ids = table["event_id"].take(at)
-    if len(pc.unique(ids)) != len(ids):  # one event_id on two dates: its first row, as the Spark route
+    if len(pc.unique(ids)) != len(ids):  # one event_id on two dates: one row (a MERGE source key is unique)
         at = at[np.sort(pc.index_in(pc.unique(ids), value_set=ids).to_numpy())]
         ids = table["event_id"].take(at)
 
