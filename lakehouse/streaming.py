@@ -332,7 +332,7 @@ class IngestBatch:
             # attempt or an earlier one), or, if that commit is too far back in history, a count of
             # the rows carrying this batch id.
             def written(table: str, metric: str, extra=None) -> int:
-                n = delta.rows_committed(spark, self._path(table), app, batch_id, metric)
+                n = delta.rows_committed(self._path(table), app, batch_id, metric)
                 if n is not None:
                     return n
                 df = delta.read(spark, self._path(table)).where(F.col("batch_id") == batch_id)

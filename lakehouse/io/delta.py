@@ -8,6 +8,7 @@ seen. A batch replayed after a crash therefore writes each table at most once.
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,17 +94,31 @@ def idempotent_dml(spark: SparkSession, app_id: str, version: int):
             spark.conf.unset(key)
 
 
-def rows_committed(spark: SparkSession, path: Path | str, app_id: str, version: int, metric: str,
-                   depth: int = 25) -> int | None:
-    """The ``metric`` (e.g. numOutputRows) of the commit that (app_id, version) made, read from the
-    table's recent history; None when that commit is not among the last ``depth`` commits."""
-    from delta.tables import DeltaTable
-
-    tag = commit_tag(app_id, version)
-    for row in DeltaTable.forPath(spark, str(path)).history(depth).select("userMetadata", "operationMetrics").collect():
-        if row["userMetadata"] == tag:
-            return int((row["operationMetrics"] or {}).get(metric, 0))
+def commit_metrics(path: Path | str, app_id: str, version: int, depth: int = 25) -> dict[str, int] | None:
+    """The operation metrics of the commit that (app_id, version) made to the table, read from the
+    JSON commit files of its last ``depth`` versions (no Spark job); None when that commit is not
+    among them. A commit's file holds one action per line, its ``commitInfo`` among them."""
+    tag, log_dir = commit_tag(app_id, version), Path(path) / "_delta_log"
+    latest = table_version(path)
+    for v in range(latest if latest is not None else -1, max(-1, (latest or 0) - depth), -1):
+        try:
+            lines = (log_dir / f"{v:020d}.json").read_text().splitlines()
+        except FileNotFoundError:  # cleaned up: older commits are gone too
+            return None
+        for line in lines:
+            if line.startswith('{"commitInfo"'):
+                info = json.loads(line)["commitInfo"]
+                if info.get("userMetadata") == tag:
+                    metrics = info.get("operationMetrics") or {}
+                    return {k: int(n) for k, n in metrics.items() if str(n).lstrip("-").isdigit()}
     return None
+
+
+def rows_committed(path: Path | str, app_id: str, version: int, metric: str, depth: int = 25) -> int | None:
+    """The ``metric`` (e.g. numOutputRows) of the commit that (app_id, version) made, or None when
+    that commit is not among the last ``depth`` commits (:func:`commit_metrics`)."""
+    metrics = commit_metrics(path, app_id, version, depth)
+    return None if metrics is None else metrics.get(metric, 0)
 
 
 def merge_insert_new(
