@@ -215,12 +215,18 @@ def _span(targets: DataFrame) -> tuple[int, int, int]:
     return (0, 0, 0) if not n else (int(n), int(lo), int(hi))
 
 
-def _instant(us: int) -> datetime:
+def micros_of(moment: datetime) -> int:
+    """µs since the epoch of an aware datetime, or of a naive one as collected from Spark (local time)."""
+    return (moment.astimezone(timezone.utc) - _EPOCH) // timedelta(microseconds=1)
+
+
+def instant(us: int) -> datetime:
+    """The UTC datetime ``us`` µs after the epoch (the inverse of :func:`micros_of`)."""
     return _EPOCH + timedelta(microseconds=us)
 
 
 def _day(us: int) -> date:
-    return _instant(us).date()
+    return instant(us).date()
 
 
 def _within(lo_us: int, hi_us: int, column: str = "_t") -> Column:
@@ -236,7 +242,7 @@ def _history_rows(history: DataFrame, lo_us: int, hi_us: int) -> DataFrame:
     writes files that each cover a short stretch of event time); a cached frame its other batches."""
     keep = ((F.col("event_date") >= F.lit(_day(lo_us) - timedelta(days=1)))
             & (F.col("event_date") <= F.lit(_day(hi_us) + timedelta(days=1)))
-            & (F.col("event_time") > F.lit(_instant(lo_us))) & (F.col("event_time") <= F.lit(_instant(hi_us))))
+            & (F.col("event_time") > F.lit(instant(lo_us))) & (F.col("event_time") <= F.lit(instant(hi_us))))
     return history.where(keep).select(
         "event_id", "user_id", "merchant_id", "country", "amount_base",
         F.unix_micros("event_time").alias("_t"), F.lit(1).cast("long").alias("_n"),
@@ -429,10 +435,9 @@ def lookback_rows(silver: DataFrame, earliest: datetime, labels: DataFrame, late
     (from 30 days before it on, with no end), as :func:`driver_features.evaluate` reads them, plus
     ``event_time``, ``event_date`` and ``batch_id``: what a stream micro-batch whose earliest event
     is at ``earliest`` needs to compute its gold in the driver."""
-    # (a naive datetime, as collected from Spark, is in the local time zone: astimezone says so)
-    lo = (earliest.astimezone(timezone.utc) - _EPOCH) // timedelta(microseconds=1) - 1 - _LOOKBACK_US
+    lo = micros_of(earliest) - 1 - _LOOKBACK_US
     rows = silver.where((F.col("event_date") >= F.lit(_day(lo) - timedelta(days=1)))
-                        & (F.col("event_time") > F.lit(_instant(lo))))
+                        & (F.col("event_time") > F.lit(instant(lo))))
     rows = rows.select(*ID_COLUMNS, "batch_id", F.unix_micros("event_time").alias("_t"),
                        _micros(F.col("amount_base")).alias("_a"))
     return _driver_rows(rows, _fraud_labels(labels), late_ids, extra=("event_time", "event_date", "batch_id"))
