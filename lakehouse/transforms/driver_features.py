@@ -228,10 +228,15 @@ def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.unique(a * (int(b.max()) + 1) + b, return_inverse=True)[1].astype(np.int64)
 
 
-def _rows(table: pa.Table) -> Rows:
+def key_codes(table: pa.Table) -> list[np.ndarray]:
+    """The integer codes of user_id, merchant_id and country (:func:`_codes`) of ``table``'s rows."""
+    return [_codes(table[c]) for c in ("user_id", "merchant_id", "country")]
+
+
+def _rows(table: pa.Table, keys: list[np.ndarray] | None = None) -> Rows:
     order = np.empty(table.num_rows, dtype=np.int64)
     order[pc.sort_indices(table["event_id"]).to_numpy()] = np.arange(table.num_rows)  # UTF-8 byte order, as Spark
-    user, merchant, country = (_codes(table[c]) for c in ("user_id", "merchant_id", "country"))
+    user, merchant, country = keys if keys is not None else key_codes(table)
     return Rows(order=order, user=user, merchant=merchant, country=country,
                 user_merchant=_pairs(user, merchant), user_country=_pairs(user, country),
                 t=table["_t"].to_numpy().astype(np.int64),
@@ -241,13 +246,14 @@ def _rows(table: pa.Table) -> Rows:
 
 
 def evaluate(table: pa.Table, wanted: pa.ChunkedArray, names: list[str], windows: tuple[tuple[str, int], ...],
-             fraud_windows: tuple[tuple[str, int], ...], lookback_seconds: int) -> pa.Table:
+             fraud_windows: tuple[tuple[str, int], ...], lookback_seconds: int,
+             keys: list[np.ndarray] | None = None) -> pa.Table:
     """The features ``names`` of the events ``wanted`` (event ids) from the history ``table``: one row
     per transaction of their look-back, with event_id, user_id, merchant_id, country, amount_base,
     ``_t`` (event time, µs), ``_a`` (amount_base, micro-USD), ``_r`` (earliest report of a fraud
     label, µs, or null) and ``_late`` (a too-late event: only late targets see it). Returns
     event_id and ``names``, one row per wanted event found in ``table`` (the others have no history
-    row to be computed from)."""
+    row to be computed from). ``keys``: :func:`key_codes` of ``table``, if the caller has them."""
     wanted = pc.unique(wanted)
     where = pc.index_in(wanted, value_set=table["event_id"])
     found = pc.is_valid(where).to_numpy(zero_copy_only=False)
@@ -255,7 +261,7 @@ def evaluate(table: pa.Table, wanted: pa.ChunkedArray, names: list[str], windows
     values = {c: np.zeros(len(at), dtype=_arrow_type(c).to_pandas_dtype()) for c in names}
     nulls = {c: np.zeros(len(at), dtype=bool) for c in names}
     if len(at):
-        everything = _rows(table)
+        everything = _rows(table, keys)
         late = table["_late"].to_numpy(zero_copy_only=False).astype(bool)
         # An on-time target sees the history without the late events; a late one sees all of it.
         for kept, mine in ((~late, ~late[at]), (np.ones_like(late), late[at])):
@@ -295,8 +301,8 @@ _SLIDES = 5  # a five-minute window sliding every minute: each event is in five 
 
 
 def windows_5m(user: np.ndarray, t: np.ndarray, a: np.ndarray, a_null: np.ndarray, amount: np.ndarray,
-               merchant: np.ndarray, merchant_null: np.ndarray, country: np.ndarray, country_null: np.ndarray
-               ) -> dict[str, np.ndarray]:
+               merchant: np.ndarray, merchant_null: np.ndarray, country: np.ndarray, country_null: np.ndarray,
+               flag: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``features.user_windows_5m`` of the given rows, the same values to the bit: per user and
     minute-aligned ``[start, start + 5 min)`` holding at least one row, the count, the exact sum of
     micro-USD ``a`` (null when all null), its mean, the max of ``amount`` (NaN where null; NaN above
@@ -304,7 +310,8 @@ def windows_5m(user: np.ndarray, t: np.ndarray, a: np.ndarray, a_null: np.ndarra
 
     Returns parallel arrays: ``row`` (a row of the window's user), ``start`` (µs), ``tx_count``,
     ``amount_sum``, ``amount_mean``, ``amount_max``, their null masks (``*_null``),
-    ``distinct_merchants``, ``distinct_countries``.
+    ``distinct_merchants``, ``distinct_countries``, and, when ``flag`` (per row) is given, whether
+    any and whether all of the window's rows have it (``flag_any``, ``flag_all``).
     """
     n = len(t)
     minute = np.floor_divide(t, _MINUTE)
@@ -330,6 +337,10 @@ def windows_5m(user: np.ndarray, t: np.ndarray, a: np.ndarray, a_null: np.ndarra
         pairs = np.unique(which[keep] * (int(code.max()) + 1 if n else 1) + code[rows][keep])
         return np.bincount(pairs // (int(code.max()) + 1 if n else 1), minlength=len(first)).astype(np.int64)
 
+    flags = {}
+    if flag is not None:
+        flags = {"flag_any": np.logical_or.reduceat(flag[rows], first) if n else np.zeros(0, bool),
+                 "flag_all": np.logical_and.reduceat(flag[rows], first) if n else np.zeros(0, bool)}
     return {
         "row": rows[first], "start": start[first] * _MINUTE, "tx_count": count.astype(np.int64),
         "amount_sum": np.where(sum_null, np.nan, amount_sum), "amount_sum_null": sum_null,
@@ -338,4 +349,5 @@ def windows_5m(user: np.ndarray, t: np.ndarray, a: np.ndarray, a_null: np.ndarra
         "amount_max": np.where(biggest == -np.inf, np.nan, biggest), "amount_max_null": biggest == -np.inf,
         "distinct_merchants": distinct(merchant, merchant_null),
         "distinct_countries": distinct(country, country_null),
+        **flags,
     }

@@ -86,6 +86,37 @@ def test_the_watermark_survives_a_restart_and_an_older_batch(spark, settings):
     assert late["watermark"].iloc[0] == pd.Timestamp("2026-11-20 12:30:00")
 
 
+def test_a_row_taken_for_new_but_already_in_gold_is_still_upserted(spark, settings, monkeypatch):
+    # An events batch's new rows go to gold by an insert-only MERGE. Should one be there already with
+    # other values (say a backfill racing the stream wrote it first), it still gets the stream's.
+    import pyarrow as pa
+
+    real = gold.driver_batch
+
+    def racing(table, new):
+        batch = real(table, new)
+        for name, rows, fresh, column in (("gold_transaction_features", batch.features, batch.features_new,
+                                           "user_tx_count_5m"),
+                                          ("gold_user_features_5m", batch.windows, batch.windows_new, "tx_count")):
+            stale = rows.filter(pa.array(fresh))
+            stale = stale.set_column(stale.schema.get_field_index(column), column, pa.array([99] * stale.num_rows))
+            path = str(settings.table_path(name))
+            spark.createDataFrame(stale, schema=delta.read(spark, path).schema).write.format("delta") \
+                .mode("append").save(path)
+        return batch
+
+    monkeypatch.setattr(gold, "driver_batch", racing)
+    write_lines(settings.events_inbox, "a.jsonl", [_ev(1, "u1", 0), _ev(2, "u1", 1)], mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+
+    tx = _table(spark, settings, "gold_transaction_features")
+    assert list(tx["event_id"]) == ["e000001", "e000002"] and list(tx["user_tx_count_5m"]) == [1, 2]
+    windows = _table(spark, settings, "gold_user_features_5m")
+    assert not windows.duplicated(["user_id", "window_start"]).any()
+    starts = {w.strftime("%H:%M"): n for w, n in zip(windows["window_start"], windows["tx_count"])}
+    assert starts == {"11:56": 1, "11:57": 2, "11:58": 2, "11:59": 2, "12:00": 2, "12:01": 1}
+
+
 def test_a_label_arriving_after_the_transactions_updates_their_fraud_rates(spark, settings):
     settings = settings.replace(max_files_per_trigger=1)
     # e1 (12:00) is fraud, reported at 12:10; e2 at 12:05 (before the report), e3 at 12:20 (after it)

@@ -342,3 +342,37 @@ def test_driver_windows_equal_spark_windows_on_random_edges(spark, seed):
     tx = tx_frame(spark, rows)
     want = user_windows_5m(tx)
     assertDataFrameEqual(_driver_windows(spark, tx).select(*want.columns), want, rtol=0, atol=0)
+
+
+def test_driver_batch_tells_the_rows_no_earlier_batch_wrote():
+    # The stream writes what driver_batch marks new by an insert-only MERGE and the rest by an upsert:
+    # new = the batch's transactions, and the windows holding none of the earlier batches' events;
+    # a window without new events is left as it is.
+    import numpy as np
+    import pyarrow as pa
+
+    from lakehouse import gold
+
+    # (event_id, user, merchant, minute past 12:00, batch)
+    rows = [("e1", "u1", "m1", 0, 0), ("e2", "u1", "m1", 2, 1), ("e3", "u1", "m2", 20, 1),
+            ("e4", "u2", "m3", 10, 1), ("e5", "u3", "m2", 30, 0), ("e6", "u1", "m4", 10, 0)]
+    t = np.array([int(at(minute=m).timestamp()) * 1_000_000 for _, _, _, m, _ in rows])
+    table = pa.table({
+        "event_id": [r[0] for r in rows], "user_id": [r[1] for r in rows], "merchant_id": [r[2] for r in rows],
+        "country": ["FR"] * len(rows), "amount_base": [10.0] * len(rows), "_t": t, "_a": [10_000_000] * len(rows),
+        "_r": pa.nulls(len(rows), pa.int64()), "_late": [False] * len(rows),
+        "event_time": pa.array(t, pa.timestamp("us", tz="UTC")),
+        "event_date": pa.array([WED.date()] * len(rows), pa.date32()), "batch_id": [r[4] for r in rows],
+    })
+    batch = gold.driver_batch(table, gold.new_rows(table, 1, [str(WED.date())]))
+    fresh = dict(zip(batch.features["event_id"].to_pylist(), batch.features_new.tolist()))
+    # e5 (12:30, batch 0) shares merchant m2 with e3 (12:20): affected, recomputed, already in gold
+    assert fresh == {"e2": True, "e3": True, "e4": True, "e5": False, "e6": False}
+    windows = {(u, s.strftime("%H:%M")): new for u, s, new in zip(
+        batch.windows["user_id"].to_pylist(), batch.windows["window_start"].to_pylist(), batch.windows_new.tolist())}
+    # u1's windows from 11:58 (a minute-aligned 4 min before 12:02) to 12:20: those holding 12:00 exist
+    assert {k for k, new in windows.items() if not new} == {("u1", "11:58"), ("u1", "11:59"), ("u1", "12:00")}
+    assert {("u1", "12:01"), ("u1", "12:02"), ("u1", "12:16"), ("u1", "12:20"), ("u2", "12:06"),
+            ("u2", "12:10")} <= {k for k, new in windows.items() if new}
+    assert ("u1", "12:03") not in windows  # no event in [12:03, 12:08)
+    assert not {("u1", f"12:{m:02d}") for m in range(6, 11)} & set(windows)  # only e6 (12:10), not new
