@@ -185,6 +185,15 @@ class DriverBatch:
     windows_new: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """An events batch's look-back, kept for the next (:meth:`GoldStream._kept_lookback`)."""
+
+    table: pa.Table  # features.lookback_rows' rows with event time after lo_us
+    lo_us: int
+    version: int | None  # the silver_transactions version they reflect
+
+
 def new_rows(table: pa.Table, batch_id: int, dates: list[str]) -> np.ndarray:
     """Indices of the rows of ``table`` the events batch ``batch_id`` inserted (partitions ``dates``)."""
     is_new = pc.and_(pc.equal(table["batch_id"], batch_id),
@@ -378,6 +387,7 @@ class GoldStream:
         # for the rest of the run once the look-back outgrows settings.features_driver_max_rows.
         self._in_driver = settings.features_driver_max_rows > 0
         self._mark: tuple[str, int, int] | None = None  # (app id, batch id, watermark µs after it)
+        self._kept: _Kept | None = None  # the last events batch's look-back (:meth:`_kept_lookback`)
         self._maturity_checked: date | None = None  # the UTC day stale matured flags were last fixed
         self._risk_from = self._owed_risk()  # the earliest day whose daily risk is owed, if any
         self._risk_at = float("-inf")  # time.monotonic() of the last risk refresh
@@ -501,10 +511,15 @@ class GoldStream:
         when the look-back holds more than ``settings.features_driver_max_rows`` rows (nothing is
         written then, and later batches go to Spark directly)."""
         first_day = date.fromisoformat(min(dates))  # no new transaction is earlier
-        # A batch that inserts rows pays the daily risk now if it is due: then one scan of silver and
-        # of the labels into memory serves the look-back and the risk (its baselines reach back 31
-        # days from the earliest touched day; the look-back reads from 32 days before first_day).
-        shared = self._risk_due()
+        earliest = datetime.combine(first_day, datetime.min.time(), timezone.utc)
+        limit = self.settings.features_driver_max_rows
+        silver_version = delta.table_version(self._path("silver_transactions"))
+        table = self._kept_lookback(spark, silver, earliest, silver_version, app_id, batch_id, dates)
+        # Collected, and a batch that inserts rows pays the daily risk now if it is due: then one scan
+        # of silver and of the labels into memory serves the look-back and the risk (its baselines
+        # reach back 31 days from the earliest touched day; the look-back reads from 32 days before
+        # first_day).
+        shared = table is None and self._risk_due()
         since = first_day - timedelta(days=33)
         source, labels = silver, self._fraud_only_labels(spark)
         if shared:
@@ -512,18 +527,18 @@ class GoldStream:
                       .persist(StorageLevel.MEMORY_AND_DISK))
             labels = labels.persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            limit = self.settings.features_driver_max_rows
-            table = features.lookback_rows(source, datetime.combine(first_day, datetime.min.time(), timezone.utc),
-                                           labels, too_late_ids(spark, self.settings)
-                                           ).limit(limit + 1).toArrow()
+            if table is None:
+                table = features.lookback_rows(source, earliest, labels, too_late_ids(spark, self.settings)
+                                               ).limit(limit + 1).toArrow()
             if table.num_rows > limit:
                 log.info("gold: the look-back holds more than %d rows (LAKEHOUSE_FEATURES_DRIVER_MAX_ROWS); "
                          "events batches are computed in Spark from now on", limit)
-                self._in_driver = False
+                self._in_driver, self._kept = False, None
                 return None
             laps("lookback")
             new = new_rows(table, batch_id, dates)
             if not len(new):
+                self._kept = _Kept(table, features.lookback_start(earliest), silver_version)
                 return [], {"max_event_time": None, "too_late": 0, "recomputed": 0}
             t = table["_t"].to_numpy()
             lo_us, hi_us = int(t[new].min()), int(t[new].max())
@@ -556,11 +571,47 @@ class GoldStream:
                     self._risk_from_silver(spark, *risk, app_id, batch_id)
                 laps("risk")
             ids = table["event_id"].take(new).to_pylist()
+            self._kept = _Kept(table, features.lookback_start(earliest), silver_version)
             return ids, {"max_event_time": instant(hi_us), "too_late": n_late, "recomputed": batch.features.num_rows}
         finally:
             if shared:
                 source.unpersist()
                 labels.unpersist()
+
+    def _kept_lookback(self, spark, silver: DataFrame, earliest: datetime, silver_version: int | None,
+                       app_id: str, batch_id: int, dates: list[str]) -> pa.Table | None:
+        """The look-back of an events batch (:func:`features.lookback_rows` from ``earliest``) from the
+        one kept after the previous batch, when that is still silver as it was then plus this batch's
+        rows: the only silver commit since is this batch's own insert, and the look-back starts no
+        earlier. Then only the new rows are collected, and the kept rows that fell out of the look-back
+        dropped. Fraud reports the labels stream brought in the meantime were patched in
+        (:meth:`_patch_reports`); too-late flags were set by the batch that found them. Else None."""
+        kept, lo = self._kept, features.lookback_start(earliest)
+        if (kept is None or silver_version is None or silver_version != kept.version + 1 or lo < kept.lo_us):
+            return None
+        info = delta.commit_info(self._path("silver_transactions"), silver_version)
+        if info is None or info.get("userMetadata") != delta.commit_tag(app_id, batch_id):
+            return None
+        added = features.lookback_rows(silver.where((F.col("batch_id") == batch_id) & F.col("event_date").isin(dates)),
+                                       earliest, self._fraud_only_labels(spark), too_late_ids(spark, self.settings)
+                                       ).toArrow()
+        if pc.any(pc.is_in(kept.table["event_id"], value_set=added["event_id"])).as_py():
+            return None  # rows of this batch id already kept (not a plain insert): collect afresh
+        rows = kept.table.filter(pc.greater(kept.table["_t"], lo))
+        return pa.concat_tables([rows, added.select(rows.column_names).cast(rows.schema)])
+
+    def _patch_reports(self, reports: pa.Table) -> None:
+        """Bring the kept look-back's earliest fraud report ``_r`` up to date with a labels batch's
+        fraud labels (``event_id``, ``_r`` in µs): labels are only ever added, so the earliest report
+        of an event is the smaller of the kept one and the new ones."""
+        if self._kept is None or not reports.num_rows:
+            return
+        table = self._kept.table
+        earliest = reports.group_by("event_id").aggregate([("_r", "min")])
+        at = pc.index_in(table["event_id"], value_set=earliest["event_id"])
+        r = pc.min_element_wise(table["_r"], pc.take(earliest["_r_min"], at), skip_nulls=True)
+        table = table.set_column(table.schema.get_field_index("_r"), "_r", r.cast(table.schema.field("_r").type))
+        self._kept = _Kept(table, self._kept.lo_us, self._kept.version)
 
     def _write(self, spark, name: str, rows: pa.Table, new: np.ndarray, app_id: str, batch_id: int) -> None:
         """Write a driver batch's ``rows`` of the gold table ``name``, exactly once per batch.
@@ -633,6 +684,8 @@ class GoldStream:
                 days = [r[0] for r in fraud.select("event_date").distinct().collect()]
                 if not days:
                     return {"recomputed": 0, "seconds": laps.seconds}
+                self._patch_reports(fraud.where(F.col("reported_at").isNotNull())
+                                    .select("event_id", F.unix_micros("reported_at").alias("_r")).toArrow())
                 gold_tx = delta.read(spark, self._path("gold_transaction_features"))
                 changes = fraud.select("merchant_id", "country",
                                        F.greatest("event_time", "reported_at").alias("_lo"),

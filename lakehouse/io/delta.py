@@ -94,23 +94,30 @@ def idempotent_dml(spark: SparkSession, app_id: str, version: int):
             spark.conf.unset(key)
 
 
+def commit_info(path: Path | str, version: int) -> dict | None:
+    """The ``commitInfo`` of the table's commit ``version``, read from its JSON commit file (no
+    Spark job); None when the file is gone (log clean-up) or holds none."""
+    try:
+        lines = (Path(path) / "_delta_log" / f"{int(version):020d}.json").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in lines:  # one action per line
+        if line.startswith('{"commitInfo"'):
+            return json.loads(line)["commitInfo"]
+    return None
+
+
 def commit_metrics(path: Path | str, app_id: str, version: int, depth: int = 25) -> dict[str, int] | None:
-    """The operation metrics of the commit that (app_id, version) made to the table, read from the
-    JSON commit files of its last ``depth`` versions (no Spark job); None when that commit is not
-    among them. A commit's file holds one action per line, its ``commitInfo`` among them."""
-    tag, log_dir = commit_tag(app_id, version), Path(path) / "_delta_log"
-    latest = table_version(path)
-    for v in range(latest if latest is not None else -1, max(-1, (latest or 0) - depth), -1):
-        try:
-            lines = (log_dir / f"{v:020d}.json").read_text().splitlines()
-        except FileNotFoundError:  # cleaned up: older commits are gone too
-            return None
-        for line in lines:
-            if line.startswith('{"commitInfo"'):
-                info = json.loads(line)["commitInfo"]
-                if info.get("userMetadata") == tag:
-                    metrics = info.get("operationMetrics") or {}
-                    return {k: int(n) for k, n in metrics.items() if str(n).lstrip("-").isdigit()}
+    """The operation metrics of the commit that (app_id, version) made to the table, searched in its
+    last ``depth`` commits (:func:`commit_info`); None when that commit is not among them."""
+    tag, latest = commit_tag(app_id, version), table_version(path)
+    if latest is None:
+        return None
+    for v in range(latest, max(-1, latest - depth), -1):
+        info = commit_info(path, v)
+        if info is not None and info.get("userMetadata") == tag:
+            metrics = info.get("operationMetrics") or {}
+            return {k: int(n) for k, n in metrics.items() if str(n).lstrip("-").isdigit()}
     return None
 
 

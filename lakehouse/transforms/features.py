@@ -430,12 +430,17 @@ def _driver_rows(rows: DataFrame, fraud_labels: DataFrame, late_ids: DataFrame |
                        late.alias("_late"), *extra)
 
 
+def lookback_start(earliest: datetime) -> int:
+    """:func:`lookback_rows` holds the rows with event time after this (µs)."""
+    return micros_of(earliest) - 1 - _LOOKBACK_US
+
+
 def lookback_rows(silver: DataFrame, earliest: datetime, labels: DataFrame, late_ids: DataFrame) -> DataFrame:
     """Every row of ``silver`` that the features of a transaction at ``earliest`` or later may read
     (from 30 days before it on, with no end), as :func:`driver_features.evaluate` reads them, plus
     ``event_time``, ``event_date`` and ``batch_id``: what a stream micro-batch whose earliest event
     is at ``earliest`` needs to compute its gold in the driver."""
-    lo = micros_of(earliest) - 1 - _LOOKBACK_US
+    lo = lookback_start(earliest)
     rows = silver.where((F.col("event_date") >= F.lit(_day(lo) - timedelta(days=1)))
                         & (F.col("event_time") > F.lit(instant(lo))))
     rows = rows.select(*ID_COLUMNS, "batch_id", F.unix_micros("event_time").alias("_t"),

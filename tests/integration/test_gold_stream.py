@@ -117,6 +117,53 @@ def test_a_row_taken_for_new_but_already_in_gold_is_still_upserted(spark, settin
     assert starts == {"11:56": 1, "11:57": 2, "11:58": 2, "11:59": 2, "12:00": 2, "12:01": 1}
 
 
+def test_the_kept_lookback_equals_a_fresh_collect(spark, settings, monkeypatch):
+    # Between events batches the stream keeps the look-back and collects only the next batch's new
+    # rows; with a too-late event and a fraud label arriving in between, it must equal what a fresh
+    # collect gives, batch after batch.
+    import pyarrow.compute as pc
+
+    from lakehouse.transforms import features
+
+    checked = []
+    real = gold.GoldStream._kept_lookback
+
+    def checking(self, spark, silver, earliest, version, app_id, batch_id, dates):
+        kept = real(self, spark, silver, earliest, version, app_id, batch_id, dates)
+        if kept is not None:
+            fresh = features.lookback_rows(silver, earliest, self._fraud_only_labels(spark),
+                                           gold.too_late_ids(spark, self.settings)).toArrow()
+            order = [("event_id", "ascending")]
+            assert kept.sort_by(order).equals(fresh.select(kept.column_names).cast(kept.schema).sort_by(order))
+            checked.append((batch_id, kept.num_rows, pc.sum(kept["_late"]).as_py(), kept["_r"].null_count))
+        return kept
+
+    monkeypatch.setattr(gold.GoldStream, "_kept_lookback", checking)
+    settings = settings.replace(max_files_per_trigger=1)
+    stream = gold.GoldStream(settings)
+    streaming.ensure_tables(spark, settings, ("events", "labels"))
+
+    def run(kind):
+        streaming.start_query(spark, settings, kind, True, None, stream).awaitTermination()
+
+    write_lines(settings.events_inbox, "a.jsonl", [_ev(1, "u1", 0), _ev(2, "u2", 5), _ev(3, "u1", 30)],
+                mtime=FILE_MTIME)
+    # 12:26 is on time (4 min late), 12:05 too late (25 min behind the 12:30 watermark)
+    write_lines(settings.events_inbox, "b.jsonl", [_ev(4, "u3", 26), _ev(5, "u1", 5), _ev(6, "u2", 40)],
+                mtime=FILE_MTIME + 1)
+    run("events")
+    write_lines(settings.labels_inbox, "l.jsonl",
+                [label_line(1, is_fraud=True, scenario="card_testing", reported_at="2026-11-20T12:10:00Z")],
+                mtime=FILE_MTIME)
+    run("labels")
+    write_lines(settings.events_inbox, "c.jsonl", [_ev(7, "u4", 45), _ev(8, "u1", 50)], mtime=FILE_MTIME + 2)
+    run("events")
+    # batch 1 on batch 0's look-back; batch 2 on batch 1's, with the too-late flag and the report
+    assert checked == [(1, 6, 0, 6), (2, 8, 1, 7)]
+    tx = _table(spark, settings, "gold_transaction_features").set_index("event_id")
+    assert tx.loc["e000008", "merchant_fraud_rate_1d"] == pytest.approx(1 / 7)  # e1's label; not e5
+
+
 def test_a_label_arriving_after_the_transactions_updates_their_fraud_rates(spark, settings):
     settings = settings.replace(max_files_per_trigger=1)
     # e1 (12:00) is fraud, reported at 12:10; e2 at 12:05 (before the report), e3 at 12:20 (after it)
