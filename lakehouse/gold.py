@@ -176,9 +176,7 @@ class DriverBatch:
     """What an events micro-batch writes to gold, computed in the driver (:func:`driver_batch`)."""
 
     features: pa.Table  # gold_transaction_features rows: the new and the affected transactions
-    feature_days: list[str]  # their event_date partitions
     windows: pa.Table  # gold_user_features_5m rows holding new on-time events
-    window_days: list[str]  # their window_date partitions
     # Which rows are new to gold as far as the look-back can tell (a new transaction; a window of new
     # events only): written by an insert-only MERGE, the others by an upsert (GoldStream._write).
     features_new: np.ndarray
@@ -239,7 +237,6 @@ def driver_batch(table: pa.Table, new: np.ndarray) -> DriverBatch:
     columns["is_night"] = pa.array((seconds % 86_400) // 3_600 < 6)
     columns["is_weekend"] = pa.array(np.isin(np.floor_divide(seconds, 86_400) % 7, (2, 3)))
     rows = pa.table({c: columns[c] for c in (*features.ID_COLUMNS, *features.FEATURE_COLUMNS)})
-    feature_days = sorted(pc.unique(pc.cast(columns["event_date"], pa.string())).to_pylist())
 
     # Five-minute windows: each user with new on-time events, from the minute four minutes before
     # the earliest of them to the latest; the events of [that start, the latest + 5 min), too-late
@@ -271,12 +268,7 @@ def driver_batch(table: pa.Table, new: np.ndarray) -> DriverBatch:
         "distinct_countries": pa.array(w["distinct_countries"][keep]),
         "window_date": pa.array(np.floor_divide(start, day).astype("int32"), pa.date32()),
     })
-    window_days = []
-    if len(on_time):
-        first, last = int(lo[user[on_time]].min()) // day, int(hi[user[on_time]].max()) // day
-        window_days = [str(date(1970, 1, 1) + timedelta(days=d)) for d in range(first, last + 1)]
-    return DriverBatch(rows, feature_days, windows, window_days, features_new=is_new[at],
-                       windows_new=w["flag_all"][keep])
+    return DriverBatch(rows, windows, features_new=is_new[at], windows_new=w["flag_all"][keep])
 
 
 def _utc_date(moment: datetime) -> date:
