@@ -504,6 +504,7 @@ class GoldStream:
         written then, and later batches go to Spark directly)."""
         first_day = date.fromisoformat(min(dates))  # no new transaction is earlier
         earliest = datetime.combine(first_day, datetime.min.time(), timezone.utc)
+        lookback_from = features.lookback_start(earliest)
         limit = self.settings.features_driver_max_rows
         silver_version = delta.table_version(self._path("silver_transactions"))
         table = self._kept_lookback(spark, silver, earliest, silver_version, app_id, batch_id, dates)
@@ -530,7 +531,7 @@ class GoldStream:
             laps("lookback")
             new = new_rows(table, batch_id, dates)
             if not len(new):
-                self._kept = _Kept(table, features.lookback_start(earliest), silver_version)
+                self._kept = _Kept(table, lookback_from, silver_version)
                 return [], {"max_event_time": None, "too_late": 0, "recomputed": 0}
             t = table["_t"].to_numpy()
             lo_us, hi_us = int(t[new].min()), int(t[new].max())
@@ -563,7 +564,7 @@ class GoldStream:
                     self._risk_from_silver(spark, *risk, app_id, batch_id)
                 laps("risk")
             ids = table["event_id"].take(new).to_pylist()
-            self._kept = _Kept(table, features.lookback_start(earliest), silver_version)
+            self._kept = _Kept(table, lookback_from, silver_version)
             return ids, {"max_event_time": instant(hi_us), "too_late": n_late, "recomputed": batch.features.num_rows}
         finally:
             if shared:
