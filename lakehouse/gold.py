@@ -62,6 +62,7 @@ from pyspark.sql.types import DoubleType, LongType, StringType, StructField, Str
 from lakehouse.config import Settings
 from lakehouse.io import delta
 from lakehouse.laps import Laps
+from lakehouse.spark import as_utc
 from lakehouse.transforms import driver_features, features
 from lakehouse.transforms.features import instant, micros_of
 from lakehouse.transforms import risk as risk_t
@@ -273,7 +274,7 @@ def driver_batch(table: pa.Table, new: np.ndarray) -> DriverBatch:
 
 def _utc_date(moment: datetime) -> date:
     """The UTC date of a datetime collected from Spark (naive: in the local time zone)."""
-    return moment.astimezone(timezone.utc).date()
+    return as_utc(moment).date()
 
 
 def _split_write(n_new: int, n_known: int) -> bool:
@@ -454,7 +455,7 @@ class GoldStream:
             if not stats["n"]:
                 return [], {"max_event_time": None, "too_late": 0, "recomputed": 0}
             mark = self._watermark_us(spark, app_id, batch_id)
-            n_late = (self._record_too_late(spark, new, stats["min_t"].astimezone(timezone.utc), instant(mark),
+            n_late = (self._record_too_late(spark, new, as_utc(stats["min_t"]), instant(mark),
                                             app_id, batch_id)
                       if mark is not None else 0)
             laps("too_late")
@@ -706,9 +707,9 @@ class GoldStream:
             spans = []  # (first, last) silver days read
             if n:
                 lo, hi = min(r["lo"] for r in per_day), max(r["hi"] for r in per_day)
-                feature_days = (lo.date() - _LOOKBACK - timedelta(days=1), hi.date())
+                feature_days = (_utc_date(lo) - _LOOKBACK - timedelta(days=1), _utc_date(hi))
                 spans.append(feature_days)
-                touched.append(lo.date())
+                touched.append(_utc_date(lo))
             risk = self._risk_plan(spark, touched)
             if risk:
                 spans.append(_risk_silver_days(risk[0], risk[1]))
@@ -869,7 +870,8 @@ class GoldStream:
             span = bounds.agg(F.min("_lo"), F.max("_hi")).first()
             if span[0] is None:
                 return
-            events = (silver.where(_between("event_date", span[0].date(), (span[1] + timedelta(minutes=5)).date()))
+            first_day, last_day = _utc_date(span[0]), _utc_date(span[1] + timedelta(minutes=5))
+            events = (silver.where(_between("event_date", first_day, last_day))
                       .join(F.broadcast(bounds), "user_id")
                       .where((F.col("event_time") >= F.col("_lo"))
                              & (F.col("event_time") < F.col("_hi") + F.expr("INTERVAL 5 MINUTES"))))
@@ -877,7 +879,7 @@ class GoldStream:
                        .join(F.broadcast(bounds), "user_id")
                        .where((F.col("window_start") >= F.col("_lo")) & (F.col("window_start") <= F.col("_hi")))
                        .drop("_lo", "_hi")).localCheckpoint()
-            days = [str(span[0].date() + timedelta(days=i)) for i in range((span[1].date() - span[0].date()).days + 1)]
+            days = [str(first_day + timedelta(days=i)) for i in range((last_day - first_day).days + 1)]
             with delta.idempotent_dml(spark, app_id, batch_id):
                 delta.merge_upsert(spark, windows, self._path("gold_user_features_5m"),
                                    ("user_id", "window_start"), {"window_date": days})

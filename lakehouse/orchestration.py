@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 #: Longest range one run may backfill (a guard against a mistyped year).
 MAX_RANGE_DAYS = 366
@@ -29,7 +29,10 @@ def backfill_window(date_from: str | None, date_to: str | None, anchor: date | d
     Raises:
         ValueError: a param is not a date, the range is reversed, or longer than MAX_RANGE_DAYS.
     """
-    day = anchor.date() if isinstance(anchor, datetime) else anchor
+    if isinstance(anchor, datetime):  # its UTC date (a logical date in another zone, or naive = UTC)
+        day = (anchor.astimezone(timezone.utc) if anchor.tzinfo else anchor).date()
+    else:
+        day = anchor
     yesterday = day - timedelta(days=1)
 
     def parse(name: str, value: str | None) -> date | None:

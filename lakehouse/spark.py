@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 from functools import lru_cache
 
 from lakehouse.config import Settings
@@ -59,6 +60,15 @@ def java_version() -> int:
             "point JAVA_HOME at it."
         )
     return major
+
+
+def as_utc(moment: datetime) -> datetime:
+    """A timestamp collected from Spark (``collect``, ``first``), as an aware UTC datetime.
+
+    PySpark returns TimestampType values as naive datetimes in the Python process's local time zone,
+    whatever the session's; taking them for UTC (``replace(tzinfo=...)``) or their ``.date()`` is off
+    by the process's UTC offset. Aware datetimes are converted."""
+    return moment.astimezone(timezone.utc)
 
 
 def under_spark_submit() -> bool:
@@ -152,8 +162,6 @@ def build_spark(settings: Settings, app_name: str = "lakehouse"):
 
 
 if __name__ == "__main__":  # `python -m lakehouse.spark`: resolve and cache the Delta jars
-    import sys
-
     try:
         session = build_spark(Settings.from_env(), app_name="lakehouse-warmup")
     except JavaMissing as exc:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,22 @@ def spark(tmp_path_factory):
     session = build_spark(settings, app_name="lakehouse-tests")
     yield session
     session.stop()
+
+
+@pytest.fixture
+def local_time_zone_honolulu():
+    """This test process in UTC-10 for the test. PySpark hands collected timestamps back in the
+    process's local time zone (not the session's UTC), so code that forgets it goes wrong here."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Pacific/Honolulu"
+    time.tzset()
+    assert datetime.fromtimestamp(0).hour == 14  # 1969-12-31 14:00 local
+    yield
+    if before is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
 
 
 @pytest.fixture

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from pyspark.sql import SparkSession
+
+from lakehouse.spark import as_utc
 
 #: How long the transaction log keeps old commits at least (time travel needs the log entry of a
 #: version as well as its data files).
@@ -39,7 +41,7 @@ def commit_timestamps(spark: SparkSession, path: Path | str) -> dict[int, dateti
     from delta.tables import DeltaTable
 
     rows = DeltaTable.forPath(spark, str(path)).history().select("version", "timestamp").collect()
-    return {r["version"]: r["timestamp"].replace(tzinfo=timezone.utc) for r in rows}
+    return {r["version"]: as_utc(r["timestamp"]) for r in rows}
 
 
 def _interval_hours(value: str | None) -> float | None:

@@ -44,6 +44,7 @@ from pyspark.sql import functions as F
 
 from lakehouse.config import Settings
 from lakehouse.io import delta
+from lakehouse.spark import as_utc
 from lakehouse.transforms.features import FEATURE_COLUMNS, ID_COLUMNS
 
 LABEL_COLUMNS = ("is_fraud", "scenario", "reported_at")
@@ -144,8 +145,7 @@ def version_at(spark: SparkSession, path, ts: datetime) -> int:
 
     ts = ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
     rows = DeltaTable.forPath(spark, str(path)).history().select("version", "timestamp").collect()
-    # history timestamps are session-local (UTC here) naive datetimes
-    ok = [r["version"] for r in rows if r["timestamp"].replace(tzinfo=timezone.utc) <= ts]
+    ok = [r["version"] for r in rows if as_utc(r["timestamp"]) <= ts]
     if not ok:
         raise DatasetError(f"{path} has no version at or before {ts.isoformat()}")
     return max(ok)

@@ -122,7 +122,7 @@ class Scorer:
         loaded = self.current()
         if loaded is None:
             return None
-        scored_at = datetime.now(timezone.utc).replace(tzinfo=None)
+        scored_at = datetime.now(timezone.utc)  # aware: a naive literal would be read as local time
         return score_features(features, loaded.broadcast, loaded.name, loaded.version, scored_at)
 
 

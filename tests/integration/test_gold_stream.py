@@ -164,6 +164,39 @@ def test_the_kept_lookback_equals_a_fresh_collect(spark, settings, monkeypatch):
     assert tx.loc["e000008", "merchant_fraud_rate_1d"] == pytest.approx(1 / 7)  # e1's label; not e5
 
 
+def test_batches_just_after_utc_midnight_are_right_in_any_local_time_zone(spark, settings,
+                                                                          local_time_zone_honolulu):
+    # Gold's partitions are UTC dates. The Spark route once took the date of timestamps collected from
+    # Spark (local times): 00:02 UTC on the 21st read as the 20th, so the batch's own day was neither
+    # read nor pruned to, and its features and windows came out short.
+    settings = settings.replace(max_files_per_trigger=1, features_driver_max_rows=0)
+
+    def ev(i, at):
+        return event_line(i, user_id="u1", merchant_id="m001", country="FR", amount="10.00", currency="USD",
+                          event_time=at)
+
+    write_lines(settings.events_inbox, "a.jsonl", [ev(1, "2026-11-20T23:58:00Z")], mtime=FILE_MTIME)
+    write_lines(settings.events_inbox, "b.jsonl", [ev(2, "2026-11-21T00:02:00Z"), ev(3, "2026-11-21T00:03:00Z")],
+                mtime=FILE_MTIME + 1)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+
+    tx = _table(spark, settings, "gold_transaction_features").set_index("event_id")
+    assert list(tx["user_tx_count_5m"]) == [1, 2, 2]  # 23:58 is exactly 5 min before 00:03: out
+    assert list(tx["user_tx_count_1h"]) == [1, 2, 3]
+    assert list(tx["seconds_since_prev_user_tx"].fillna(-1)) == [-1, 240.0, 60.0]
+    windows = _table(spark, settings, "gold_user_features_5m")
+    counts = {w.strftime("%d %H:%M"): n for w, n in zip(windows["window_start"], windows["tx_count"])}
+    assert counts == {"20 23:54": 1, "20 23:55": 1, "20 23:56": 1, "20 23:57": 1, "20 23:58": 2,
+                      "20 23:59": 2, "21 00:00": 2, "21 00:01": 2, "21 00:02": 2, "21 00:03": 1}
+    assert list(windows["window_date"].astype(str)) == ["2026-11-20"] * 6 + ["2026-11-21"] * 4
+
+    streamed = {n: _table(spark, settings, n) for n in gold.COMPUTED_TABLES}
+    gold.backfill(spark, settings, date(2026, 11, 20), date(2026, 11, 21))
+    for n in gold.COMPUTED_TABLES:
+        pd.testing.assert_frame_equal(_table(spark, settings, n)[list(streamed[n].columns)], streamed[n],
+                                      check_exact=True, obj=n)
+
+
 def test_a_label_arriving_after_the_transactions_updates_their_fraud_rates(spark, settings):
     settings = settings.replace(max_files_per_trigger=1)
     # e1 (12:00) is fraud, reported at 12:10; e2 at 12:05 (before the report), e3 at 12:20 (after it)

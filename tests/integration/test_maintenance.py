@@ -83,6 +83,20 @@ def test_dry_run_changes_nothing_and_skips_missing_tables(spark, fed):
 
 
 @pytest.mark.integration
+def test_commit_times_are_utc_in_any_local_time_zone(spark, fed, local_time_zone_honolulu):
+    # Retention (VACUUM keeps pinned versions) and training's time travel both read commit times.
+    from lakehouse.ml import dataset
+
+    path = fed.table_path("silver_transactions")
+    commits = mio.commit_timestamps(spark, path)
+    now = datetime.now(timezone.utc)
+    assert all(now - timedelta(hours=1) < at <= now for at in commits.values()), commits
+    assert dataset.version_at(spark, path, now) == max(commits)
+    with pytest.raises(dataset.DatasetError):
+        dataset.version_at(spark, path, min(commits.values()) - timedelta(seconds=1))
+
+
+@pytest.mark.integration
 def test_compaction_keeps_rows_and_vacuum_keeps_pinned_version(spark, fed):
     settings = fed
     path = settings.table_path("silver_transactions")
@@ -118,3 +132,4 @@ def test_compaction_keeps_rows_and_vacuum_keeps_pinned_version(spark, fed):
             _scan(spark, path, pinned)
     finally:
         spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+

@@ -187,7 +187,8 @@ def test_scorer_without_champion_scores_nothing_and_says_so_once(spark, ml_setti
     assert scorer_mod.write_scores(spark, empty, None, "app", 0) == 0
 
 
-def test_scorer_writes_risk_scores_idempotently_and_follows_the_champion(spark, ml_settings, champion, worse):
+def test_scorer_writes_risk_scores_idempotently_and_follows_the_champion(spark, ml_settings, champion, worse,
+                                                                          local_time_zone_honolulu):
     client = _client(ml_settings)
     scorer = scorer_mod.Scorer(spark, ml_settings, check_seconds=0)
     day = date.fromisoformat(champion.windows["latest_date"])
@@ -202,6 +203,9 @@ def test_scorer_writes_risk_scores_idempotently_and_follows_the_champion(spark, 
     assert delta.table_version(path) == version
     rows = delta.read(spark, path).toPandas().sort_values("event_id").reset_index(drop=True)
     assert len(rows) == n and rows["event_id"].is_unique
+    # scored_at is now in UTC, even with the process in another time zone
+    now = pd.Timestamp.now(tz="UTC").tz_localize(None)
+    assert (abs(rows["scored_at"] - now) < pd.Timedelta(minutes=10)).all()
     assert set(rows["model_version"]) == {champion.model_version}
     assert set(rows["model_name"]) == {registry.MODEL_NAME}
     assert np.allclose(rows["threshold"], champion.threshold)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
@@ -14,6 +14,9 @@ RUN = datetime(2026, 11, 30, 0, 30, tzinfo=timezone.utc)
 def test_default_is_the_day_before_the_logical_date():
     assert backfill_window(None, None, RUN) == {"date_from": "2026-11-29", "date_to": "2026-11-29"}
     assert backfill_window("", "", date(2026, 1, 1)) == {"date_from": "2025-12-31", "date_to": "2025-12-31"}
+    # The same instant given in another zone (19:30 on the 29th in New York): still the UTC day before.
+    new_york = RUN.astimezone(timezone(timedelta(hours=-5)))
+    assert backfill_window(None, None, new_york) == {"date_from": "2026-11-29", "date_to": "2026-11-29"}
 
 
 def test_ranges_from_params():
