@@ -62,7 +62,6 @@ from pyspark.sql.types import DoubleType, LongType, StringType, StructField, Str
 from lakehouse.config import Settings
 from lakehouse.io import delta
 from lakehouse.laps import Laps
-from lakehouse.spark import as_utc
 from lakehouse.transforms import driver_features, features
 from lakehouse.transforms.features import instant, micros_of
 from lakehouse.transforms import risk as risk_t
@@ -272,11 +271,6 @@ def driver_batch(table: pa.Table, new: np.ndarray) -> DriverBatch:
     return DriverBatch(rows, windows, features_new=is_new[at], windows_new=w["flag_all"][keep])
 
 
-def _utc_date(moment: datetime) -> date:
-    """The UTC date of a datetime collected from Spark (naive: in the local time zone)."""
-    return as_utc(moment).date()
-
-
 def _split_write(n_new: int, n_known: int) -> bool:
     """Whether an events batch writes its ``n_new`` new rows of a gold table by an insert-only MERGE
     and its ``n_known`` others by an upsert, rather than all by one upsert. An upsert joins its
@@ -395,13 +389,14 @@ class GoldStream:
             self._ready = True
 
     def watermark(self, spark: SparkSession, app_id: str, batch_id: int) -> datetime | None:
-        """Latest event time inserted by the events batches before ``batch_id`` of this query."""
+        """Latest event time (UTC) inserted by the events batches before ``batch_id`` of this query."""
         dq = delta.read(spark, self._path("silver_dq_batches"))
         if "max_event_time" not in dq.columns:
             return None
-        return (dq.where((F.col("kind") == "events") & (F.col("app_id") == app_id)
-                         & (F.col("batch_id") < batch_id))
-                .agg(F.max("max_event_time")).first()[0])
+        # Read as µs: a collected timestamp is a naive local time, ambiguous in a DST fold.
+        us = (dq.where((F.col("kind") == "events") & (F.col("app_id") == app_id) & (F.col("batch_id") < batch_id))
+              .agg(F.max(F.unix_micros("max_event_time"))).first()[0])
+        return None if us is None else instant(us)
 
     # -- events ------------------------------------------------------------------------------------
     def after_events(self, spark: SparkSession, app_id: str, batch_id: int, dates: list[str]) -> dict:
@@ -450,13 +445,11 @@ class GoldStream:
         new = (silver.where(F.col("event_date").isin(dates) & (F.col("batch_id") == batch_id))
                .select(*features.ID_COLUMNS).persist())
         try:
-            stats = new.agg(F.count(F.lit(1)).alias("n"), F.min("event_time").alias("min_t"),
-                            F.max("event_time").alias("max_t")).first()
-            if not stats["n"]:
+            n, lo_us, hi_us = features.span(new)
+            if not n:
                 return [], {"max_event_time": None, "too_late": 0, "recomputed": 0}
             mark = self._watermark_us(spark, app_id, batch_id)
-            n_late = (self._record_too_late(spark, new, as_utc(stats["min_t"]), instant(mark),
-                                            app_id, batch_id)
+            n_late = (self._record_too_late(spark, new, instant(lo_us), instant(mark), app_id, batch_id)
                       if mark is not None else 0)
             laps("too_late")
             late_ids = too_late_ids(spark, self.settings)
@@ -465,7 +458,7 @@ class GoldStream:
             gold_tx = delta.read(spark, self._path("gold_transaction_features"))
             changes = lambda df: df.select("user_id", "merchant_id", "country",  # noqa: E731
                                            F.col("event_time").alias("_lo"), F.col("event_time").alias("_hi"))
-            keys, since = ("user_id", "merchant_id", "country"), _utc_date(stats["min_t"])
+            keys, since = ("user_id", "merchant_id", "country"), instant(lo_us).date()
             affected = [affected_rows(gold_tx, changes(on_time), keys, since)]
             if n_late:  # too-late events change only too-late rows
                 affected.append(affected_rows(gold_tx.join(late_ids, "event_id", "left_semi"),
@@ -478,7 +471,7 @@ class GoldStream:
             self._windows(spark, silver, on_time, late_ids, app_id, batch_id)
             laps("windows")
             ids = [r[0] for r in new.select("event_id").collect()]
-            return ids, {"max_event_time": stats["max_t"], "too_late": n_late, "recomputed": recomputed}
+            return ids, {"max_event_time": instant(hi_us), "too_late": n_late, "recomputed": recomputed}
         finally:
             new.unpersist()
 
@@ -700,16 +693,14 @@ class GoldStream:
         targets = targets.persist()
         try:
             laps("affected")
-            per_day = targets.groupBy("event_date").agg(F.count(F.lit(1)).alias("n"), F.min("event_time").alias("lo"),
-                                                        F.max("event_time").alias("hi")).collect()
-            n = sum(r["n"] for r in per_day)
+            per_day = {r["event_date"]: r["count"] for r in targets.groupBy("event_date").count().collect()}
+            n, days = sum(per_day.values()), sorted(per_day)
             touched = [date.fromisoformat(str(d)) for d in extra_days]
             spans = []  # (first, last) silver days read
             if n:
-                lo, hi = min(r["lo"] for r in per_day), max(r["hi"] for r in per_day)
-                feature_days = (_utc_date(lo) - _LOOKBACK - timedelta(days=1), _utc_date(hi))
+                feature_days = (days[0] - _LOOKBACK - timedelta(days=1), days[-1])
                 spans.append(feature_days)
-                touched.append(_utc_date(lo))
+                touched.append(days[0])
             risk = self._risk_plan(spark, touched)
             if risk:
                 spans.append(_risk_silver_days(risk[0], risk[1]))
@@ -730,7 +721,7 @@ class GoldStream:
                     laps("features")
                     with delta.idempotent_dml(spark, app_id, batch_id):
                         delta.merge_upsert(spark, tx, self._path("gold_transaction_features"), ("event_id",),
-                                           {"event_date": sorted(str(r["event_date"]) for r in per_day)})
+                                           {"event_date": [str(d) for d in days]})
                     laps("features_merge")
                 if risk:
                     self._risk(spark, history, labels, *risk, app_id, batch_id)
@@ -867,10 +858,11 @@ class GoldStream:
                   .agg((F.date_trunc("minute", F.min("event_time")) - F.expr("INTERVAL 4 MINUTES")).alias("_lo"),
                        F.max("event_time").alias("_hi"))).persist()
         try:
-            span = bounds.agg(F.min("_lo"), F.max("_hi")).first()
-            if span[0] is None:
+            # UTC dates from Spark (a collected timestamp is a naive local time)
+            first_day, last_day = bounds.agg(F.to_date(F.min("_lo")),
+                                             F.to_date(F.max("_hi") + F.expr("INTERVAL 5 MINUTES"))).first()
+            if first_day is None:
                 return
-            first_day, last_day = _utc_date(span[0]), _utc_date(span[1] + timedelta(minutes=5))
             events = (silver.where(_between("event_date", first_day, last_day))
                       .join(F.broadcast(bounds), "user_id")
                       .where((F.col("event_time") >= F.col("_lo"))

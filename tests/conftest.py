@@ -25,13 +25,14 @@ def spark(tmp_path_factory):
 
 
 @pytest.fixture
-def local_time_zone_honolulu():
-    """This test process in UTC-10 for the test. PySpark hands collected timestamps back in the
-    process's local time zone (not the session's UTC), so code that forgets it goes wrong here."""
+def local_time_zone_new_york():
+    """This test process in New York time (UTC-5, UTC-4 in summer) for the test. PySpark hands
+    collected timestamps back in the process's local time zone (not the session's UTC), as naive
+    datetimes (ambiguous in the hour the clocks go back), so code that forgets it goes wrong here."""
     before = os.environ.get("TZ")
-    os.environ["TZ"] = "Pacific/Honolulu"
+    os.environ["TZ"] = "America/New_York"
     time.tzset()
-    assert datetime.fromtimestamp(0).hour == 14  # 1969-12-31 14:00 local
+    assert datetime.fromtimestamp(0).hour == 19  # 1969-12-31 19:00 local
     yield
     if before is None:
         os.environ.pop("TZ", None)

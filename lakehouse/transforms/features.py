@@ -208,7 +208,7 @@ def _in_lookback(prev_t: Column) -> Column:
     return prev_t.isNotNull() & (prev_t > F.col("_t") - F.lit(_LOOKBACK_US))
 
 
-def _span(targets: DataFrame) -> tuple[int, int, int]:
+def span(targets: DataFrame) -> tuple[int, int, int]:
     """(count, earliest, latest event time in µs) of the targets; (0, 0, 0) when there are none."""
     n, lo, hi = targets.agg(F.count(F.lit(1)), F.min(F.unix_micros("event_time")),
                             F.max(F.unix_micros("event_time"))).first()
@@ -492,7 +492,7 @@ def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFra
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    n, lo, hi = _span(targets)  # no targets: an empty result of the right shape
+    n, lo, hi = span(targets)  # no targets: an empty result of the right shape
     # From one µs before the earliest target's look-back: the sliced totals split at lo - 1.
     window = (lo - 1 - _LOOKBACK_US, hi)
     rows = None

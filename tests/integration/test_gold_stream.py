@@ -164,34 +164,48 @@ def test_the_kept_lookback_equals_a_fresh_collect(spark, settings, monkeypatch):
     assert tx.loc["e000008", "merchant_fraud_rate_1d"] == pytest.approx(1 / 7)  # e1's label; not e5
 
 
-def test_batches_just_after_utc_midnight_are_right_in_any_local_time_zone(spark, settings,
-                                                                          local_time_zone_honolulu):
-    # Gold's partitions are UTC dates. The Spark route once took the date of timestamps collected from
-    # Spark (local times): 00:02 UTC on the 21st read as the 20th, so the batch's own day was neither
-    # read nor pruned to, and its features and windows came out short.
+def test_utc_midnight_and_the_dst_fold_are_right_in_any_local_time_zone(spark, settings, local_time_zone_new_york):
+    # Gold's partitions are UTC dates and its watermark a UTC instant. PySpark hands collected
+    # timestamps back as naive New York times here. The Spark route once took their date: 00:02 UTC on
+    # Nov 1 read as Oct 31, so the batch's own day was neither read nor pruned to (its features came out
+    # null, its windows short). 06:30 UTC on Nov 1 is 01:30 EST, the second 01:30 of the night the
+    # clocks go back: a naive 01:30 is an hour off if taken for the first.
     settings = settings.replace(max_files_per_trigger=1, features_driver_max_rows=0)
 
-    def ev(i, at):
-        return event_line(i, user_id="u1", merchant_id="m001", country="FR", amount="10.00", currency="USD",
+    def ev(i, at, user="u1", merchant="m001", country="FR"):
+        return event_line(i, user_id=user, merchant_id=merchant, country=country, amount="10.00", currency="USD",
                           event_time=at)
 
-    write_lines(settings.events_inbox, "a.jsonl", [ev(1, "2026-11-20T23:58:00Z")], mtime=FILE_MTIME)
-    write_lines(settings.events_inbox, "b.jsonl", [ev(2, "2026-11-21T00:02:00Z"), ev(3, "2026-11-21T00:03:00Z")],
-                mtime=FILE_MTIME + 1)
+    fold = dict(user="u2", merchant="m002", country="DE")
+    write_lines(settings.events_inbox, "a.jsonl", [ev(1, "2026-10-31T23:58:00Z")], mtime=FILE_MTIME)
+    write_lines(settings.events_inbox, "b.jsonl", [ev(2, "2026-11-01T00:02:00Z"), ev(3, "2026-11-01T00:03:00Z"),
+                                                   ev(4, "2026-11-01T06:30:00Z", **fold)], mtime=FILE_MTIME + 1)
+    # 15 min before the watermark (06:30 UTC): too late for the 10 min allowed
+    write_lines(settings.events_inbox, "c.jsonl", [ev(5, "2026-11-01T06:15:00Z", **fold)], mtime=FILE_MTIME + 2)
     streaming.run_streams(spark, settings, once=True, kinds=("events",))
 
+    dq = delta.read(spark, settings.table_path("silver_dq_batches")).orderBy("batch_id").toPandas()
+    assert list(dq["max_event_time"].astype(str)) == ["2026-10-31 23:58:00", "2026-11-01 06:30:00",
+                                                      "2026-11-01 06:15:00"]
+    late = _table(spark, settings, "gold_too_late_events")
+    assert list(late["event_id"]) == ["e000005"] and list(late["lateness_seconds"]) == [15 * 60]
+    assert late["watermark"].iloc[0] == pd.Timestamp("2026-11-01 06:30:00")
+
     tx = _table(spark, settings, "gold_transaction_features").set_index("event_id")
-    assert list(tx["user_tx_count_5m"]) == [1, 2, 2]  # 23:58 is exactly 5 min before 00:03: out
-    assert list(tx["user_tx_count_1h"]) == [1, 2, 3]
-    assert list(tx["seconds_since_prev_user_tx"].fillna(-1)) == [-1, 240.0, 60.0]
+    assert list(tx["user_tx_count_5m"]) == [1, 2, 2, 1, 1]  # 23:58 is exactly 5 min before 00:03: out
+    assert list(tx["user_tx_count_1h"]) == [1, 2, 3, 1, 1]  # e5 (too late) sees all, but e4 is later
+    assert list(tx["seconds_since_prev_user_tx"].fillna(-1)) == [-1, 240.0, 60.0, -1, -1]
     windows = _table(spark, settings, "gold_user_features_5m")
-    counts = {w.strftime("%d %H:%M"): n for w, n in zip(windows["window_start"], windows["tx_count"])}
-    assert counts == {"20 23:54": 1, "20 23:55": 1, "20 23:56": 1, "20 23:57": 1, "20 23:58": 2,
-                      "20 23:59": 2, "21 00:00": 2, "21 00:01": 2, "21 00:02": 2, "21 00:03": 1}
-    assert list(windows["window_date"].astype(str)) == ["2026-11-20"] * 6 + ["2026-11-21"] * 4
+    counts = {(u, w.strftime("%d %H:%M")): n
+              for u, w, n in zip(windows["user_id"], windows["window_start"], windows["tx_count"])}
+    assert counts == {**{("u1", f"31 23:5{m}"): 1 for m in range(4, 8)},
+                      ("u1", "31 23:58"): 2, ("u1", "31 23:59"): 2, ("u1", "01 00:00"): 2, ("u1", "01 00:01"): 2,
+                      ("u1", "01 00:02"): 2, ("u1", "01 00:03"): 1,
+                      **{("u2", f"01 06:{m}"): 1 for m in range(26, 31)}}  # e5 is in no window
+    assert list(windows["window_date"].astype(str)) == ["2026-10-31"] * 6 + ["2026-11-01"] * 9
 
     streamed = {n: _table(spark, settings, n) for n in gold.COMPUTED_TABLES}
-    gold.backfill(spark, settings, date(2026, 11, 20), date(2026, 11, 21))
+    gold.backfill(spark, settings, date(2026, 10, 31), date(2026, 11, 1))
     for n in gold.COMPUTED_TABLES:
         pd.testing.assert_frame_equal(_table(spark, settings, n)[list(streamed[n].columns)], streamed[n],
                                       check_exact=True, obj=n)

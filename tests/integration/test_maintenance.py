@@ -83,7 +83,7 @@ def test_dry_run_changes_nothing_and_skips_missing_tables(spark, fed):
 
 
 @pytest.mark.integration
-def test_commit_times_are_utc_in_any_local_time_zone(spark, fed, local_time_zone_honolulu):
+def test_commit_times_are_utc_in_any_local_time_zone(spark, fed, local_time_zone_new_york):
     # Retention (VACUUM keeps pinned versions) and training's time travel both read commit times.
     from lakehouse.ml import dataset
 

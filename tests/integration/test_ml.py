@@ -188,7 +188,7 @@ def test_scorer_without_champion_scores_nothing_and_says_so_once(spark, ml_setti
 
 
 def test_scorer_writes_risk_scores_idempotently_and_follows_the_champion(spark, ml_settings, champion, worse,
-                                                                          local_time_zone_honolulu):
+                                                                          local_time_zone_new_york):
     client = _client(ml_settings)
     scorer = scorer_mod.Scorer(spark, ml_settings, check_seconds=0)
     day = date.fromisoformat(champion.windows["latest_date"])
