@@ -377,7 +377,10 @@ class GoldStream:
         self._kept: _Kept | None = None  # the last events batch's look-back (:meth:`_kept_lookback`)
         self._maturity_checked: date | None = None  # the UTC day stale matured flags were last fixed
         self._risk_from = self._owed_risk()  # the earliest day whose daily risk is owed, if any
-        self._risk_at = float("-inf")  # time.monotonic() of the last risk refresh
+        # time.monotonic() of the last risk refresh. The interval starts with the stream: its first batch
+        # owes its days like any other, so a (re)started stream's first features are not held up
+        # by the daily risk, which follows within the interval, or as soon as the stream idles or stops.
+        self._risk_at = time.monotonic()
 
     def _path(self, name: str) -> str:
         return str(self.settings.table_path(name))

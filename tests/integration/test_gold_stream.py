@@ -276,7 +276,7 @@ def test_matured_flags_are_refreshed_when_the_calendar_moves_on(spark, settings,
     rewritten as matured once it is 30 days old, though no later event touches that day."""
     clock = {"today": date(2026, 12, 19)}  # 11-20 is 29 days old: not matured yet
     monkeypatch.setattr(gold, "_today", lambda: clock["today"])
-    settings = settings.replace(max_files_per_trigger=1)
+    settings = settings.replace(max_files_per_trigger=1, risk_refresh_seconds=0)  # each batch pays its days
     write_lines(settings.events_inbox, "a.jsonl", [_ev(1, "u1", 0), _ev(2, "u2", 5, merchant="m002")],
                 mtime=FILE_MTIME)
     write_lines(settings.events_inbox, "b.jsonl",
@@ -303,9 +303,9 @@ def test_matured_flags_are_refreshed_when_the_calendar_moves_on(spark, settings,
 
 
 def test_daily_risk_is_deferred_then_paid_even_after_a_crash(spark, settings, monkeypatch):
-    """The daily risk is rewritten at most every ``risk_refresh_seconds``: a batch inside the interval
-    owes its days (kept on disk), and whoever runs gold next pays them -- here a restart after a
-    crash that lost the final flush."""
+    """The daily risk is rewritten at most every ``risk_refresh_seconds``, counted from the stream's
+    start: a batch inside the interval owes its days (kept on disk), and whoever runs gold next pays
+    them -- here a restart after a crash that lost the final flush."""
     settings = settings.replace(max_files_per_trigger=1, risk_refresh_seconds=3600)
     write_lines(settings.events_inbox, "a.jsonl", [_ev(1, "u1", 0), _ev(2, "u2", 5, merchant="m002")],
                 mtime=FILE_MTIME)
@@ -325,9 +325,10 @@ def test_daily_risk_is_deferred_then_paid_even_after_a_crash(spark, settings, mo
     # The crash: the process dies after its last batch committed, before the final flush.
     monkeypatch.setattr(gold.GoldStream, "flush_risk", lambda self, spark, force=True: False)
     streaming.run_streams(spark, settings, once=True, kinds=("events",), on_batch=on_batch)
-    assert seen[0] == (["2026-11-20"], None)             # a fresh stream's first batch pays at once
-    assert seen[1] == (["2026-11-20"], '{"from": "2026-11-21"}')  # the next one, inside the hour, owes
-    assert days() == ["2026-11-20"] and days("gold_country_risk_daily") == ["2026-11-20"]
+    # The interval starts with the stream: both batches, inside the hour, owe their days.
+    assert seen[0] == ([], '{"from": "2026-11-20"}')
+    assert seen[1] == ([], '{"from": "2026-11-20"}')
+    assert days() == [] and days("gold_country_risk_daily") == []
 
     monkeypatch.undo()
     streaming.run_streams(spark, settings, once=True, kinds=("events",))  # nothing new to ingest
