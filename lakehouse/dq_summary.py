@@ -17,6 +17,7 @@ from pyspark.sql import functions as F
 
 from lakehouse.config import TABLES, Settings
 from lakehouse.io import delta
+from lakehouse.spark import as_utc
 
 _SUMS = ("records_in", "inserted", "duplicates", "duplicates_in_batch", "duplicates_existing",
          "quarantined", "warned")
@@ -44,8 +45,8 @@ def summarize(spark: SparkSession, settings: Settings, date_from: date, date_to:
         for r in totals:
             stream = {"batches": r["batches"], **{c: int(r[c] or 0) for c in _SUMS},
                       "reconciled_batches": int(r["reconciled_batches"] or 0),
-                      "first_batch_at": r["first_batch_at"].isoformat() if r["first_batch_at"] else None,
-                      "last_batch_at": r["last_batch_at"].isoformat() if r["last_batch_at"] else None,
+                      **{at: as_utc(r[at]).isoformat(timespec="seconds") if r[at] else None
+                         for at in ("first_batch_at", "last_batch_at")},
                       "failed_checks": {}}
             stream["unreconciled_batches"] = stream["batches"] - stream["reconciled_batches"]
             stream["quarantine_rate"] = round(stream["quarantined"] / stream["records_in"], 6) \

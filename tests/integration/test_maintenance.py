@@ -56,14 +56,18 @@ def fed(spark, tmp_path_factory):
 
 
 @pytest.mark.integration
-def test_dq_summary_counts_every_batch(spark, fed):
-    today = datetime.now(timezone.utc).date()
+def test_dq_summary_counts_every_batch(spark, fed, local_time_zone_new_york):
+    now = datetime.now(timezone.utc)
+    today = now.date()
     s = dq_summary.summarize(spark, fed, today - timedelta(days=1), today)
     ev = s["streams"]["events"]
     assert ev["batches"] == 3 and ev["reconciled_batches"] == 3 and s["all_reconciled"]
     assert ev["records_in"] == 304 and ev["inserted"] == 300 and ev["duplicates"] == 3
     assert ev["quarantined"] == 1 and ev["failed_checks"] == {"record_is_valid_json": 1}
     assert any("reconciled 3/3" in line for line in dq_summary.render_text(s))
+    # When the batches ran, as UTC instants whatever the local time zone
+    first, last = (datetime.fromisoformat(ev[k]) for k in ("first_batch_at", "last_batch_at"))
+    assert now - timedelta(hours=1) < first <= last <= now
     older = dq_summary.summarize(spark, fed, today - timedelta(days=9), today - timedelta(days=8))
     assert older["streams"] == {} and older["batches"] == 0
 
