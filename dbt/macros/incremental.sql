@@ -39,8 +39,8 @@
     from previous,
         generate_series(
             least(previous.last_day - {{ var("lookback_days") }},
-                  current_date - {{ var("label_maturity_days") }} - 1),
-            greatest(previous.last_day, current_date),
+                  {{ utc_today() }} - {{ var("label_maturity_days") }} - 1),
+            greatest(previous.last_day, {{ utc_today() }}),
             interval '1 day') as d
     {%- endif -%}
 {%- endmacro %}
