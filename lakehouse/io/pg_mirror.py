@@ -7,7 +7,10 @@ One call of :func:`upsert_batch` applies one batch in **one Postgres transaction
    ``>= version``, nothing is written and 0 is returned (a replayed batch, or a retry whose first try
    committed but lost its acknowledgement).
 3. ``COPY`` the rows (CSV written by pyarrow into an in-memory buffer) into a ``TEMP`` staging table
-   (``LIKE target INCLUDING DEFAULTS ... ON COMMIT DROP``, plus an ordinal column).
+   (``LIKE target INCLUDING DEFAULTS ... ON COMMIT DROP``, plus an ordinal column). An empty target (a
+   first load, a rebuilt table) gets the rows by one ``COPY`` straight into it instead, skipping steps 3
+   and 4; should a key repeat among the rows, that COPY is rolled back to a savepoint and the rows take
+   the path below.
 4. ``INSERT INTO target SELECT DISTINCT ON (key) ... ORDER BY key, ordinal DESC`` (the last row of a key
    wins) ``ON CONFLICT (key) DO UPDATE SET <every non-key column> = EXCLUDED.<column>`` ``WHERE`` the
    stored row ``IS DISTINCT FROM`` the new one, so unchanged rows are not rewritten.
@@ -49,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
@@ -376,6 +380,28 @@ def _stage_rows(cur, schema: str, table: MirrorTable, rows) -> sql.Identifier | 
     return stage
 
 
+def _load_empty(cur, schema: str, table: MirrorTable, rows) -> int | None:
+    """COPY ``rows`` straight into the target when it is empty (a first load, a rebuilt table): no
+    staging table, no sort for the last row per key, no conflict check. Returns the rows loaded, or
+    None when the target holds rows or a key repeats in ``rows`` (the COPY is rolled back to its
+    savepoint; the caller stages and merges, where the last row of a key wins)."""
+    target = _qualified(schema, table.name)
+    cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(target))
+    if cur.fetchone()[0]:
+        return None
+    buf, n = _csv_buffer(rows, table, table.column_names, "rows", with_ordinal=False)
+    if n == 0:
+        return 0
+    cur.execute("SAVEPOINT lakehouse_mirror_load")
+    try:
+        _copy(cur, target, table.column_names, buf)
+    except psycopg2.errors.UniqueViolation:
+        cur.execute("ROLLBACK TO SAVEPOINT lakehouse_mirror_load")
+        return None
+    cur.execute("RELEASE SAVEPOINT lakehouse_mirror_load")
+    return n
+
+
 def _merge(cur, schema: str, table: MirrorTable, stage: sql.Identifier) -> int:
     """Upsert the staging table into the target (last row per key wins; no-op updates skipped)."""
     cols = _idents(table.column_names)
@@ -436,8 +462,10 @@ def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, versi
                      source, version, done)
             return 0
         t0 = time.monotonic()
-        stage = _stage_rows(cur, schema, table, rows)
-        upserted = _merge(cur, schema, table, stage) if stage is not None else 0
+        upserted = _load_empty(cur, schema, table, rows)
+        if upserted is None:
+            stage = _stage_rows(cur, schema, table, rows)
+            upserted = _merge(cur, schema, table, stage) if stage is not None else 0
         deleted = _apply_deletes(cur, schema, table, deletes) if deletes is not None else 0
         _record_version(cur, schema, source, table.name, version, upserted)
     log.info("%s.%s: applied %s version %d (%d rows upserted, %d deleted) in %.2f s", schema, table.name,

@@ -150,6 +150,40 @@ def test_duplicate_keys_in_one_batch_keep_the_last(conn):
     assert contents(conn) == [as_db(rows[3]), as_db(rows[1])]
 
 
+def test_a_first_load_goes_straight_into_the_empty_table_and_still_keeps_the_last_row_of_a_key(conn):
+    loaded = MirrorTable(name="loaded", columns=SCORES.columns, key=SCORES.key, indexes=SCORES.indexes,
+                         loaded_at="mirrored_at")
+    mirror.ensure_schema(conn, SCHEMA, [loaded])
+    rows = [(f"t{i:05d}", f"c{i % 7}", i / 4, i, i % 3 == 0, ts("2024-01-01") + pd.Timedelta(seconds=i), f"n{i}")
+            for i in range(5000)]
+    # A NULL key fails the load (no fallback hides it), and leaves the table and the ledger empty.
+    bad = frame(rows)
+    bad.loc[4000, "txn_id"] = None
+    with pytest.raises(psycopg2.errors.NotNullViolation):
+        mirror.upsert_batch(conn, SCHEMA, loaded, bad, "s", 1)
+    assert contents(conn, "loaded") == [] and ledger(conn) == []
+
+    # A key repeated at the end of a first load: the last row of the key wins, as in a merge.
+    again = ("t00002", "c9", -1.0, -1, True, ts("2025-01-01"), "last t00002")
+    assert mirror.upsert_batch(conn, SCHEMA, loaded, frame(rows + [again]), "s", 1) == 5000
+    got = {r[0]: r[:7] for r in contents(conn, "loaded")}
+    assert len(got) == 5000 and got["t00002"] == as_db(again) and got["t04999"] == as_db(rows[4999])
+    assert ledger(conn) == [("s", "loaded", 1, 5000)]
+
+    # A rebuilt (emptied) table is loaded straight again; every row gets its mirrored_at.
+    with conn.cursor() as cur:
+        cur.execute(f"TRUNCATE {SCHEMA}.loaded")
+    conn.commit()
+    assert mirror.upsert_batch(conn, SCHEMA, loaded, frame(rows), "s", 2) == 5000
+    assert sorted(r[:7] for r in contents(conn, "loaded")) == [as_db(r) for r in rows]
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {SCHEMA}.loaded WHERE mirrored_at > now() - interval '1 hour'")
+        assert cur.fetchone()[0] == 5000
+    conn.rollback()
+    # Then the table holds rows: the next batch merges (unchanged rows are not rewritten).
+    assert mirror.upsert_batch(conn, SCHEMA, loaded, frame(rows[:10] + [again]), "s", 3) == 1
+
+
 def test_values_round_trip_exactly(conn):
     nasty = [
         'comma, "quotes", \'single\'',
