@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from pyspark.sql import DataFrame, SparkSession, Window
@@ -127,15 +128,28 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
 
 def mirror_all(spark: SparkSession, settings: Settings, on_retry: Callable | None = None,
                attempts: int | None = 10, tables=MIRRORED_TABLES, view_always: bool = True,
-               applied: dict[str, int] | None = None) -> list[dict]:
+               applied: dict[str, int] | None = None, workers: int = 2) -> list[dict]:
     """Mirror ``tables`` (default: all), then (re)create the analysts' ``risk_alerts`` view once
     ``risk_scores`` exists: always, or with ``view_always=False`` only when this round wrote rows to
     a table the view reads (the mirror loop: no DDL lock every second). ``applied``: see
-    :func:`mirror_table`."""
+    :func:`mirror_table`.
+
+    ``workers`` tables are mirrored at once (each in its own Postgres transaction, as alone): while
+    Postgres loads one table in its own process, Spark reads the next. The mirror loop beside a
+    stream uses one, so as not to take the stream's cores."""
     from lakehouse.ml import alerts
 
-    results = [mirror_table(spark, settings, name, on_retry=on_retry, attempts=attempts, applied=applied)
-               for name in tables]
+    def one(name: str) -> dict:
+        return mirror_table(spark, settings, name, on_retry=on_retry, attempts=attempts, applied=applied)
+
+    if workers > 1:
+        from pyspark.util import inheritable_thread_target
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lakehouse-mirror") as pool:
+            futures = [pool.submit(inheritable_thread_target(spark)(one), name) for name in tables]
+        results = [f.result() for f in futures]  # the first error, after every table had its try
+    else:
+        results = [one(name) for name in tables]
     wrote = any(r["table"] in ("risk_scores", "silver_labels") and r.get("rows") for r in results)
     if (view_always or wrote) and any(r["table"] == "risk_scores" and "skipped" not in r for r in results):
         pg_mirror.with_retries(lambda conn: alerts.ensure_alerts_view(conn, settings.pg_schema), settings,
@@ -176,7 +190,7 @@ class MirrorLoop(threading.Thread):
         if not remember:
             self._applied.clear()  # relearned from the ledger in this round
         return mirror_all(self.spark, self.settings, attempts=1, tables=self.tables,
-                          view_always=self.rounds == 0, applied=self._applied)
+                          view_always=self.rounds == 0, applied=self._applied, workers=1)
 
     def run(self) -> None:
         delay = self.interval
