@@ -122,14 +122,16 @@ def bench_whole_path(root: Path, n_events: int, max_files: int) -> dict:
 
 
 def bench_freshness(root: Path, rate: float, duration_s: float, history_events: int = 0,
-                    history_days: float = 7.0) -> dict:
+                    history_days: float = 7.0, publish: bool = True) -> dict:
     """Live mode: the generator writes ``rate`` events/s (one file per second) while the stream runs
     continuously with the mirror beside it. Freshness of an event = the first time a poller sees its
     feature row in Postgres minus the time its file landed in the inbox (the file's mtime).
 
     ``history_events``: first stream and mirror a backlog of that many events over the
     ``history_days`` before now (the same card holders), so the live micro-batches run on top of
-    history as a deployed stream does; only the live events are measured."""
+    history as a deployed stream does; only the live events are measured. ``publish``: as
+    ``lakehouse stream --mirror`` does, each batch publishes its new gold rows to Postgres as soon as
+    they are computed (:class:`lakehouse.mirror.Publisher`); without, only the mirror brings them."""
     import threading
 
     from lakehouse import mirror, streaming
@@ -177,6 +179,7 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
             time.sleep(0.2)
 
     loop = mirror.MirrorLoop(spark, settings, interval=0.2, tables=("gold_transaction_features",))
+    publisher = mirror.Publisher(settings) if publish else None
     poller = threading.Thread(target=poll, daemon=True)
     stream_stop = threading.Event()
     batches: list[dict] = []
@@ -187,7 +190,10 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
                       f"(gold {r.seconds.get('gold', 0):.1f}s)")
 
     streamer = threading.Thread(target=lambda: streaming.run_streams(
-        spark, settings, once=False, kinds=("events",), stop_event=stream_stop, on_batch=on_batch), daemon=True)
+        spark, settings, once=False, kinds=("events",), stop_event=stream_stop, on_batch=on_batch,
+        publish=publisher.submit if publisher else None), daemon=True)
+    if publisher:
+        publisher.start()
     streamer.start()
     loop.start()
     poller.start()
@@ -197,6 +203,8 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
     time.sleep(30)  # let the tail drain
     stream_stop.set()
     streamer.join(300)
+    if publisher:
+        publisher.stop()
     loop.stop()
     stop.set()
     poller.join(5)
@@ -224,6 +232,8 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
             "after_first_batch": {"events_measured": len(steady), "freshness_p50_seconds": q(0.50, steady),
                                   "freshness_p95_seconds": q(0.95, steady)},
             "mirror_rounds": loop.rounds,
+            "published_ahead": None if publisher is None else {
+                "rows": publisher.published, "skipped": publisher.skipped, "dropped": publisher.dropped},
             "batches": len(batches), "batch_seconds_p50": _median([_batch_seconds(b["seconds"]) for b in batches]),
             "first_batch_seconds": _batch_seconds(batches[0]["seconds"]) if batches else None,
             "step_seconds_median": {k: _median([b["seconds"].get(k, 0.0) for b in batches])
@@ -388,6 +398,8 @@ def main(argv=None) -> int:
     p.add_argument("--live-seconds", type=float, default=180.0, help="how long the freshness benchmark feeds")
     p.add_argument("--live-history", type=int, default=0,
                    help="events of history (over the 7 days before now) streamed before the live feed")
+    p.add_argument("--no-publish", action="store_true",
+                   help="freshness without publishing each batch's gold rows ahead of the mirror")
     p.add_argument("--out", default="bench/results", help="folder for the JSON result")
     args = p.parse_args(argv)
 
@@ -400,7 +412,7 @@ def main(argv=None) -> int:
             result["whole_path"] = bench_whole_path(Path(tmp) / "path", args.events, args.max_files)
         if "freshness" not in args.skip:
             result["freshness"] = bench_freshness(Path(tmp) / "fresh", args.rate, args.live_seconds,
-                                                  history_events=args.live_history)
+                                                  history_events=args.live_history, publish=not args.no_publish)
         if "merge" not in args.skip:
             sizes = [int(x) for x in args.merge_sizes.split(",") if x]
             result["merge"] = bench_merge(Path(tmp), sizes, args.merge_batch, args.repeats)

@@ -118,14 +118,20 @@ def cmd_stream(args, settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         console.print(f"streaming {', '.join(kinds)} every {settings.trigger_seconds}s; Ctrl-C stops")
-    loop = None
+    loop = publisher = None
     if args.mirror:
         from lakehouse import mirror
 
-        loop = mirror.MirrorLoop(spark, settings, report=lambda msg: console.print(f"[yellow]{msg}[/]"))
-        if not args.once:
+        say = lambda msg: console.print(f"[yellow]{msg}[/]")  # noqa: E731
+        loop = mirror.MirrorLoop(spark, settings, report=say)
+        if not args.once:  # live: new gold rows go to Postgres as soon as computed, the mirror follows
+            publisher = mirror.Publisher(settings, report=say)
+            publisher.start()
             loop.start()
-    streaming.run_streams(spark, settings, once=args.once, kinds=kinds, on_batch=on_batch, stop_event=stop)
+    streaming.run_streams(spark, settings, once=args.once, kinds=kinds, on_batch=on_batch, stop_event=stop,
+                          publish=publisher.submit if publisher is not None else None)
+    if publisher is not None:
+        publisher.stop()
     if loop is not None:
         console.print("mirroring the last changes into Postgres ...")
         if loop.is_alive():
@@ -559,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete the checkpoints and the bronze/silver/gold tables first, then rebuild from the inboxes")
     s.add_argument("--mirror", action="store_true",
                    help="also mirror into Postgres: continuously beside the stream (a Postgres outage does "
-                        "not stop it), and once more at the end")
+                        "not stop it; each events batch's new gold rows are published as soon as they are "
+                        "computed, ahead of the mirror), and once more at the end")
     s.set_defaults(func=cmd_stream)
 
     b = sub.add_parser("backfill", help="recompute gold tables for a date range from silver (batch)",

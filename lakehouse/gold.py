@@ -360,14 +360,19 @@ class GoldStream:
     Args:
         on_features: called with the feature rows of the transactions new in an events batch (for
             scoring), and the batch's app id and id.
+        publish: called as ``publish(table, rows, spark_schema, version_before)`` with the rows an
+            events batch computed in the driver is about to write to a gold table, before its MERGE
+            (:class:`lakehouse.mirror.Publisher`: Postgres serves them ahead of the mirror).
     """
 
     _lock = threading.Lock()
 
     def __init__(self, settings: Settings,
-                 on_features: Callable[[DataFrame, str, int], None] | None = None):
+                 on_features: Callable[[DataFrame, str, int], None] | None = None,
+                 publish: Callable[[str, pa.Table, StructType, int | None], None] | None = None):
         self.settings = settings
         self.on_features = on_features
+        self.publish = publish
         self._ready = False
         self._schemas: dict[str, StructType] = {}
         # Whether an events batch's gold is computed in the driver (:meth:`_events_in_driver`); off
@@ -547,6 +552,9 @@ class GoldStream:
             laps("too_late")
             batch = driver_batch(table, new)
             laps("affected")
+            if self.publish is not None:
+                self._publish_ahead({"gold_transaction_features": batch.features,
+                                     "gold_user_features_5m": batch.windows}, app_id, batch_id)
             self._write(spark, "gold_transaction_features", batch.features, batch.features_new, app_id, batch_id)
             laps("features_merge")
             self._write(spark, "gold_user_features_5m", batch.windows, batch.windows_new, app_id, batch_id)
@@ -602,6 +610,17 @@ class GoldStream:
         r = pc.min_element_wise(table["_r"], pc.take(earliest["_r_min"], at), skip_nulls=True)
         table = table.set_column(table.schema.get_field_index("_r"), "_r", r.cast(table.schema.field("_r").type))
         self._kept = _Kept(table, self._kept.lo_us, self._kept.version)
+
+    def _publish_ahead(self, tables: dict[str, pa.Table], app_id: str, batch_id: int) -> None:
+        """Hand the rows about to be written to ``publish``, with each table's version before them;
+        not those of a replayed batch whose writes committed before the crash (:meth:`_write` skips
+        them, so the rows in Delta are the first run's: the mirror serves those)."""
+        for name, rows in tables.items():
+            path = self._path(name)
+            if not rows.num_rows or any(delta.commit_metrics(path, txn, batch_id) is not None
+                                        for txn in (app_id, f"{app_id}+new")):
+                continue
+            self.publish(name, rows, self._schemas[name], delta.table_version(path))
 
     def _write(self, spark, name: str, rows: pa.Table, new: np.ndarray, app_id: str, batch_id: int) -> None:
         """Write a driver batch's ``rows`` of the gold table ``name``, exactly once per batch.

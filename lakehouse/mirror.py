@@ -10,8 +10,11 @@ unreachable Postgres is retried with back-off.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -22,7 +25,7 @@ from pyspark.sql.types import (ArrayType, BooleanType, DateType, DoubleType, Flo
 
 from lakehouse.config import TABLES, Settings
 from lakehouse.gold import GOLD_TABLES
-from lakehouse.io import delta, pg_mirror
+from lakehouse.io import delta, pg_mirror, postgres
 
 _PG_TYPES = {StringType: "text", DoubleType: "double precision", FloatType: "real", LongType: "bigint",
              IntegerType: "integer", BooleanType: "boolean", TimestampType: "timestamptz", DateType: "date",
@@ -213,3 +216,88 @@ class MirrorLoop(threading.Thread):
         self.join(timeout)
         if final_round:  # checks every table against the Postgres ledger
             self.run_round(remember=False)
+
+
+class Publisher(threading.Thread):
+    """Serve a stream's new gold rows from Postgres as soon as they are computed, ahead of their Delta
+    commit and the next :class:`MirrorLoop` round (:func:`lakehouse.io.pg_mirror.publish_ahead`).
+
+    The micro-batch hands its rows over (:meth:`submit`) and goes on with its Delta writes while this
+    thread upserts them, on a connection of its own, in the order submitted. Publishing is only a head
+    start: the mirror still applies every Delta version through its ledger, so rows this thread drops
+    (Postgres down, a full queue) or publishes and never sees committed (a crash) converge as before. A
+    failure is reported once per outage; publishing pauses ``pause`` seconds after each failed try,
+    so an unreachable Postgres costs the stream nothing.
+    """
+
+    def __init__(self, settings: Settings, report: Callable[[str], None] | None = None,
+                 max_pending: int = 16, pause: float = 5.0):
+        super().__init__(name="lakehouse-publish", daemon=True)
+        self.settings, self.pause = settings, pause
+        self.report = report or (lambda msg: log.warning("%s", msg))
+        self.published = self.skipped = self.dropped = 0
+        self.last_error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        self._ensured: set[str] = set()
+        self._retry_at = 0.0
+        self._conn = None
+
+    def submit(self, name: str, rows, schema: StructType, before: int | None) -> None:
+        """Publish ``rows`` of gold table ``name`` (Spark ``schema``), about to be committed after its
+        Delta version ``before``; never blocks (a full queue drops the rows: the mirror brings them)."""
+        if time.monotonic() < self._retry_at:
+            self.dropped += 1
+            return
+        try:
+            self._queue.put_nowait((name, rows, schema, before))
+        except queue.Full:
+            self.dropped += 1
+
+    def _publish(self, name: str, rows, schema: StructType, before: int | None) -> None:
+        table = mirror_spec(name, schema)
+        if self._conn is None or self._conn.closed:
+            self._conn = postgres.connect(self.settings)
+            self._ensured.clear()
+        if name not in self._ensured:
+            pg_mirror.ensure_schema(self._conn, self.settings.pg_schema, [table])
+            self._ensured.add(name)
+        n = pg_mirror.publish_ahead(self._conn, self.settings.pg_schema, table, rows, f"delta:{name}", before)
+        if n is None:
+            self.skipped += 1
+        else:
+            self.published += len(rows)
+
+    def run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if time.monotonic() < self._retry_at:
+                    self.dropped += 1
+                    continue
+                self._publish(*item)
+                if self.last_error is not None:
+                    self.report("publish: Postgres is back; new gold rows are served ahead of the mirror again")
+                self.last_error = None
+            except Exception as exc:  # noqa: BLE001 -- a head start only: the mirror converges anyway
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        self._conn.close()
+                self._conn = None
+                if self.last_error is None:
+                    self.report(f"publish: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; new gold rows "
+                                f"reach Postgres through the mirror meanwhile (retrying every {self.pause:.0f} s)")
+                self.last_error, self._retry_at = exc, time.monotonic() + self.pause
+                self.dropped += 1
+            finally:
+                self._queue.task_done()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Publish what was submitted, then end the thread."""
+        if self.is_alive():
+            self._queue.put(None)
+            self.join(timeout)
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()

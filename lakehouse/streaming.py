@@ -423,17 +423,19 @@ def run_streams(
     on_batch: Callable[[BatchResult], None] | None = None,
     stop_event: threading.Event | None = None,
     on_features: Callable[[DataFrame, str, int], None] | None = None,
+    publish: Callable | None = None,
 ) -> None:
     """Run the ingestion queries; with ``once`` process what is in the inboxes and return.
 
     Continuous mode runs until ``stop_event`` is set or a query fails. With ``settings.stream_gold``
     each micro-batch also updates gold (:class:`lakehouse.gold.GoldStream`); ``on_features`` then
-    receives the feature rows of each events batch's new transactions (for scoring).
+    receives the feature rows of each events batch's new transactions (for scoring), and
+    ``publish`` the gold rows each events batch is about to write (see :class:`GoldStream`).
     """
     ensure_tables(spark, settings, kinds)
     if on_features is None and settings.stream_gold and settings.stream_scoring:
         on_features = scoring_hook(spark, settings)
-    gold = GoldStream(settings, on_features=on_features) if settings.stream_gold else None
+    gold = GoldStream(settings, on_features=on_features, publish=publish) if settings.stream_gold else None
     queries = [start_query(spark, settings, kind, once, on_batch, gold) for kind in kinds]
     try:
         if once:

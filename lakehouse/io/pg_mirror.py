@@ -475,6 +475,28 @@ def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, versi
     return upserted
 
 
+def publish_ahead(conn, schema: str, table: MirrorTable, rows, source: str, before: int | None) -> int | None:
+    """Upsert ``rows`` that a writer is about to commit to ``source`` as a version after ``before``
+    (its latest version when the rows were computed), ahead of the mirror: a stream serves its new
+    rows from Postgres without waiting for its Delta commit and the next mirror round.
+
+    The ledger is left alone: the mirror applies that commit later as always (the same values: no
+    row is rewritten), and it stays the only way a version counts as applied. Under the same advisory
+    lock as :func:`upsert_batch`, the rows are skipped (returns None) once the ledger has passed
+    ``before``: the mirror has applied newer versions, which the rows must not overwrite. Rows published
+    and then never committed (the writer died first) are rewritten by the replay's commit, which the
+    mirror applies too. Returns the rows inserted or changed.
+    """
+    with _transaction(conn) as cur:
+        cur.execute("SET LOCAL TIME ZONE 'UTC'")
+        _advisory_lock(cur, "batch", schema, source, table.name)
+        done = _read_version(cur, schema, source, table.name)
+        if done is not None and (before is None or done > before):
+            return None
+        stage = _stage_rows(cur, schema, table, rows)
+        return _merge(cur, schema, table, stage) if stage is not None else 0
+
+
 # ---- retries ----------------------------------------------------------------------------------
 #: Errors that mean "Postgres is (temporarily) unreachable or aborted us": worth a retry with a new
 #: connection. OperationalError covers lost connections, admin shutdown, serialization failures and

@@ -9,17 +9,18 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from lakehouse import mirror, streaming
+from lakehouse import gold, mirror, streaming
 from lakehouse.config import TABLES
 from lakehouse.io import delta, postgres
 from tests.conftest import pg_rows, stop_postgres, write_lines
-from tests.integration.inbox_data import FILE_MTIME, event_line, label_line
+from tests.integration.inbox_data import BASE, FILE_MTIME, event_line, label_line
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +33,12 @@ def pg(settings):
     stop_postgres(settings)
 
 
-def assert_pg_equals_delta(spark, settings) -> dict[str, int]:
-    """Every mirrored table that exists in Delta equals its Postgres copy, row for row."""
+def assert_pg_equals_delta(spark, settings, tables=None) -> dict[str, int]:
+    """Every mirrored table (of ``tables``, default all) that exists in Delta equals its Postgres copy,
+    row for row."""
     compared = {}
     for name, spec in mirror.MIRRORED_TABLES.items():
-        if name not in TABLES or not delta.is_delta_table(settings.table_path(name)):
+        if name not in TABLES or not delta.is_delta_table(settings.table_path(name)) or name not in (tables or [name]):
             continue
         path = settings.table_path(name)
         key = list(spec["key"])
@@ -66,15 +68,20 @@ def test_stream_goes_on_while_postgres_is_down_and_the_mirror_catches_up(spark, 
     postgres.stop(settings)
     messages: list[str] = []
     loop = mirror.MirrorLoop(spark, settings, interval=0.5, max_backoff=2.0, report=messages.append)
+    publisher = mirror.Publisher(settings, report=messages.append, pause=0.0)
     loop.start()
+    publisher.start()
     try:
         for f in range(2):
             write_lines(settings.events_inbox, f"e{f}.jsonl", [event_line(100 * f + i) for i in range(100)],
                         mtime=FILE_MTIME + f)
         write_lines(settings.labels_inbox, "l.jsonl", [label_line(i) for i in range(0, 200, 9)], mtime=FILE_MTIME)
-        streaming.run_streams(spark, settings, once=True)  # not blocked by the outage
+        streaming.run_streams(spark, settings, once=True, publish=publisher.submit)  # not blocked by the outage
         assert delta.read(spark, settings.table_path("gold_transaction_features")).count() == 200
-        assert loop.last_error is not None  # the mirror failed meanwhile; the stream did not wait
+        publisher.stop()
+        # The mirror and the publisher failed meanwhile; the stream did not wait for either.
+        assert loop.last_error is not None and publisher.last_error is not None
+        assert publisher.dropped == 4 and publisher.published == 0  # two tables of two batches
         rounds = loop.rounds
         postgres.start(settings)
         deadline = time.time() + 180
@@ -103,8 +110,48 @@ def test_stream_goes_on_while_postgres_is_down_and_the_mirror_catches_up(spark, 
     finally:
         loop.stop(final_round=True)
     assert any("retrying" in m for m in messages) and any("back" in m for m in messages)
+    assert any(m.startswith("publish: ") and "through the mirror" in m for m in messages)
     compared = assert_pg_equals_delta(spark, settings)
     assert compared["gold_transaction_features"] == 200 and compared["silver_dq_batches"] == 3
+
+
+def test_each_batch_publishes_its_gold_rows_ahead_and_the_mirror_finds_them_equal(spark, pg):
+    settings = pg.replace(max_files_per_trigger=1)
+    write_lines(settings.events_inbox, "e0.jsonl", [event_line(i) for i in range(100)], mtime=FILE_MTIME)
+    # The second batch: new events, a re-delivery, and on-time late events (8 min behind the watermark,
+    # BASE + 61 min) of users seen before: earlier transactions and windows of theirs are recomputed.
+    late = [event_line(500 + i, user_id=f"u{i:03d}", event_time=(BASE + timedelta(seconds=3_180 + i))
+                       .strftime("%Y-%m-%dT%H:%M:%SZ")) for i in range(10)]
+    write_lines(settings.events_inbox, "e1.jsonl", [event_line(100 + i) for i in range(100)] + [event_line(7)] + late,
+                mtime=FILE_MTIME + 1)
+    publisher = mirror.Publisher(settings)
+    publisher.start()
+    streaming.run_streams(spark, settings, once=True, kinds=("events",), publish=publisher.submit)
+    publisher.stop()
+    assert publisher.last_error is None and publisher.skipped == publisher.dropped == 0
+    # No mirror ran: Postgres holds gold's rows because each batch published them, recomputed rows too.
+    published = ("gold_transaction_features", "gold_user_features_5m")
+    compared = assert_pg_equals_delta(spark, settings, tables=published)
+    assert compared["gold_transaction_features"] == 210
+    assert publisher.published > 210 + compared["gold_user_features_5m"]  # some rows published twice
+    assert pg_rows(settings, "_mirror_ledger", "table_name").empty
+    # A replayed batch whose gold writes committed before a crash keeps the first run's rows in Delta
+    # (its MERGEs are skipped), so it publishes nothing; a batch not written yet does.
+    app_id = streaming.app_id_for(settings.checkpoint("events"), "events", settings.events_inbox)
+    calls: list[tuple] = []
+    stream = gold.GoldStream(settings, publish=lambda *args: calls.append(args))
+    stream._ensure(spark)
+    rows = pa.table({"event_id": ["e000001"]})
+    stream._publish_ahead({"gold_transaction_features": rows}, app_id, 1)
+    assert calls == []
+    stream._publish_ahead({"gold_transaction_features": rows}, app_id, 2)
+    path = settings.table_path("gold_transaction_features")
+    assert [(c[0], c[1], c[3]) for c in calls] == [("gold_transaction_features", rows, delta.table_version(path))]
+    # The mirror then applies every Delta version through its ledger: the published rows are gold's.
+    changed = {r["table"]: r.get("rows") for r in mirror.mirror_all(spark, settings)}
+    assert changed["gold_transaction_features"] == changed["gold_user_features_5m"] == 0
+    assert changed["silver_dq_batches"] == 2
+    assert assert_pg_equals_delta(spark, settings)["gold_transaction_features"] == 210
 
 
 @pytest.mark.slow

@@ -139,6 +139,28 @@ def test_upsert_insert_update_and_replay_is_noop(conn):
     assert contents(conn)[0] == as_db(clobber.iloc[0].tolist())
 
 
+def test_rows_published_ahead_of_the_mirror_never_overwrite_a_newer_applied_version(conn):
+    # Nothing applied yet: a writer's rows about to become version 1 are served at once, ledger untouched.
+    assert mirror.publish_ahead(conn, SCHEMA, SCORES, frame(BATCH1), "gold.scores", before=0) == 3
+    assert contents(conn) == [as_db(r) for r in BATCH1]
+    assert ledger(conn) == []
+    # The mirror then applies version 1 holding the same rows: nothing to rewrite, the ledger moves.
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "gold.scores", 1) == 0
+    assert ledger(conn) == [("gold.scores", "scores", 1, 0)]
+
+    # Rows computed after version 1 (to become version 2) are published over version 1's.
+    fixed = ("t2", "c1", 21.0, 2, False, ts("2024-01-01 10:01:00"), "fixed in version 2")
+    assert mirror.publish_ahead(conn, SCHEMA, SCORES, frame([fixed]), "gold.scores", before=1) == 1
+    assert contents(conn)[1] == as_db(fixed)
+    # The mirror applies version 3 (t2 changed again); rows computed before it arrive late: skipped.
+    again = ("t2", "c1", 22.0, 2, True, ts("2024-01-01 10:01:00"), "version 3")
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame([again]), "gold.scores", 3) == 1
+    assert mirror.publish_ahead(conn, SCHEMA, SCORES, frame([fixed]), "gold.scores", before=1) is None
+    assert mirror.publish_ahead(conn, SCHEMA, SCORES, frame([fixed]), "gold.scores", before=None) is None
+    assert contents(conn)[1] == as_db(again)
+    assert ledger(conn) == [("gold.scores", "scores", 3, 1)]
+
+
 def test_duplicate_keys_in_one_batch_keep_the_last(conn):
     rows = [
         ("t1", "c1", 1.0, 1, False, ts("2024-01-01"), "first t1"),
