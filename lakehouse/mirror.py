@@ -98,18 +98,20 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
         return {"table": name, "version": version, "applied": version, "rows": 0}
     snapshot = delta.read(spark, path, version=version)
     table = mirror_spec(name, snapshot.schema)
-    source = f"delta:{name}"
+    source, source_id = f"delta:{name}", delta.table_id(path)
 
-    def applied_version(conn) -> int | None:
+    def ledger_entry(conn) -> tuple[int, str | None] | None:
         pg_mirror.ensure_schema(conn, settings.pg_schema, [table])
-        return pg_mirror.applied_version(conn, settings.pg_schema, source, name)
+        return pg_mirror.ledger_entry(conn, settings.pg_schema, source, name)
 
-    done = pg_mirror.with_retries(applied_version, settings, attempts=attempts, on_retry=on_retry)
-    if done is not None and done >= version:
+    done, done_id = pg_mirror.with_retries(ledger_entry, settings, attempts=attempts, on_retry=on_retry) or (None, None)
+    # Created again since (stream --reset): its versions count anew, and its snapshot replaces the rows.
+    recreated = done is not None and None not in (done_id, source_id) and done_id != source_id
+    if done is not None and done >= version and not recreated:
         if applied is not None:
             applied[name] = version
         return {"table": name, "version": version, "applied": done, "rows": 0}
-    if done is None:
+    if done is None or recreated:
         upserts, deletes = snapshot, None
     else:
         cdf = (spark.read.format("delta").option("readChangeFeed", "true")
@@ -120,13 +122,14 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
     gone = deletes.toArrow() if deletes is not None else None
 
     def apply(conn) -> int:
-        return pg_mirror.upsert_batch(conn, settings.pg_schema, table, rows, source, version, deletes=gone)
+        return pg_mirror.upsert_batch(conn, settings.pg_schema, table, rows, source, version, deletes=gone,
+                                      source_id=source_id)
 
     changed = pg_mirror.with_retries(apply, settings, attempts=attempts, on_retry=on_retry)
     if applied is not None:
         applied[name] = version
     return {"table": name, "version": version, "applied_before": done, "rows": changed,
-            "deleted": 0 if gone is None else len(gone)}
+            "deleted": 0 if gone is None else len(gone), **({"replaced": True} if recreated else {})}
 
 
 def mirror_all(spark: SparkSession, settings: Settings, on_retry: Callable | None = None,
@@ -261,7 +264,8 @@ class Publisher(threading.Thread):
         if name not in self._ensured:
             pg_mirror.ensure_schema(self._conn, self.settings.pg_schema, [table])
             self._ensured.add(name)
-        n = pg_mirror.publish_ahead(self._conn, self.settings.pg_schema, table, rows, f"delta:{name}", before)
+        n = pg_mirror.publish_ahead(self._conn, self.settings.pg_schema, table, rows, f"delta:{name}", before,
+                                    source_id=delta.table_id(self.settings.table_path(name)))
         if n is None:
             self.skipped += 1
         else:

@@ -211,3 +211,30 @@ def table_version(path: Path | str) -> int | None:
         return None
     versions = [int(n[:20]) for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit()]
     return max(versions, default=None)
+
+
+def table_id(path: Path | str) -> str | None:
+    """The table's id (Delta's ``metaData.id``): fixed when the table is created, new when it is deleted
+    and created again, whatever its versions. Read from the log's files (no Spark job): the oldest commit
+    left, which holds it while log clean-up has not removed version 0, else the latest checkpoint. None
+    when there is no table, or neither holds it (an unknown checkpoint format)."""
+    log_dir = Path(path) / "_delta_log"
+    try:
+        names = sorted(os.listdir(log_dir))
+    except FileNotFoundError:
+        return None
+    commits = [n for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit()]
+    if commits:
+        with (log_dir / commits[0]).open() as f:
+            for line in f:
+                if line.startswith('{"metaData"'):
+                    return json.loads(line)["metaData"]["id"]
+    checkpoints = [n for n in names if ".checkpoint." in n and n.endswith(".parquet")]
+    if checkpoints:
+        import pyarrow.parquet as pq
+
+        last = max(checkpoints, key=lambda n: int(n[:20]))
+        for meta in pq.read_table(log_dir / last, columns=["metaData"]).column("metaData").to_pylist():
+            if meta and meta.get("id"):
+                return meta["id"]
+    return None

@@ -16,7 +16,9 @@ One call of :func:`upsert_batch` applies one batch in **one Postgres transaction
    stored row ``IS DISTINCT FROM`` the new one, so unchanged rows are not rewritten.
 5. Optional deletes by key (COPY of the keys into a second staging table, then ``DELETE ... USING``).
    Deletes run after the upsert, so a key both upserted and deleted in one batch ends up deleted.
-6. Upsert of the ledger row ``(source, table, version, rows, now())``; ``COMMIT``.
+6. Upsert of the ledger row ``(source, table, version, rows, now(), source_id)``; ``COMMIT``. A
+   ``source_id`` other than the ledger's (a Delta table deleted and created again) makes the batch a
+   replacement: the table's rows are deleted first, in the same transaction, whatever the versions.
 
 The data and the ledger commit together, so a batch is applied exactly once however often it is
 retried, and a failure anywhere leaves both untouched. :func:`with_retries` runs such a call with a
@@ -204,6 +206,11 @@ def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
             "version bigint NOT NULL, rows bigint NOT NULL DEFAULT 0, "
             "applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (source, table_name))"
         ).format(_qualified(schema, LEDGER_TABLE)))
+        cur.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+                    "AND column_name = 'source_id'", (schema, LEDGER_TABLE))
+        if cur.fetchone() is None:  # a ledger from before the source's identity was kept
+            cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS source_id text").format(
+                _qualified(schema, LEDGER_TABLE)))
         for table in tables:
             _ensure_table(cur, schema, table)
 
@@ -244,11 +251,13 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
 
 
 # ---- ledger -----------------------------------------------------------------------------------
-def _read_version(cur, schema: str, source: str, table_name: str) -> int | None:
-    cur.execute(sql.SQL("SELECT version FROM {} WHERE source = %s AND table_name = %s").format(
-        _qualified(schema, LEDGER_TABLE)), (source, table_name))
+def _read_entry(cur, schema: str, source: str, table_name: str) -> tuple[int, str | None] | None:
+    # source_id through to_jsonb: a ledger older than that column reads as None, not as an error
+    cur.execute(sql.SQL("SELECT version, to_jsonb(l) ->> 'source_id' FROM {} AS l "
+                        "WHERE source = %s AND table_name = %s").format(_qualified(schema, LEDGER_TABLE)),
+                (source, table_name))
     row = cur.fetchone()
-    return None if row is None else int(row[0])
+    return None if row is None else (int(row[0]), row[1])
 
 
 def applied_version(conn, schema: str, source: str, table_name: str) -> int | None:
@@ -256,11 +265,17 @@ def applied_version(conn, schema: str, source: str, table_name: str) -> int | No
 
     Runs inside the caller's transaction when one is open, otherwise in a short one of its own.
     """
-    def query(cur) -> int | None:
+    entry = ledger_entry(conn, schema, source, table_name)
+    return None if entry is None else entry[0]
+
+
+def ledger_entry(conn, schema: str, source: str, table_name: str) -> tuple[int, str | None] | None:
+    """(last version applied, the source's identity then: see :func:`upsert_batch`), or None."""
+    def query(cur) -> tuple[int, str | None] | None:
         cur.execute("SELECT to_regclass(%s)", (sql.Identifier(schema, LEDGER_TABLE).as_string(conn),))
         if cur.fetchone()[0] is None:
             return None
-        return _read_version(cur, schema, source, table_name)
+        return _read_entry(cur, schema, source, table_name)
 
     if conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
         with _transaction(conn) as cur:
@@ -269,12 +284,14 @@ def applied_version(conn, schema: str, source: str, table_name: str) -> int | No
         return query(cur)
 
 
-def _record_version(cur, schema: str, source: str, table_name: str, version: int, rows: int) -> None:
+def _record_version(cur, schema: str, source: str, table_name: str, version: int, rows: int,
+                    source_id: str | None = None) -> None:
     cur.execute(sql.SQL(
-        "INSERT INTO {} AS l (source, table_name, version, rows, applied_at) "
-        "VALUES (%s, %s, %s, %s, now()) ON CONFLICT (source, table_name) DO UPDATE SET "
-        "version = EXCLUDED.version, rows = EXCLUDED.rows, applied_at = EXCLUDED.applied_at"
-    ).format(_qualified(schema, LEDGER_TABLE)), (source, table_name, int(version), int(rows)))
+        "INSERT INTO {} AS l (source, table_name, version, rows, applied_at, source_id) "
+        "VALUES (%s, %s, %s, %s, now(), %s) ON CONFLICT (source, table_name) DO UPDATE SET "
+        "version = EXCLUDED.version, rows = EXCLUDED.rows, applied_at = EXCLUDED.applied_at, "
+        "source_id = COALESCE(EXCLUDED.source_id, l.source_id)"
+    ).format(_qualified(schema, LEDGER_TABLE)), (source, table_name, int(version), int(rows), source_id))
 
 
 # ---- rows -> CSV ------------------------------------------------------------------------------
@@ -443,7 +460,7 @@ def _apply_deletes(cur, schema: str, table: MirrorTable, deletes) -> int:
 
 
 def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, version: int,
-                 deletes=None) -> int:
+                 deletes=None, source_id: str | None = None) -> int:
     """Apply one batch to ``schema.table`` exactly once; returns the number of rows inserted or changed.
 
     ``rows``: pandas DataFrame or pyarrow Table with (at least) the table's columns. ``source`` names
@@ -453,29 +470,40 @@ def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, versi
     after the upsert). Rows whose stored values already equal the new ones are not rewritten and not
     counted. Everything, ledger included, commits in one transaction or not at all. The connection
     must not be inside a transaction; ``ensure_schema`` must have created the table and ledger.
+
+    ``source_id``: the identity of the source (a Delta table's id), kept in the ledger. When the
+    ledger holds another one, the source was deleted and created again (``lakehouse stream --reset``,
+    a restored table) and its versions count anew: ``rows`` must then be the whole new source, which
+    replaces the table's rows (deleted first, in the same transaction), whatever the versions say.
     """
     version = int(version)
     with _transaction(conn) as cur:
         cur.execute("SET LOCAL TIME ZONE 'UTC'")
         _advisory_lock(cur, "batch", schema, source, table.name)
-        done = _read_version(cur, schema, source, table.name)
-        if done is not None and done >= version:
+        entry = _read_entry(cur, schema, source, table.name)
+        replaced = entry is not None and None not in (entry[1], source_id) and entry[1] != source_id
+        if entry is not None and entry[0] >= version and not replaced:
             log.info("%s.%s: %s version %d already applied (ledger at %d); skipped", schema, table.name,
-                     source, version, done)
+                     source, version, entry[0])
             return 0
         t0 = time.monotonic()
+        if replaced:
+            cur.execute(sql.SQL("DELETE FROM {}").format(_qualified(schema, table.name)))
+            log.warning("%s.%s: %s was created again (id %s, was %s): its rows replace the table's",
+                        schema, table.name, source, source_id, entry[1])
         upserted = _load_empty(cur, schema, table, rows)
         if upserted is None:
             stage = _stage_rows(cur, schema, table, rows)
             upserted = _merge(cur, schema, table, stage) if stage is not None else 0
         deleted = _apply_deletes(cur, schema, table, deletes) if deletes is not None else 0
-        _record_version(cur, schema, source, table.name, version, upserted)
+        _record_version(cur, schema, source, table.name, version, upserted, source_id)
     log.info("%s.%s: applied %s version %d (%d rows upserted, %d deleted) in %.2f s", schema, table.name,
              source, version, upserted, deleted, time.monotonic() - t0)
     return upserted
 
 
-def publish_ahead(conn, schema: str, table: MirrorTable, rows, source: str, before: int | None) -> int | None:
+def publish_ahead(conn, schema: str, table: MirrorTable, rows, source: str, before: int | None,
+                  source_id: str | None = None) -> int | None:
     """Upsert ``rows`` that a writer is about to commit to ``source`` as a version after ``before``
     (its latest version when the rows were computed), ahead of the mirror: a stream serves its new
     rows from Postgres without waiting for its Delta commit and the next mirror round.
@@ -485,13 +513,15 @@ def publish_ahead(conn, schema: str, table: MirrorTable, rows, source: str, befo
     lock as :func:`upsert_batch`, the rows are skipped (returns None) once the ledger has passed
     ``before``: the mirror has applied newer versions, which the rows must not overwrite. Rows published
     and then never committed (the writer died first) are rewritten by the replay's commit, which the
-    mirror applies too. Returns the rows inserted or changed.
+    mirror applies too. Skipped as well while the ledger holds another ``source_id`` (the source was
+    created again: the mirror first replaces the table). Returns the rows inserted or changed.
     """
     with _transaction(conn) as cur:
         cur.execute("SET LOCAL TIME ZONE 'UTC'")
         _advisory_lock(cur, "batch", schema, source, table.name)
-        done = _read_version(cur, schema, source, table.name)
-        if done is not None and (before is None or done > before):
+        entry = _read_entry(cur, schema, source, table.name)
+        if entry is not None and (before is None or entry[0] > before
+                                  or None not in (entry[1], source_id) and entry[1] != source_id):
             return None
         stage = _stage_rows(cur, schema, table, rows)
         return _merge(cur, schema, table, stage) if stage is not None else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -137,3 +138,21 @@ def test_compaction_keeps_rows_and_vacuum_keeps_pinned_version(spark, fed):
     finally:
         spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
 
+
+
+def test_a_table_id_survives_log_clean_up_and_changes_when_the_table_is_created_again(spark, tmp_path):
+    path = tmp_path / "t"
+    assert delta.table_id(path) is None
+    spark.range(3).write.format("delta").option("delta.checkpointInterval", "2").save(str(path))
+    first = delta.table_id(path)
+    assert first and len(first) == 36  # a UUID
+    for i in range(4):  # a checkpoint at versions 2 and 4
+        spark.range(i, i + 1).write.format("delta").mode("append").save(str(path))
+    log_dir = path / "_delta_log"
+    assert (log_dir / f"{4:020d}.checkpoint.parquet").exists()
+    for v in range(4):  # what log clean-up leaves: the latest checkpoint and the commits after it
+        (log_dir / f"{v:020d}.json").unlink()
+    assert delta.table_id(path) == first
+    shutil.rmtree(path)
+    spark.range(3).write.format("delta").save(str(path))
+    assert delta.table_id(path) not in (None, first)

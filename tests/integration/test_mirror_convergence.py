@@ -154,6 +154,27 @@ def test_each_batch_publishes_its_gold_rows_ahead_and_the_mirror_finds_them_equa
     assert assert_pg_equals_delta(spark, settings)["gold_transaction_features"] == 210
 
 
+def test_after_a_stream_reset_postgres_converges_to_the_rebuilt_tables(spark, pg):
+    from lakehouse.cli import reset_stream
+
+    settings = pg.replace(max_files_per_trigger=1)
+    for f in range(3):
+        write_lines(settings.events_inbox, f"e{f}.jsonl", [event_line(100 * f + i) for i in range(60)],
+                    mtime=FILE_MTIME + f)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    mirror.mirror_all(spark, settings)
+    assert assert_pg_equals_delta(spark, settings)["gold_transaction_features"] == 180
+    # The operator drops a bad file and rebuilds: every table starts again at version 0, with fewer
+    # batches (versions) than the ledger has applied, and without the dropped file's rows.
+    (settings.events_inbox / "e2.jsonl").unlink()
+    reset_stream(settings)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    results = {r["table"]: r for r in mirror.mirror_all(spark, settings)}
+    assert results["gold_transaction_features"].get("replaced") and results["silver_dq_batches"].get("replaced")
+    compared = assert_pg_equals_delta(spark, settings)
+    assert compared["gold_transaction_features"] == 120 and compared["silver_dq_batches"] == 2
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_streaming_mirror_job_then_restart_converges(spark, pg, tmp_path):
     settings = pg

@@ -161,6 +161,30 @@ def test_rows_published_ahead_of_the_mirror_never_overwrite_a_newer_applied_vers
     assert ledger(conn) == [("gold.scores", "scores", 3, 1)]
 
 
+def test_a_source_created_again_replaces_the_rows_whatever_its_versions(conn):
+    # Versions 1..5 of a Delta table whose id is "a", mirrored; the old ledger had no id at first.
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", 4) == 3
+    with conn.cursor() as cur:  # a ledger made before the ids were kept: read as None, then upgraded
+        cur.execute(f"ALTER TABLE {SCHEMA}._mirror_ledger DROP COLUMN source_id")
+    conn.commit()
+    assert mirror.ledger_entry(conn, SCHEMA, "delta:scores", "scores") == (4, None)
+    mirror.ensure_schema(conn, SCHEMA, [SCORES])
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1[:1]), "delta:scores", 5, source_id="a") == 0
+    assert mirror.ledger_entry(conn, SCHEMA, "delta:scores", "scores") == (5, "a")
+    # The table is deleted and created again ("b"): its version 2 is older than the ledger's 5, and it
+    # no longer holds t1 and t3. Its snapshot replaces the table's rows; the ledger starts anew.
+    fresh = [("t2", "c1", 20.0, 2, True, ts("2024-01-01 10:01:00"), "second"),
+             ("t9", "c9", 9.0, 9, False, ts("2024-01-02 00:00:00"), "only in b")]
+    assert mirror.publish_ahead(conn, SCHEMA, SCORES, frame(fresh), "delta:scores", 5, source_id="b") is None
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(fresh), "delta:scores", 2, source_id="b") == 2
+    assert contents(conn) == [as_db(r) for r in fresh]
+    assert mirror.ledger_entry(conn, SCHEMA, "delta:scores", "scores") == (2, "b")
+    # From then on, versions of "b" count as before; a writer that knows no id changes nothing.
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", 2, source_id="b") == 0
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", 1) == 0
+    assert contents(conn) == [as_db(r) for r in fresh]
+
+
 def test_duplicate_keys_in_one_batch_keep_the_last(conn):
     rows = [
         ("t1", "c1", 1.0, 1, False, ts("2024-01-01"), "first t1"),
@@ -337,7 +361,8 @@ def test_schema_has_primary_key_indexes_and_ledger(conn):
         cur.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s "
                     "AND table_name = '_mirror_ledger' ORDER BY ordinal_position", (SCHEMA,))
         assert cur.fetchall() == [("source", "text"), ("table_name", "text"), ("version", "bigint"),
-                                  ("rows", "bigint"), ("applied_at", "timestamp with time zone")]
+                                  ("rows", "bigint"), ("applied_at", "timestamp with time zone"),
+                                  ("source_id", "text")]
         cur.execute("SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
                     "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'lakehouse.scores'::regclass "
                     "AND i.indisprimary")
