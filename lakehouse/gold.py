@@ -538,23 +538,24 @@ class GoldStream:
             t = table["_t"].to_numpy()
             lo_us, hi_us = int(t[new].min()), int(t[new].max())
             mark = self._watermark_us(spark, app_id, batch_id)
-            n_late = 0
+            late = np.empty(0, dtype=np.int64)
             if mark is not None:
-                threshold = mark - self.settings.allowed_lateness_minutes * 60_000_000
-                late = new[t[new] < threshold]
+                late = new[t[new] < mark - self.settings.allowed_lateness_minutes * 60_000_000]
                 if len(late):
-                    rows = spark.createDataFrame(table.take(late).select(list(features.ID_COLUMNS)),
-                                                 schema=silver.select(*features.ID_COLUMNS).schema)
-                    n_late = self._record_too_late(spark, rows, instant(lo_us), instant(mark), app_id, batch_id)
                     flags = table["_late"].to_numpy(zero_copy_only=False).copy()
                     flags[late] = True
                     table = table.set_column(table.schema.get_field_index("_late"), "_late", pa.array(flags))
-            laps("too_late")
             batch = driver_batch(table, new)
             laps("affected")
             if self.publish is not None:
                 self._publish_ahead({"gold_transaction_features": batch.features,
                                      "gold_user_features_5m": batch.windows}, app_id, batch_id)
+            n_late = 0
+            if len(late):  # recorded after the rows are published: the features need only the flags
+                rows = spark.createDataFrame(table.take(late).select(list(features.ID_COLUMNS)),
+                                             schema=silver.select(*features.ID_COLUMNS).schema)
+                n_late = self._record_too_late(spark, rows, instant(lo_us), instant(mark), app_id, batch_id)
+            laps("too_late")
             self._write(spark, "gold_transaction_features", batch.features, batch.features_new, app_id, batch_id)
             laps("features_merge")
             self._write(spark, "gold_user_features_5m", batch.windows, batch.windows_new, app_id, batch_id)

@@ -3,11 +3,14 @@
 One Structured Streaming query per inbox (events, labels), each with its own checkpoint. A single
 ``foreachBatch`` does all the layers of a micro-batch, in this order:
 
-1. bronze: append every line as received (idempotent by txnAppId/txnVersion);
-2. validate with the expectation suite; quarantine the failures (idempotent append);
-3. silver: deduplicate the batch within itself, then an insert-only MERGE keyed by ``event_id``
-   whose condition names the batch's partitions, so it reads only those (idempotent DML);
-4. data-quality: one row per batch with the counts measured from the three tables, and whether
+1. validate every line (parsed once, cached) with the expectation suite;
+2. silver: deduplicate the valid rows within the batch, then an insert-only MERGE keyed by
+   ``event_id`` whose condition names the batch's partitions, so it reads only those (idempotent DML);
+3. gold, when the stream keeps it (:class:`lakehouse.gold.GoldStream`);
+4. bronze: append every line as received, and the quarantine: the lines that failed a check
+   (idempotent appends by txnAppId/txnVersion). They come after silver and gold so the batch's
+   features are ready sooner; a batch that a check of severity 'fail' stops writes bronze only;
+5. data-quality: one row per batch with the counts measured from the three tables, and whether
    ``records in = inserted + duplicates + quarantined`` holds (idempotent append).
 
 A crash anywhere replays the same batch (Spark's offset log fixes which files it holds); each table
@@ -277,8 +280,6 @@ class IngestBatch:
         keep = [c for c in checked.columns if c in self.cached_columns]
         checked = checked.select(*keep).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            delta.append_once(checked.select(*bronze_t.BRONZE_COLUMNS), self._path(lay.bronze), app, batch_id)
-            lap("bronze")
             stats = checked.agg(
                 F.count(F.lit(1)).alias("rows"),
                 F.sum(F.when(silver_t.is_quarantined(checked), 0).otherwise(1)).alias("valid"),
@@ -290,16 +291,18 @@ class IngestBatch:
                   for c in self.checks],
             ).first()
             lap("validate")
+
+            def write_bronze() -> None:
+                delta.append_once(checked.select(*bronze_t.BRONZE_COLUMNS), self._path(lay.bronze), app, batch_id)
+                lap("bronze")
+
             if stats["fatal"]:
+                write_bronze()  # the lines that stop the stream are kept as received
                 fatal = [c.name for c in self.checks if c.severity == quality.FAIL and stats[c.name]]
                 raise quality.ExpectationFailed(
                     f"{lay.kind} batch {batch_id}: checks with severity 'fail' failed: {', '.join(fatal)}"
                 )
             n_quarantine = int(stats["rows"]) - int(stats["valid"] or 0)
-            if n_quarantine:  # an empty append would commit nothing worth a version
-                delta.append_once(silver_t.quarantine_rows(checked, lay.kind),
-                                  self._path("silver_quarantine"), app, batch_id)
-            lap("quarantine")
 
             # Counts and the partitions to prune come from the cached frame; the deduplicated rows
             # are computed once, inside the MERGE (its source is deterministic, so Delta need not
@@ -327,6 +330,13 @@ class IngestBatch:
                     gold_info = self.gold.after_labels(spark, app, batch_id)
             lap("gold")
             lap.seconds.update({f"gold.{step}": t for step, t in gold_info.get("seconds", {}).items()})
+            # Bronze and the quarantine after silver and gold, so the batch's features are computed
+            # (and published) without waiting for them; each write lands once whatever the order.
+            write_bronze()
+            if n_quarantine:  # an empty append would commit nothing worth a version
+                delta.append_once(silver_t.quarantine_rows(checked, lay.kind),
+                                  self._path("silver_quarantine"), app, batch_id)
+            lap("quarantine")
 
             # Counts measured from the tables: the metrics of the commit this batch made (in this
             # attempt or an earlier one), or, if that commit is too far back in history, a count of
