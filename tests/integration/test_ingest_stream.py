@@ -133,6 +133,26 @@ def test_replayed_batch_after_a_crash_writes_nothing_twice(spark, settings, monk
     assert dq[0]["reconciled"]
 
 
+def test_a_check_of_severity_fail_stops_the_batch_with_its_lines_kept_in_bronze(spark, settings):
+    from lakehouse import quality
+
+    write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(5)] + ["{broken"], mtime=FILE_MTIME)
+    streaming.ensure_tables(spark, settings, ("events",))
+    lines = (spark.read.format("text").load(str(settings.events_inbox))
+             .select("value", F.col("_metadata.file_path").alias("source_file"),
+                     F.col("_metadata.file_modification_time").alias("file_modified_at")))
+    batch = streaming.IngestBatch(settings, "events", app_id="test-app")
+    checks = quality.checks_for("events", settings)
+    json_check = next(c for c in checks if c.name == "record_is_valid_json")
+    batch.checks = [quality._check(c.name, quality.FAIL, c.expectation, c.structural) if c is json_check else c
+                    for c in checks]
+    with pytest.raises(quality.ExpectationFailed, match="record_is_valid_json"):
+        batch(lines, 0)
+    assert table(spark, settings, "bronze_events").count() == 6  # as received, for inspection
+    for name in ("silver_transactions", "silver_quarantine", "silver_dq_batches"):
+        assert table(spark, settings, name).count() == 0, name
+
+
 def test_labels_stream_into_silver_labels(spark, settings):
     write_lines(settings.labels_inbox, "l.jsonl",
                 [label_line(1), label_line(2), label_line(1), label_line(5, is_fraud="yes")], mtime=FILE_MTIME)
