@@ -104,9 +104,10 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
         pg_mirror.ensure_schema(conn, settings.pg_schema, [table])
         return pg_mirror.ledger_entry(conn, settings.pg_schema, source, name)
 
-    done, done_id = pg_mirror.with_retries(ledger_entry, settings, attempts=attempts, on_retry=on_retry) or (None, None)
+    entry = pg_mirror.with_retries(ledger_entry, settings, attempts=attempts, on_retry=on_retry)
+    done = None if entry is None else entry[0]
     # Created again since (stream --reset): its versions count anew, and its snapshot replaces the rows.
-    recreated = done is not None and None not in (done_id, source_id) and done_id != source_id
+    recreated = pg_mirror.recreated(entry, source_id)
     if done is not None and done >= version and not recreated:
         if applied is not None:
             applied[name] = version

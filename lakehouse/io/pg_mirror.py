@@ -260,6 +260,13 @@ def _read_entry(cur, schema: str, source: str, table_name: str) -> tuple[int, st
     return None if row is None else (int(row[0]), row[1])
 
 
+def recreated(entry: tuple[int, str | None] | None, source_id: str | None) -> bool:
+    """Whether the ledger ``entry`` (:func:`ledger_entry`) was made from another incarnation of the
+    source than ``source_id``: it was deleted and created again, and its versions count anew. An
+    unknown id on either side (an old ledger, a source without one) is taken for the same source."""
+    return entry is not None and None not in (entry[1], source_id) and entry[1] != source_id
+
+
 def applied_version(conn, schema: str, source: str, table_name: str) -> int | None:
     """The last version of ``source`` applied to ``table_name`` (None: never, or no ledger yet).
 
@@ -481,7 +488,7 @@ def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, versi
         cur.execute("SET LOCAL TIME ZONE 'UTC'")
         _advisory_lock(cur, "batch", schema, source, table.name)
         entry = _read_entry(cur, schema, source, table.name)
-        replaced = entry is not None and None not in (entry[1], source_id) and entry[1] != source_id
+        replaced = recreated(entry, source_id)
         if entry is not None and entry[0] >= version and not replaced:
             log.info("%s.%s: %s version %d already applied (ledger at %d); skipped", schema, table.name,
                      source, version, entry[0])
@@ -520,8 +527,7 @@ def publish_ahead(conn, schema: str, table: MirrorTable, rows, source: str, befo
         cur.execute("SET LOCAL TIME ZONE 'UTC'")
         _advisory_lock(cur, "batch", schema, source, table.name)
         entry = _read_entry(cur, schema, source, table.name)
-        if entry is not None and (before is None or entry[0] > before
-                                  or None not in (entry[1], source_id) and entry[1] != source_id):
+        if entry is not None and (before is None or entry[0] > before or recreated(entry, source_id)):
             return None
         stage = _stage_rows(cur, schema, table, rows)
         return _merge(cur, schema, table, stage) if stage is not None else 0
