@@ -30,6 +30,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lakehouse.config import Settings
+from lakehouse.laps import wall_seconds
 
 console = Console(stderr=True)
 ROWS_PER_DAY = 100_000
@@ -186,7 +187,7 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
 
     def on_batch(r) -> None:
         batches.append({"records_in": r.records_in, "seconds": r.seconds, "ended_at": time.time()})
-        console.print(f"  batch {r.batch_id}: {r.records_in:,} records, {_batch_seconds(r.seconds):.1f}s "
+        console.print(f"  batch {r.batch_id}: {r.records_in:,} records, {wall_seconds(r.seconds):.1f}s "
                       f"(gold {r.seconds.get('gold', 0):.1f}s)")
 
     streamer = threading.Thread(target=lambda: streaming.run_streams(
@@ -234,15 +235,10 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
             "mirror_rounds": loop.rounds,
             "published_ahead": None if publisher is None else {
                 "rows": publisher.published, "skipped": publisher.skipped, "dropped": publisher.dropped},
-            "batches": len(batches), "batch_seconds_p50": _median([_batch_seconds(b["seconds"]) for b in batches]),
-            "first_batch_seconds": _batch_seconds(batches[0]["seconds"]) if batches else None,
+            "batches": len(batches), "batch_seconds_p50": _median([wall_seconds(b["seconds"]) for b in batches]),
+            "first_batch_seconds": wall_seconds(batches[0]["seconds"]) if batches else None,
             "step_seconds_median": {k: _median([b["seconds"].get(k, 0.0) for b in batches])
                                     for k in sorted({k for b in batches for k in b["seconds"]})}}
-
-
-def _batch_seconds(steps: dict[str, float]) -> float:
-    """A batch's wall time: its top-level steps (``gold.*`` are the parts of ``gold``)."""
-    return sum(v for k, v in steps.items() if "." not in k)
 
 
 def _median(values: list[float]) -> float | None:

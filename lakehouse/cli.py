@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lakehouse.config import QUERIES, TABLES, Settings
+from lakehouse.laps import wall_seconds
 
 console = Console(stderr=True)
 out = Console()
@@ -279,7 +280,7 @@ def cmd_demo(args, settings: Settings) -> int:
 
     def on_batch(r) -> None:
         say(f"{r.kind} batch {r.batch_id}: {r.records_in:,} in, {r.inserted:,} new, {r.duplicates:,} dup, "
-            f"{r.quarantined:,} quarantined ({sum(r.seconds.values()):.1f}s)")
+            f"{r.quarantined:,} quarantined ({wall_seconds(r.seconds):.1f}s)")
 
     streaming.run_streams(spark, settings, once=True, on_batch=on_batch)
     say(f"done in {time.time() - t0:.1f}s")

@@ -17,3 +17,9 @@ class Laps:
         now = time.perf_counter()
         self.seconds[step] = round(self.seconds.get(step, 0.0) + now - self._t, 3)
         self._t = now
+
+
+def wall_seconds(seconds: dict[str, float]) -> float:
+    """A batch's wall time from its ``Laps.seconds``: the top-level steps (a dotted name such as
+    ``gold.merge`` is a part of a step, already counted in it)."""
+    return round(sum(v for k, v in seconds.items() if "." not in k), 3)
