@@ -190,6 +190,9 @@ class _Kept:
     table: pa.Table  # features.lookback_rows' rows with event time after lo_us
     lo_us: int
     version: int | None  # the silver_transactions version they reflect
+    #: the earliest fraud report of every fraud-labelled event (event_id, _r µs), its event in silver
+    #: or not yet: what the next batch's new rows take their ``_r`` from (:meth:`GoldStream._kept_lookback`)
+    reports: pa.Table | None = None
 
 
 def new_rows(table: pa.Table, batch_id: int, dates: list[str]) -> np.ndarray:
@@ -522,9 +525,11 @@ class GoldStream:
                       .persist(StorageLevel.MEMORY_AND_DISK))
             labels = labels.persist(StorageLevel.MEMORY_AND_DISK)
         try:
+            reports = self._kept.reports if self._kept is not None else None
             if table is None:
                 table = features.lookback_rows(source, earliest, labels, too_late_ids(spark, self.settings)
                                                ).limit(limit + 1).toArrow()
+                reports = features.fraud_reports(labels).toArrow()
             if table.num_rows > limit:
                 log.info("gold: the look-back holds more than %d rows (LAKEHOUSE_FEATURES_DRIVER_MAX_ROWS); "
                          "events batches are computed in Spark from now on", limit)
@@ -533,7 +538,7 @@ class GoldStream:
             laps("lookback")
             new = new_rows(table, batch_id, dates)
             if not len(new):
-                self._kept = _Kept(table, lookback_from, silver_version)
+                self._kept = _Kept(table, lookback_from, silver_version, reports)
                 return [], {"max_event_time": None, "too_late": 0, "recomputed": 0}
             t = table["_t"].to_numpy()
             lo_us, hi_us = int(t[new].min()), int(t[new].max())
@@ -570,7 +575,7 @@ class GoldStream:
                     self._risk_from_silver(spark, *risk, app_id, batch_id)
                 laps("risk")
             ids = table["event_id"].take(new).to_pylist()
-            self._kept = _Kept(table, lookback_from, silver_version)
+            self._kept = _Kept(table, lookback_from, silver_version, reports)
             return ids, {"max_event_time": instant(hi_us), "too_late": n_late, "recomputed": batch.features.num_rows}
         finally:
             if shared:
@@ -584,16 +589,32 @@ class GoldStream:
         rows: the only silver commit since is this batch's own insert, and the look-back starts no
         earlier. Then only the new rows are collected, and the kept rows that fell out of the look-back
         dropped. Fraud reports the labels stream brought in the meantime were patched in
-        (:meth:`_patch_reports`); too-late flags were set by the batch that found them. Else None."""
+        (:meth:`_patch_reports`); too-late flags were set by the batch that found them. Else None.
+
+        The new rows are read by pyarrow from the files the insert's commit lists, their fraud reports
+        taken from the kept ones (:func:`features.lookback_of_inserted`): no Spark job. Should that
+        commit be more than a plain insert, or the batch have recorded too-late events already (a
+        replay), they are collected by Spark."""
         kept, lo = self._kept, features.lookback_start(earliest)
         if (kept is None or silver_version is None or silver_version != kept.version + 1 or lo < kept.lo_us):
             return None
-        info = delta.commit_info(self._path("silver_transactions"), silver_version)
+        path = self._path("silver_transactions")
+        info = delta.commit_info(path, silver_version)
         if info is None or info.get("userMetadata") != delta.commit_tag(app_id, batch_id):
             return None
-        added = features.lookback_rows(silver.where((F.col("batch_id") == batch_id) & F.col("event_date").isin(dates)),
-                                       earliest, self._fraud_only_labels(spark), too_late_ids(spark, self.settings)
-                                       ).toArrow()
+        added = None
+        if kept.reports is not None and delta.commit_metrics(self._path("gold_too_late_events"), app_id,
+                                                             batch_id) is None:
+            inserted = delta.inserted_rows(path, silver_version, (*features.ID_COLUMNS, "batch_id"))
+            if inserted is not None and not inserted.num_rows:
+                added = kept.table.schema.empty_table()
+            elif inserted is not None:
+                inserted = inserted.filter(pc.equal(inserted["batch_id"], batch_id))
+                added = features.lookback_of_inserted(inserted, earliest, kept.reports)
+        if added is None:
+            added = features.lookback_rows(silver.where((F.col("batch_id") == batch_id) & F.col("event_date").isin(dates)),
+                                           earliest, self._fraud_only_labels(spark), too_late_ids(spark, self.settings)
+                                           ).toArrow()
         if pc.any(pc.is_in(kept.table["event_id"], value_set=added["event_id"])).as_py():
             return None  # rows of this batch id already kept (not a plain insert): collect afresh
         rows = kept.table.filter(pc.greater(kept.table["_t"], lo))
@@ -602,15 +623,21 @@ class GoldStream:
     def _patch_reports(self, reports: pa.Table) -> None:
         """Bring the kept look-back's earliest fraud report ``_r`` up to date with a labels batch's
         fraud labels (``event_id``, ``_r`` in µs): labels are only ever added, so the earliest report
-        of an event is the smaller of the kept one and the new ones."""
+        of an event is the smaller of the kept one and the new ones. The reports kept for events not
+        in silver yet are brought up to date the same way."""
         if self._kept is None or not reports.num_rows:
             return
-        table = self._kept.table
+        table, known = self._kept.table, self._kept.reports
         earliest = reports.group_by("event_id").aggregate([("_r", "min")])
         at = pc.index_in(table["event_id"], value_set=earliest["event_id"])
         r = pc.min_element_wise(table["_r"], pc.take(earliest["_r_min"], at), skip_nulls=True)
         table = table.set_column(table.schema.get_field_index("_r"), "_r", r.cast(table.schema.field("_r").type))
-        self._kept = _Kept(table, self._kept.lo_us, self._kept.version)
+        if known is not None:
+            both = pa.concat_tables([known, pa.table({"event_id": earliest["event_id"], "_r": earliest["_r_min"]}
+                                                     ).cast(known.schema)])
+            merged = both.group_by("event_id").aggregate([("_r", "min")])
+            known = pa.table({"event_id": merged["event_id"], "_r": merged["_r_min"]}).cast(known.schema)
+        self._kept = _Kept(table, self._kept.lo_us, self._kept.version, known)
 
     def _publish_ahead(self, tables: dict[str, pa.Table], app_id: str, batch_id: int) -> None:
         """Hand the rows about to be written to ``publish``, with each table's version before them;
@@ -686,16 +713,17 @@ class GoldStream:
             self._ensure(spark)
             labels = delta.read(spark, self._path("silver_labels"))
             silver = delta.read(spark, self._path("silver_transactions"))
-            fraud = (labels.where((F.col("batch_id") == batch_id) & F.col("is_fraud"))
-                     .select("event_id", "reported_at")
+            batch = labels.where((F.col("batch_id") == batch_id) & F.col("is_fraud"))
+            if self._kept is not None:  # its events in silver or not: the next batches' may be among them
+                self._patch_reports(batch.where(F.col("reported_at").isNotNull())
+                                    .select("event_id", F.unix_micros("reported_at").alias("_r")).toArrow())
+            fraud = (batch.select("event_id", "reported_at")
                      .join(silver.select("event_id", "merchant_id", "country", "event_time", "event_date"),
                            "event_id").persist())
             try:
                 days = [r[0] for r in fraud.select("event_date").distinct().collect()]
                 if not days:
                     return {"recomputed": 0, "seconds": laps.seconds}
-                self._patch_reports(fraud.where(F.col("reported_at").isNotNull())
-                                    .select("event_id", F.unix_micros("reported_at").alias("_r")).toArrow())
                 gold_tx = delta.read(spark, self._path("gold_transaction_features"))
                 changes = fraud.select("merchant_id", "country",
                                        F.greatest("event_time", "reported_at").alias("_lo"),

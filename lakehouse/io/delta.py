@@ -238,3 +238,49 @@ def table_id(path: Path | str) -> str | None:
             if meta and meta.get("id"):
                 return meta["id"]
     return None
+
+
+def inserted_rows(path: Path | str, version: int, columns: Sequence[str]):
+    """The rows a plain insert committed as ``version`` of the table, read by pyarrow from the data
+    files its JSON commit lists (no Spark job), as a ``pyarrow.Table`` of ``columns``: partition
+    columns come from the commit's partition values, as strings; INT96 timestamps are read in µs.
+    A commit that added no file gives a table of no rows (its columns of type null).
+
+    None unless the commit only added files: it removed any (then the table is not the version
+    before plus these rows), an added file carries a deletion vector or lives outside the table's
+    folder, a file lacks one of ``columns`` (say the table maps column names to physical ones), or
+    the commit file is gone."""
+    from urllib.parse import unquote
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        lines = (Path(path) / "_delta_log" / f"{int(version):020d}.json").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    adds = []
+    for line in lines:
+        action = json.loads(line)
+        if "remove" in action:
+            return None
+        add = action.get("add")
+        if add is not None:
+            if add.get("deletionVector") or "://" in add["path"] or add["path"].startswith("/"):
+                return None
+            adds.append(add)
+    tables = []
+    for add in adds:
+        file = Path(path) / unquote(add["path"])
+        values = add.get("partitionValues") or {}
+        stored = [c for c in columns if c not in values]
+        if not set(stored) <= set(pq.read_schema(file).names):
+            return None
+        table = pq.read_table(file, columns=stored, coerce_int96_timestamp_unit="us")
+        for name in columns:
+            if name in values:
+                table = table.append_column(name, pa.array([values[name]] * table.num_rows, pa.string()))
+        tables.append(table.select(list(columns)))
+    if not tables:
+        return pa.table({c: pa.array([], pa.null()) for c in columns})
+    return pa.concat_tables(tables, promote_options="permissive")

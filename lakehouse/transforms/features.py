@@ -88,6 +88,10 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta, timezone
 from functools import reduce
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -277,7 +281,7 @@ def _user_features(hist: DataFrame) -> DataFrame:
     return out.select("event_id", *_USER_COLUMNS)
 
 
-def _fraud_labels(labels: DataFrame) -> DataFrame:
+def fraud_reports(labels: DataFrame) -> DataFrame:
     """One row per fraud-labelled event_id with the earliest report time in µs."""
     return (labels.where(F.col("is_fraud") & F.col("reported_at").isNotNull())
             .groupBy("event_id").agg(F.min(F.unix_micros("reported_at")).alias("_r")))
@@ -445,7 +449,38 @@ def lookback_rows(silver: DataFrame, earliest: datetime, labels: DataFrame, late
                         & (F.col("event_time") > F.lit(instant(lo))))
     rows = rows.select(*ID_COLUMNS, "batch_id", F.unix_micros("event_time").alias("_t"),
                        _micros(F.col("amount_base")).alias("_a"))
-    return _driver_rows(rows, _fraud_labels(labels), late_ids, extra=("event_time", "event_date", "batch_id"))
+    return _driver_rows(rows, fraud_reports(labels), late_ids, extra=("event_time", "event_date", "batch_id"))
+
+
+def micros_half_up(amount: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """:func:`_micros` in numpy: ``round(amount * 10^6)`` as a long, rounding half away from zero as
+    Spark rounds a double (``BigDecimal(x).setScale(0, HALF_UP)``); null stays null. Exact: the
+    fraction of a double below 2^52 is exact, and at or above it the double is already whole."""
+    x = pa.chunked_array([amount]) if isinstance(amount, pa.Array) else amount
+    null = x.is_null().to_numpy(zero_copy_only=False)
+    m = x.cast(pa.float64()).fill_null(0.0).to_numpy() * float(_US)
+    whole = np.floor(np.abs(m))
+    out = np.copysign(whole + (np.abs(m) - whole >= 0.5), m).astype(np.int64)
+    return pa.array(out, mask=null)
+
+
+def lookback_of_inserted(rows: pa.Table, earliest: datetime, reports: pa.Table) -> pa.Table:
+    """:func:`lookback_rows` of rows already in the driver: silver rows just inserted (``rows``: the
+    :data:`ID_COLUMNS` and ``batch_id`` as Arrow, ``event_date`` as a date or its ISO string), none of
+    them too late yet, with ``reports`` the earliest fraud report of each fraud-labelled event
+    (``event_id``, ``_r`` in µs: :func:`fraud_reports`). The same rows and values, with no Spark job."""
+    t = pc.cast(rows["event_time"], pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    rows = rows.filter(pc.greater(t, lookback_start(earliest)))
+    t = pc.cast(rows["event_time"], pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    at = pc.index_in(rows["event_id"], value_set=reports["event_id"])
+    return pa.table({
+        **{c: rows[c] for c in ("event_id", "user_id", "merchant_id", "country", "amount_base")},
+        "_t": t, "_a": micros_half_up(rows["amount_base"]),
+        "_r": pc.take(reports["_r"], at).cast(pa.int64()),
+        "_late": pa.array(np.zeros(rows.num_rows, dtype=bool)),
+        "event_time": rows["event_time"], "event_date": rows["event_date"].cast(pa.date32()),
+        "batch_id": rows["batch_id"],
+    })
 
 
 def _driver_features(targets: DataFrame, history: DataFrame, late_ids: DataFrame | None,
@@ -499,7 +534,7 @@ def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFra
     if mode == "auto" and n:
         rows = _history_rows(history, *window).count()
         mode = "driver" if 0 < rows <= driver_max_rows else "auto"
-    fraud_labels = _fraud_labels(labels)
+    fraud_labels = fraud_reports(labels)
     if mode == "driver" and n:
         return _driver_features(targets, history, late_ids, fraud_labels, window)
     late_targets, seen = None, history  # seen: what the on-time targets see

@@ -118,14 +118,23 @@ def test_a_row_taken_for_new_but_already_in_gold_is_still_upserted(spark, settin
 
 
 def test_the_kept_lookback_equals_a_fresh_collect(spark, settings, monkeypatch):
-    # Between events batches the stream keeps the look-back and collects only the next batch's new
-    # rows; with a too-late event and a fraud label arriving in between, it must equal what a fresh
-    # collect gives, batch after batch.
+    # Between events batches the stream keeps the look-back and reads only the next batch's new rows,
+    # from the files of silver's commit (no Spark job); with a too-late event, a fraud label arriving
+    # in between, and one arriving before its event, it must equal what a fresh collect gives, batch
+    # after batch.
     import pyarrow.compute as pc
 
     from lakehouse.transforms import features
 
-    checked = []
+    checked, read = [], []
+    real_read = delta.inserted_rows
+
+    def reading(path, version, columns):
+        rows = real_read(path, version, columns)
+        read.append(None if rows is None else rows.num_rows)
+        return rows
+
+    monkeypatch.setattr(delta, "inserted_rows", reading)
     real = gold.GoldStream._kept_lookback
 
     def checking(self, spark, silver, earliest, version, app_id, batch_id, dates):
@@ -152,14 +161,17 @@ def test_the_kept_lookback_equals_a_fresh_collect(spark, settings, monkeypatch):
     write_lines(settings.events_inbox, "b.jsonl", [_ev(4, "u3", 26), _ev(5, "u1", 5), _ev(6, "u2", 40)],
                 mtime=FILE_MTIME + 1)
     run("events")
+    # e8's chargeback comes before e8 itself (files arrive in any order)
     write_lines(settings.labels_inbox, "l.jsonl",
-                [label_line(1, is_fraud=True, scenario="card_testing", reported_at="2026-11-20T12:10:00Z")],
+                [label_line(1, is_fraud=True, scenario="card_testing", reported_at="2026-11-20T12:10:00Z"),
+                 label_line(8, is_fraud=True, scenario="card_testing", reported_at="2026-11-20T12:55:00Z")],
                 mtime=FILE_MTIME)
     run("labels")
     write_lines(settings.events_inbox, "c.jsonl", [_ev(7, "u4", 45), _ev(8, "u1", 50)], mtime=FILE_MTIME + 2)
     run("events")
-    # batch 1 on batch 0's look-back; batch 2 on batch 1's, with the too-late flag and the report
-    assert checked == [(1, 6, 0, 6), (2, 8, 1, 7)]
+    # batch 1 on batch 0's look-back; batch 2 on batch 1's, with the too-late flag and both reports
+    assert checked == [(1, 6, 0, 6), (2, 8, 1, 6)]
+    assert read == [3, 2]  # each batch's new rows read from its commit's files
     tx = _table(spark, settings, "gold_transaction_features").set_index("event_id")
     assert tx.loc["e000008", "merchant_fraud_rate_1d"] == pytest.approx(1 / 7)  # e1's label; not e5
 

@@ -376,3 +376,51 @@ def test_driver_batch_tells_the_rows_no_earlier_batch_wrote():
             ("u2", "12:10")} <= {k for k, new in windows.items() if new}
     assert ("u1", "12:03") not in windows  # no event in [12:03, 12:08)
     assert not {("u1", f"12:{m:02d}") for m in range(6, 11)} & set(windows)  # only e6 (12:10), not new
+
+
+def test_micros_in_numpy_round_half_up_as_spark_does(spark):
+    # amount_base * 10^6 rounded half away from zero to a long: at x.5 exactly, just under and over it,
+    # beyond 2^52 (already whole), and null.
+    from lakehouse.transforms.features import _micros, micros_half_up
+
+    rng = random.Random(3)
+    amounts = [2.5e-6, 0.5e-6, 1.5e-6, 12.3456785, 0.0000004999999, 0.0000005000001, 1e10 + 0.5e-6,
+               4503599627.3704965, 9.9e11, None, 1e-7, 123.4567895]
+    amounts += [round(rng.uniform(0.01, 5000), rng.choice([2, 6, 7, 9])) for _ in range(2000)]
+    amounts += [(k + 0.5) / 1e6 for k in range(500)]
+    df = spark.createDataFrame([(i, a) for i, a in enumerate(amounts)], "i long, amount_base double")
+    want = [r[0] for r in df.orderBy("i").select(_micros(F.col("amount_base"))).collect()]
+    import pyarrow as pa
+
+    assert micros_half_up(pa.array(amounts, pa.float64())).to_pylist() == want
+
+
+def test_the_lookback_of_inserted_rows_equals_spark_s(spark):
+    # A micro-batch's new silver rows, turned into look-back rows in the driver, equal what
+    # lookback_rows collects through Spark: µs times and amounts, the earliest fraud report of each
+    # event (several reports, a non-fraud label, a report without a time, a label of another event),
+    # and nothing older than the 30-day look-back.
+    import pyarrow as pa
+
+    from lakehouse.transforms.features import fraud_reports, lookback_of_inserted, lookback_rows
+
+    earliest = at(day=31, hour=0)
+    rows = [("e1", "u1", "m1", "FR", 12.3456785, at(day=31, hour=1, micro=7)),
+            ("e2", "u2", None, "DE", 0.0000025, at(day=31, hour=2)),
+            ("e3", "u1", "m2", None, 99.99, at(day=32, hour=23, minute=59, second=59, micro=999_999)),
+            ("e4", "u3", "m1", "FR", 1.0, at(day=0, hour=23)),  # 32 days before: out of the look-back
+            ("e5", "u3", "m3", "FR", 7.25, at(day=1, hour=0, micro=1))]  # the look-back's first µs
+    silver = tx_frame(spark, rows).withColumn("batch_id", F.lit(7).cast("long"))
+    labels = labels_frame(spark, [("e1", True, at(day=35)), ("e1", True, at(day=33)), ("e2", False, at(day=31)),
+                                  ("e3", True, None), ("e5", True, at(day=31, hour=5)), ("e9", True, at(day=30))])
+    late = spark.createDataFrame([], "event_id string")
+    want = lookback_rows(silver, earliest, labels, late).toArrow().sort_by("event_id")
+
+    inserted = silver.select(*ID_COLUMNS, "batch_id").toArrow()
+    inserted = inserted.set_column(inserted.schema.get_field_index("event_date"), "event_date",
+                                   inserted["event_date"].cast(pa.string()))  # as a commit's partition value
+    got = lookback_of_inserted(inserted, earliest, fraud_reports(labels).toArrow()).sort_by("event_id")
+    assert got.column_names == want.column_names
+    assert got.cast(want.schema).equals(want)
+    assert got["event_id"].to_pylist() == ["e1", "e2", "e3", "e5"]
+    assert got["_r"].to_pylist()[0] == int(at(day=33).timestamp()) * 1_000_000
