@@ -70,10 +70,10 @@ log = logging.getLogger(__name__)
 
 #: Gold tables: partition column and key (the key is also the Postgres mirror's primary key).
 GOLD_TABLES: dict[str, dict] = {
-    "gold_transaction_features": {"partition": "event_date", "key": ("event_id",),
+    "gold_transaction_features": {"partition": "event_date", "key": ("event_id",), "span": "event_time",
                                   "indexes": (("user_id", "event_time"), ("merchant_id", "event_time"),
                                               ("country", "event_time"), ("event_date",))},
-    "gold_user_features_5m": {"partition": "window_date", "key": ("user_id", "window_start"),
+    "gold_user_features_5m": {"partition": "window_date", "key": ("user_id", "window_start"), "span": "window_start",
                               "indexes": (("window_start",), ("window_date",))},
     "gold_merchant_risk_daily": {"partition": "day", "key": ("merchant_id", "day"), "indexes": (("day",),)},
     "gold_country_risk_daily": {"partition": "day", "key": ("country", "day"), "indexes": (("day",),)},
@@ -665,8 +665,12 @@ class GoldStream:
         def merge(merge_fn, part_rows: pa.Table, txn_app: str) -> None:
             df = spark.createDataFrame(part_rows, schema=self._schemas[name])
             days = sorted(pc.unique(pc.cast(part_rows[part], pa.string())).to_pylist())
+            # The key fixes the span column (a transaction's time, a window's start): a row can match
+            # only inside the rows' own span, so Delta skips the day's files outside it.
+            span = pc.min_max(part_rows[spec["span"]].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())).as_py()
             with delta.idempotent_dml(spark, txn_app, batch_id):
-                merge_fn(spark, df, path, keys, {part: days})
+                merge_fn(spark, df, path, keys, {part: days},
+                         {spec["span"]: (instant(span["min"]), instant(span["max"]))})
 
         n_new = int(new.sum())
         known = rows

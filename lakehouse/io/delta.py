@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from datetime import timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -128,12 +129,28 @@ def rows_committed(path: Path | str, app_id: str, version: int, metric: str, dep
     return None if metrics is None else metrics.get(metric, 0)
 
 
+def _merge_condition(keys: Sequence[str], prune: dict[str, list] | None, spans: dict[str, tuple] | None) -> str:
+    """``t.k = s.k`` for every key, plus the literal bounds on the target that let Delta skip files:
+    ``prune`` (partition values, ``IN``) and ``spans`` (``(lo, hi)`` per column, UTC datetimes or
+    numbers: a range that holds every target row a source row can match)."""
+    cond = [f"t.`{k}` = s.`{k}`" for k in keys]
+    for column, values in (prune or {}).items():
+        if values:
+            cond.append(f"t.`{column}` IN ({', '.join(repr(str(v)) for v in values)})")
+    for column, (lo, hi) in (spans or {}).items():
+        if hasattr(lo, "astimezone"):  # a timestamp literal in UTC, to the µs
+            lo, hi = (f"TIMESTAMP '{v.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S.%f}Z'" for v in (lo, hi))
+        cond.append(f"t.`{column}` BETWEEN {lo} AND {hi}")
+    return " AND ".join(cond)
+
+
 def merge_insert_new(
     spark: SparkSession,
     source: DataFrame,
     path: Path | str,
     keys: Iterable[str],
     prune: dict[str, list] | None = None,
+    spans: dict[str, tuple] | None = None,
 ) -> None:
     """Insert the rows of ``source`` whose keys are not in the target yet (insert-only MERGE).
 
@@ -142,19 +159,16 @@ def merge_insert_new(
             its own partition.
         prune: literal values per partition column (``{"event_date": [...]}``); added to the merge
             condition so Delta reads only those partitions of the target, whatever its size.
+        spans: ``{column: (lo, hi)}``, inclusive bounds of the target rows a source row can match
+            (say the source's event times, when the key fixes the event time); added to the condition
+            so Delta skips the files whose statistics lie outside.
     """
     from delta.tables import DeltaTable
 
-    cond = [f"t.`{k}` = s.`{k}`" for k in keys]
-    for column, values in (prune or {}).items():
-        if not values:
-            continue
-        literals = ", ".join(f"'{v}'" for v in values)
-        cond.append(f"t.`{column}` IN ({literals})")
     (
         DeltaTable.forPath(spark, str(path))
         .alias("t")
-        .merge(source.alias("s"), " AND ".join(cond))
+        .merge(source.alias("s"), _merge_condition(list(keys), prune, spans))
         .whenNotMatchedInsertAll()
         .execute()
     )
@@ -166,25 +180,22 @@ def merge_upsert(
     path: Path | str,
     keys: Iterable[str],
     prune: dict[str, list] | None = None,
+    spans: dict[str, tuple] | None = None,
 ) -> None:
     """Upsert ``source`` into the target by ``keys``: new keys are inserted, and a matched row is
     updated only if some column differs (so the change data feed carries real changes only).
 
-    ``source`` must hold at most one row per key. ``prune`` as in :func:`merge_insert_new`. Wrap the
-    call in :func:`idempotent_dml` to make it exactly-once per batch.
+    ``source`` must hold at most one row per key. ``prune`` and ``spans`` as in
+    :func:`merge_insert_new`. Wrap the call in :func:`idempotent_dml` to make it exactly-once per batch.
     """
     from delta.tables import DeltaTable
 
     keys = list(keys)
     changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in source.columns if c not in keys) or "false"
-    cond = [f"t.`{k}` = s.`{k}`" for k in keys]
-    for column, values in (prune or {}).items():
-        if values:
-            cond.append(f"t.`{column}` IN ({', '.join(repr(str(v)) for v in values)})")
     (
         DeltaTable.forPath(spark, str(path))
         .alias("t")
-        .merge(source.alias("s"), " AND ".join(cond))
+        .merge(source.alias("s"), _merge_condition(keys, prune, spans))
         .whenMatchedUpdateAll(condition=changed)
         .whenNotMatchedInsertAll()
         .execute()

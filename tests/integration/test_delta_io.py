@@ -1,0 +1,56 @@
+"""Delta I/O helpers on real tables: MERGE bounds that let Delta skip files, and the rows of a
+plain insert read from its commit's files."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from pyspark.sql import functions as F
+
+from lakehouse.io import delta
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = "k string, ts timestamp, d date, v long"
+NOON = datetime(2026, 11, 20, 12, 0, 0, 1, tzinfo=timezone.utc)
+
+
+def _rows(spark, path):
+    return sorted((r["k"], r["ts"].astimezone(timezone.utc), r["v"]) for r in delta.read(spark, path).collect())
+
+
+def test_an_upsert_bounded_by_a_span_matches_its_rows_in_any_local_time_zone(spark, tmp_path, local_time_zone_new_york):
+    # The span is written as a UTC literal to the µs: were it taken in the process's (New York) time,
+    # k1 would fall outside it, fail to match and be inserted a second time.
+    path = str(tmp_path / "t")
+    for k, ts in (("k1", NOON), ("k2", NOON + timedelta(hours=6))):  # one file each
+        spark.createDataFrame([(k, ts, ts.date(), 1)], SCHEMA).write.format("delta").mode("append") \
+            .partitionBy("d").save(path)
+    later = NOON + timedelta(minutes=30)
+    source = spark.createDataFrame([("k1", NOON, NOON.date(), 2), ("k3", later, later.date(), 3)], SCHEMA)
+    new_york = ZoneInfo("America/New_York")
+    delta.merge_upsert(spark, source, path, ["k"], {"d": [str(NOON.date())]},
+                       {"ts": (NOON.astimezone(new_york), later.astimezone(new_york))})
+    assert _rows(spark, path) == [("k1", NOON, 2), ("k2", NOON + timedelta(hours=6), 1), ("k3", later, 3)]
+
+
+def test_the_rows_of_a_plain_insert_are_read_from_its_commit(spark, tmp_path):
+    path = str(tmp_path / "t")
+    first = spark.createDataFrame([("k1", NOON, NOON.date(), 1)], SCHEMA)
+    first.write.format("delta").partitionBy("d").save(path)
+    more = spark.createDataFrame([("k2", NOON, NOON.date(), 2), ("k3", NOON + timedelta(days=1),
+                                  (NOON + timedelta(days=1)).date(), 3)], SCHEMA)
+    more.write.format("delta").mode("append").save(path)
+    rows = delta.inserted_rows(path, 1, ("k", "ts", "d", "v")).sort_by("k")
+    assert rows["k"].to_pylist() == ["k2", "k3"] and rows["v"].to_pylist() == [2, 3]
+    assert rows["d"].to_pylist() == [str(NOON.date()), str((NOON + timedelta(days=1)).date())]
+    assert rows["ts"].cast("int64").to_pylist()[0] == int(NOON.timestamp()) * 1_000_000 + 1
+
+    # A commit that rewrote a file is not a plain insert: the table is not the version before plus it.
+    delta.merge_upsert(spark, more.withColumn("v", F.lit(9).cast("long")), path, ["k"])
+    assert delta.inserted_rows(path, 2, ("k", "v")) is None
+    assert delta.inserted_rows(path, 1, ("k", "no_such_column")) is None
+    assert delta.inserted_rows(path, 99, ("k",)) is None  # no such commit
