@@ -559,7 +559,8 @@ class GoldStream:
             if len(late):  # recorded after the rows are published: the features need only the flags
                 rows = spark.createDataFrame(table.take(late).select(list(features.ID_COLUMNS)),
                                              schema=silver.select(*features.ID_COLUMNS).schema)
-                n_late = self._record_too_late(spark, rows, instant(lo_us), instant(mark), app_id, batch_id)
+                n_late = self._record_too_late(spark, rows, instant(lo_us), instant(mark), app_id, batch_id,
+                                               known=len(late))
             laps("too_late")
             self._write(spark, "gold_transaction_features", batch.features, batch.features_new, app_id, batch_id)
             laps("features_merge")
@@ -683,8 +684,10 @@ class GoldStream:
             merge(delta.merge_upsert, known, app_id)
 
     def _record_too_late(self, spark, new: DataFrame, earliest: datetime, mark: datetime, app_id: str,
-                         batch_id: int) -> int:
-        """Record the events of ``new`` (earliest event time ``earliest``) too late for ``mark``."""
+                         batch_id: int, known: int | None = None) -> int:
+        """Record the events of ``new`` (earliest event time ``earliest``) too late for ``mark``.
+        ``known``: how many they are, when the caller found them already (the driver route): then
+        they are appended without being counted first."""
         lateness = self.settings.allowed_lateness_minutes
         threshold = mark - timedelta(minutes=lateness)
         if earliest >= threshold:  # nothing can be too late: no scan
@@ -698,7 +701,12 @@ class GoldStream:
                             f"batches); the allowed lateness is {lateness} min", seconds,
                             F.date_format(F.lit(mark), "yyyy-MM-dd HH:mm:ss")).alias("reason"),
             F.lit(batch_id).cast("long").alias("batch_id"), F.current_timestamp().alias("detected_at"),
-        ).persist()
+        )
+        if known is not None:
+            if known:
+                delta.append_once(rows, self._path("gold_too_late_events"), app_id, batch_id)
+            return known
+        rows = rows.persist()
         try:
             n = rows.count()
             if n:

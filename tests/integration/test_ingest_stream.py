@@ -43,6 +43,7 @@ def test_feed_lands_in_silver_exactly_once_and_reconciles(spark, settings):
     assert rec["events"]["duplicates"] == expected["lines"] - expected["bad"] - len(expected["valid_ids"])
     assert rec["events"]["batches"] == 3  # 6 files, 2 per micro-batch
     assert all(r["reconciled"] for r in dq_rows(spark, settings))
+    assert [r["source_files"] for r in dq_rows(spark, settings) if r["kind"] == "events"] == [2, 2, 2]
     assert rec["labels"]["inserted"] == expected["labels"] and rec["labels"]["duplicates"] == 5
     # Silver is partitioned by event date, so a MERGE reads only the dates of its batch.
     assert delta.read(spark, settings.table_path("silver_transactions")).inputFiles()
