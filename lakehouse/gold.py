@@ -193,6 +193,9 @@ class _Kept:
     #: the earliest fraud report of every fraud-labelled event (event_id, _r µs), its event in silver
     #: or not yet: what the next batch's new rows take their ``_r`` from (:meth:`GoldStream._kept_lookback`)
     reports: pa.Table | None = None
+    #: the silver_labels version the fraud reports reflect: a labels commit this object did not patch
+    #: in (another process's labels stream) makes the kept look-back stale
+    labels: int | None = None
 
 
 def new_rows(table: pa.Table, batch_id: int, dates: list[str]) -> np.ndarray:
@@ -512,6 +515,7 @@ class GoldStream:
         lookback_from = features.lookback_start(earliest)
         limit = self.settings.features_driver_max_rows
         silver_version = delta.table_version(self._path("silver_transactions"))
+        labels_version = delta.table_version(self._path("silver_labels"))  # before the labels are read
         table = self._kept_lookback(spark, silver, earliest, silver_version, app_id, batch_id, dates)
         # Collected, and a batch that inserts rows pays the daily risk now if it is due: then one scan
         # of silver and of the labels into memory serves the look-back and the risk (its baselines
@@ -538,7 +542,7 @@ class GoldStream:
             laps("lookback")
             new = new_rows(table, batch_id, dates)
             if not len(new):
-                self._kept = _Kept(table, lookback_from, silver_version, reports)
+                self._kept = _Kept(table, lookback_from, silver_version, reports, labels_version)
                 return [], {"max_event_time": None, "too_late": 0, "recomputed": 0}
             t = table["_t"].to_numpy()
             lo_us, hi_us = int(t[new].min()), int(t[new].max())
@@ -576,7 +580,7 @@ class GoldStream:
                     self._risk_from_silver(spark, *risk, app_id, batch_id)
                 laps("risk")
             ids = table["event_id"].take(new).to_pylist()
-            self._kept = _Kept(table, lookback_from, silver_version, reports)
+            self._kept = _Kept(table, lookback_from, silver_version, reports, labels_version)
             return ids, {"max_event_time": instant(hi_us), "too_late": n_late, "recomputed": batch.features.num_rows}
         finally:
             if shared:
@@ -597,7 +601,8 @@ class GoldStream:
         commit be more than a plain insert, or the batch have recorded too-late events already (a
         replay), they are collected by Spark."""
         kept, lo = self._kept, features.lookback_start(earliest)
-        if (kept is None or silver_version is None or silver_version != kept.version + 1 or lo < kept.lo_us):
+        if (kept is None or silver_version is None or silver_version != kept.version + 1 or lo < kept.lo_us
+                or delta.table_version(self._path("silver_labels")) != kept.labels):
             return None
         path = self._path("silver_transactions")
         info = delta.commit_info(path, silver_version)
@@ -621,14 +626,27 @@ class GoldStream:
         rows = kept.table.filter(pc.greater(kept.table["_t"], lo))
         return pa.concat_tables([rows, added.select(rows.column_names).cast(rows.schema)])
 
-    def _patch_reports(self, reports: pa.Table) -> None:
+    def _patch_reports(self, reports: pa.Table, app_id: str, batch_id: int) -> None:
         """Bring the kept look-back's earliest fraud report ``_r`` up to date with a labels batch's
         fraud labels (``event_id``, ``_r`` in µs): labels are only ever added, so the earliest report
         of an event is the smaller of the kept one and the new ones. The reports kept for events not
         in silver yet are brought up to date the same way."""
-        if self._kept is None or not reports.num_rows:
+        if self._kept is None:
+            return
+        # The labels batch's own commit (``app_id``, ``batch_id``) must be the only one since the
+        # look-back was kept (or have been read with it): else another process wrote labels this
+        # object never saw, and the look-back goes (the next events batch collects it afresh).
+        path = self._path("silver_labels")
+        now, before = delta.table_version(path), self._kept.labels
+        own = now is not None and (delta.commit_info(path, now) or {}).get("userMetadata") == delta.commit_tag(
+            app_id, batch_id)
+        if now is None or before is None or not (now == before or (now == before + 1 and own)):
+            self._kept = None
             return
         table, known = self._kept.table, self._kept.reports
+        if not reports.num_rows:
+            self._kept = _Kept(table, self._kept.lo_us, self._kept.version, known, now)
+            return
         earliest = reports.group_by("event_id").aggregate([("_r", "min")])
         at = pc.index_in(table["event_id"], value_set=earliest["event_id"])
         r = pc.min_element_wise(table["_r"], pc.take(earliest["_r_min"], at), skip_nulls=True)
@@ -638,7 +656,7 @@ class GoldStream:
                                                      ).cast(known.schema)])
             merged = both.group_by("event_id").aggregate([("_r", "min")])
             known = pa.table({"event_id": merged["event_id"], "_r": merged["_r_min"]}).cast(known.schema)
-        self._kept = _Kept(table, self._kept.lo_us, self._kept.version, known)
+        self._kept = _Kept(table, self._kept.lo_us, self._kept.version, known, now)
 
     def _publish_ahead(self, tables: dict[str, pa.Table], app_id: str, batch_id: int) -> None:
         """Hand the rows about to be written to ``publish``, with each table's version before them;
@@ -728,7 +746,8 @@ class GoldStream:
             batch = labels.where((F.col("batch_id") == batch_id) & F.col("is_fraud"))
             if self._kept is not None:  # its events in silver or not: the next batches' may be among them
                 self._patch_reports(batch.where(F.col("reported_at").isNotNull())
-                                    .select("event_id", F.unix_micros("reported_at").alias("_r")).toArrow())
+                                    .select("event_id", F.unix_micros("reported_at").alias("_r")).toArrow(),
+                                    app_id, batch_id)
             fraud = (batch.select("event_id", "reported_at")
                      .join(silver.select("event_id", "merchant_id", "country", "event_time", "event_date"),
                            "event_id").persist())

@@ -175,6 +175,19 @@ def test_the_kept_lookback_equals_a_fresh_collect(spark, settings, monkeypatch):
     tx = _table(spark, settings, "gold_transaction_features").set_index("event_id")
     assert tx.loc["e000008", "merchant_fraud_rate_1d"] == pytest.approx(1 / 7)  # e1's label; not e5
 
+    # A labels stream in another process (its own GoldStream) labels e7: this stream never patched
+    # that in, so its kept look-back is stale and the next events batch collects afresh.
+    write_lines(settings.labels_inbox, "m.jsonl",
+                [label_line(7, is_fraud=True, scenario="card_testing", reported_at="2026-11-20T12:46:00Z")],
+                mtime=FILE_MTIME + 1)
+    streaming.start_query(spark, settings, "labels", True, None, gold.GoldStream(settings)).awaitTermination()
+    write_lines(settings.events_inbox, "d.jsonl", [_ev(9, "u5", 55)], mtime=FILE_MTIME + 3)
+    run("events")
+    assert [c[0] for c in checked] == [1, 2] and read == [3, 2]  # batch 3 did not use the kept look-back
+    tx = _table(spark, settings, "gold_transaction_features").set_index("event_id")
+    # e1 (reported 12:10), e7 (12:46) and e8 (12:55, at e9's own time) over 8 on-time transactions
+    assert tx.loc["e000009", "merchant_fraud_rate_1d"] == pytest.approx(3 / 8)
+
 
 def test_utc_midnight_and_the_dst_fold_are_right_in_any_local_time_zone(spark, settings, local_time_zone_new_york):
     # Gold's partitions are UTC dates and its watermark a UTC instant. PySpark hands collected
