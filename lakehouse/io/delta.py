@@ -95,14 +95,19 @@ def idempotent_dml(spark: SparkSession, app_id: str, version: int):
             spark.conf.unset(key)
 
 
+def _commit_lines(path: Path | str, version: int) -> list[str] | None:
+    """The actions of the table's commit ``version``, one JSON line each, from its commit file (no
+    Spark job); None when the file is gone (log clean-up)."""
+    try:
+        return (Path(path) / "_delta_log" / f"{int(version):020d}.json").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+
+
 def commit_info(path: Path | str, version: int) -> dict | None:
     """The ``commitInfo`` of the table's commit ``version``, read from its JSON commit file (no
     Spark job); None when the file is gone (log clean-up) or holds none."""
-    try:
-        lines = (Path(path) / "_delta_log" / f"{int(version):020d}.json").read_text().splitlines()
-    except FileNotFoundError:
-        return None
-    for line in lines:  # one action per line
+    for line in _commit_lines(path, version) or ():  # one action per line
         if line.startswith('{"commitInfo"'):
             return json.loads(line)["commitInfo"]
     return None
@@ -266,9 +271,8 @@ def inserted_rows(path: Path | str, version: int, columns: Sequence[str]):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        lines = (Path(path) / "_delta_log" / f"{int(version):020d}.json").read_text().splitlines()
-    except FileNotFoundError:
+    lines = _commit_lines(path, version)
+    if lines is None:
         return None
     adds = []
     for line in lines:
