@@ -516,7 +516,8 @@ class GoldStream:
         limit = self.settings.features_driver_max_rows
         silver_version = delta.table_version(self._path("silver_transactions"))
         labels_version = delta.table_version(self._path("silver_labels"))  # before the labels are read
-        table = self._kept_lookback(spark, silver, earliest, silver_version, app_id, batch_id, dates)
+        table = self._kept_lookback(spark, silver, earliest, silver_version, labels_version, app_id, batch_id,
+                                    dates)
         # Collected, and a batch that inserts rows pays the daily risk now if it is due: then one scan
         # of silver and of the labels into memory serves the look-back and the risk (its baselines
         # reach back 31 days from the earliest touched day; the look-back reads from 32 days before
@@ -588,13 +589,15 @@ class GoldStream:
                 labels.unpersist()
 
     def _kept_lookback(self, spark, silver: DataFrame, earliest: datetime, silver_version: int | None,
-                       app_id: str, batch_id: int, dates: list[str]) -> pa.Table | None:
+                       labels_version: int | None, app_id: str, batch_id: int, dates: list[str]) -> pa.Table | None:
         """The look-back of an events batch (:func:`features.lookback_rows` from ``earliest``) from the
         one kept after the previous batch, when that is still silver as it was then plus this batch's
         rows: the only silver commit since is this batch's own insert, and the look-back starts no
         earlier. Then only the new rows are collected, and the kept rows that fell out of the look-back
         dropped. Fraud reports the labels stream brought in the meantime were patched in
-        (:meth:`_patch_reports`); too-late flags were set by the batch that found them. Else None.
+        (:meth:`_patch_reports`); too-late flags were set by the batch that found them. Else None, and
+        None too when silver_labels is no longer at the kept version (``labels_version``, read by the
+        caller once, before any labels are read): labels this object did not patch in.
 
         The new rows are read by pyarrow from the files the insert's commit lists, their fraud reports
         taken from the kept ones (:func:`features.lookback_of_inserted`): no Spark job. Should that
@@ -602,7 +605,7 @@ class GoldStream:
         replay), they are collected by Spark."""
         kept, lo = self._kept, features.lookback_start(earliest)
         if (kept is None or silver_version is None or silver_version != kept.version + 1 or lo < kept.lo_us
-                or delta.table_version(self._path("silver_labels")) != kept.labels):
+                or labels_version != kept.labels):
             return None
         path = self._path("silver_transactions")
         info = delta.commit_info(path, silver_version)

@@ -137,8 +137,8 @@ def test_the_kept_lookback_equals_a_fresh_collect(spark, settings, monkeypatch):
     monkeypatch.setattr(delta, "inserted_rows", reading)
     real = gold.GoldStream._kept_lookback
 
-    def checking(self, spark, silver, earliest, version, app_id, batch_id, dates):
-        kept = real(self, spark, silver, earliest, version, app_id, batch_id, dates)
+    def checking(self, spark, silver, earliest, version, labels_version, app_id, batch_id, dates):
+        kept = real(self, spark, silver, earliest, version, labels_version, app_id, batch_id, dates)
         if kept is not None:
             fresh = features.lookback_rows(silver, earliest, self._fraud_only_labels(spark),
                                            gold.too_late_ids(spark, self.settings)).toArrow()
