@@ -3,7 +3,7 @@
 # reuse all of it on later runs.
 
 PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
-	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { command -v $$p; break; }; done)
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { command -v $$p; break; }; done)
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
@@ -11,6 +11,11 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP     := $(VENV)/.dev-installed
 JARS_STAMP    := .cache/ivy/.jars-resolved
 PYTEST_ARGS ?=
+# Two pytest-xdist workers (a test runs in one of them, whole; each has its own Spark): on 2 cores the
+# suite's Spark work overlaps the other worker's JVM start-ups, subprocesses and Postgres waits
+# (23.5 -> 18.5 min on 2026-12-01). PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
+XDIST  := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist worksteal)
 
 .PHONY: demo test bench install dev jars check-python check-java unit integration dags dashboard clean help dbt
 
@@ -49,13 +54,13 @@ demo: install  ## run the main job end to end on embedded defaults
 	$(BIN)/lakehouse demo
 
 test: dev  ## run the whole test suite
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 unit: dev  ## unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 integration: dev  ## integration tests only
-	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) tests/integration $(PYTEST_ARGS)
 
 dbt: install  ## build the dbt marts (models + tests) on the current data; DBT_ARGS=... for more
 	$(BIN)/lakehouse dbt build $(DBT_ARGS)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one SparkSession for the whole run (starting one takes ~10 s on 2 cores)."""
+"""Shared fixtures: one SparkSession per test process (starting one takes ~10 s on 2 cores; `make test`
+runs two pytest-xdist workers, each with its own)."""
 
 from __future__ import annotations
 
