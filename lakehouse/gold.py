@@ -72,7 +72,15 @@ log = logging.getLogger(__name__)
 GOLD_TABLES: dict[str, dict] = {
     "gold_transaction_features": {"partition": "event_date", "key": ("event_id",), "span": "event_time",
                                   "indexes": (("user_id", "event_time"), ("merchant_id", "event_time"),
-                                              ("country", "event_time"), ("event_date",))},
+                                              ("country", "event_time"), ("event_date",)),
+                                  # The stream's upserts update rows all over the live day (a late event
+                                  # reaches every later transaction of its merchant and country): with
+                                  # deletion vectors they mark those rows deleted and append the new
+                                  # ones, instead of rewriting the day's files, whose copy grows with the
+                                  # day (measured at 1,000 events/s: 189k -> 271k rows copied and 7.4 ->
+                                  # 9.3 s per upsert in five batches; flat 5.3-5.6 s with them). The
+                                  # windows table measured no better with them, so it has none.
+                                  "properties": {"delta.enableDeletionVectors": "true"}},
     "gold_user_features_5m": {"partition": "window_date", "key": ("user_id", "window_start"), "span": "window_start",
                               "indexes": (("window_start",), ("window_date",))},
     "gold_merchant_risk_daily": {"partition": "day", "key": ("merchant_id", "day"), "indexes": (("day",),)},
@@ -302,9 +310,14 @@ def _risk_silver_days(first_day: date, last_day: date) -> tuple[date, date]:
 # ---- I/O helpers ------------------------------------------------------------------------------------
 
 def ensure_gold_tables(spark: SparkSession, settings: Settings, schemas: dict[str, StructType]) -> None:
+    """Create the gold tables that are missing, and give an existing one the properties its spec
+    declares (``GOLD_TABLES[..]["properties"]``) when it was created before them."""
     for name, schema in schemas.items():
-        delta.ensure_table(spark, settings.table_path(name), schema,
-                           partition_by=(GOLD_TABLES[name]["partition"],), properties=_CDF)
+        spec, path = GOLD_TABLES[name], settings.table_path(name)
+        own = spec.get("properties", {})
+        delta.ensure_table(spark, path, schema, partition_by=(spec["partition"],), properties=_CDF | own)
+        if own:
+            delta.ensure_properties(spark, path, own)
 
 
 def _labels(spark: SparkSession, settings: Settings) -> DataFrame:

@@ -54,3 +54,37 @@ def test_the_rows_of_a_plain_insert_are_read_from_its_commit(spark, tmp_path):
     assert delta.inserted_rows(path, 2, ("k", "v")) is None
     assert delta.inserted_rows(path, 1, ("k", "no_such_column")) is None
     assert delta.inserted_rows(path, 99, ("k",)) is None  # no such commit
+
+
+def test_a_features_table_made_before_deletion_vectors_gets_them_and_its_upserts_copy_nothing(spark, settings):
+    from lakehouse import gold
+
+    schema = "event_id string, event_time timestamp, event_date date, v long"
+    path = settings.table_path("gold_transaction_features")
+    # As an older release created it: change data feed only, no deletion vectors.
+    struct = spark.createDataFrame([], schema).schema
+    delta.ensure_table(spark, path, struct, partition_by=("event_date",), properties=gold._CDF)
+    later = NOON + timedelta(hours=1)
+    spark.createDataFrame([("k1", NOON, NOON.date(), 1), ("k2", later, later.date(), 1)], schema) \
+        .coalesce(1).write.format("delta").mode("append").save(str(path))  # one file
+
+    gold.ensure_gold_tables(spark, settings, {"gold_transaction_features": struct})
+    from delta.tables import DeltaTable
+
+    props = DeltaTable.forPath(spark, str(path)).detail().first()["properties"]
+    assert props["delta.enableDeletionVectors"] == "true" and props["delta.enableChangeDataFeed"] == "true"
+
+    before = delta.table_version(path)
+    with delta.idempotent_dml(spark, "dv-test", 0):
+        delta.merge_upsert(spark, spark.createDataFrame([("k1", NOON, NOON.date(), 2)], schema), path,
+                           ["event_id"], {"event_date": [str(NOON.date())]}, {"event_time": (NOON, NOON)})
+    metrics = delta.commit_metrics(path, "dv-test", 0)
+    # The file is not rewritten (without deletion vectors k2 would be copied): k1 is marked deleted in it.
+    assert metrics["numTargetRowsUpdated"] == 1 and metrics["numTargetRowsCopied"] == 0
+    assert metrics["numTargetDeletionVectorsAdded"] == 1
+    rows = sorted((r["event_id"], r["v"]) for r in delta.read(spark, path).collect())
+    assert rows == [("k1", 2), ("k2", 1)]
+    # The mirror reads the change data feed: one update, pre- and post-image, nothing else.
+    changes = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", before + 1)
+               .load(str(path)).select("event_id", "_change_type", "v").collect())
+    assert sorted(tuple(r) for r in changes) == [("k1", "update_postimage", 2), ("k1", "update_preimage", 1)]
