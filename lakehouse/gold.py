@@ -61,6 +61,7 @@ from pyspark.sql.types import DoubleType, LongType, StringType, StructField, Str
 
 from lakehouse.config import Settings
 from lakehouse.io import delta
+from lakehouse.io import maintenance as mio
 from lakehouse.laps import Laps
 from lakehouse.transforms import driver_features, features
 from lakehouse.transforms.features import instant, micros_of
@@ -317,7 +318,7 @@ def ensure_gold_tables(spark: SparkSession, settings: Settings, schemas: dict[st
         own = spec.get("properties", {})
         delta.ensure_table(spark, path, schema, partition_by=(spec["partition"],), properties=_CDF | own)
         if own:
-            delta.ensure_properties(spark, path, own)
+            mio.ensure_properties(spark, path, own)
 
 
 def _labels(spark: SparkSession, settings: Settings) -> DataFrame:

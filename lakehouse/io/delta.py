@@ -50,19 +50,6 @@ def ensure_table(
     builder.execute()
 
 
-def ensure_properties(spark: SparkSession, path: Path | str, properties: dict[str, str]) -> None:
-    """Set those of the table ``properties`` that it lacks or holds with another value (one
-    ``ALTER TABLE``; none when all are set). Enabling a table feature this way (say
-    ``delta.enableDeletionVectors``) upgrades the table's protocol, as creating it with them would."""
-    from delta.tables import DeltaTable
-
-    current = DeltaTable.forPath(spark, str(path)).detail().first()["properties"] or {}
-    differ = {k: v for k, v in properties.items() if current.get(k) != v}
-    if differ:
-        pairs = ", ".join(f"'{k}' = '{v}'" for k, v in differ.items())
-        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({pairs})")
-
-
 def append_once(df: DataFrame, path: Path | str, app_id: str, version: int, merge_schema: bool = False) -> None:
     """Append ``df`` unless this (app_id, version) was already committed to the table.
 

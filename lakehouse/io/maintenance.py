@@ -59,6 +59,22 @@ def _interval_hours(value: str | None) -> float | None:
     return total
 
 
+def set_properties(spark: SparkSession, path: Path | str, properties: dict[str, str]) -> None:
+    """Set the table ``properties`` in one ``ALTER TABLE`` (a metadata commit). Enabling a table feature
+    this way (say ``delta.enableDeletionVectors``) upgrades the table's protocol, as creating it with
+    the property would."""
+    pairs = ", ".join(f"'{k}' = '{v}'" for k, v in properties.items())
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({pairs})")
+
+
+def ensure_properties(spark: SparkSession, path: Path | str, properties: dict[str, str]) -> None:
+    """Set those of ``properties`` that the table lacks or holds with another value (none: no commit)."""
+    current = detail(spark, path).get("properties") or {}
+    differ = {k: v for k, v in properties.items() if current.get(k) != v}
+    if differ:
+        set_properties(spark, path, differ)
+
+
 def ensure_log_retention(spark: SparkSession, path: Path | str, hours: float,
                          properties: dict | None = None) -> str | None:
     """Make ``delta.logRetentionDuration`` at least ``max(hours, 30 days)``; returns the new value when
@@ -70,7 +86,7 @@ def ensure_log_retention(spark: SparkSession, path: Path | str, hours: float,
     if "delta.logRetentionDuration" in props and current >= wanted_days * 24:
         return None
     value = f"interval {wanted_days} days"
-    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.logRetentionDuration' = '{value}')")
+    set_properties(spark, path, {"delta.logRetentionDuration": value})
     return value
 
 

@@ -11,6 +11,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from lakehouse.io import delta
+from lakehouse.io import maintenance as mio
 
 pytestmark = pytest.mark.integration
 
@@ -69,9 +70,7 @@ def test_a_features_table_made_before_deletion_vectors_gets_them_and_its_upserts
         .coalesce(1).write.format("delta").mode("append").save(str(path))  # one file
 
     gold.ensure_gold_tables(spark, settings, {"gold_transaction_features": struct})
-    from delta.tables import DeltaTable
-
-    props = DeltaTable.forPath(spark, str(path)).detail().first()["properties"]
+    props = mio.detail(spark, path)["properties"]
     assert props["delta.enableDeletionVectors"] == "true" and props["delta.enableChangeDataFeed"] == "true"
 
     before = delta.table_version(path)
