@@ -3,19 +3,45 @@
 Under ``spark-submit`` the JVM already exists with its master and packages, so only the SQL settings
 are applied. Run from plain Python (the CLI, tests), the session gets the Delta jars through Spark's
 resolver with a project-controlled Ivy cache, so only the very first start needs Maven Central.
+
+Scratch space. Spark keeps its block manager (shuffle files, spilled caches), the jar copies a session
+serves (about 9 MB) and PySpark's temporary files under ``spark.local.dir``, and deletes them from a
+JVM shutdown hook, which a ``kill -9`` or a crash never runs: every killed start left a ``/tmp/spark-*``
+folder behind for good. A session started here gets a folder of its own under
+``<tmp>/lakehouse-spark-<uid>/`` (:func:`scratch_dir`), locked by its process for as long as it lives
+(``flock``, which the kernel releases however the process ends), and every start first removes the
+folders whose lock is free: those of processes that are gone. ``SPARK_LOCAL_DIRS`` (Spark's own
+setting, which wins over ``spark.local.dir``) turns this off; so does running under ``spark-submit``,
+whose cluster manager owns the scratch space.
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from datetime import datetime, timezone
 from functools import lru_cache
+from pathlib import Path
 
 from lakehouse.config import Settings
+
+
+log = logging.getLogger(__name__)
+
+#: The lock file in each scratch folder; its ``flock`` is held by the folder's process.
+SCRATCH_LOCK = ".lock"
+#: A scratch folder younger than this is never removed: its process may not hold the lock yet.
+SCRATCH_GRACE_SECONDS = 120.0
+
+_scratch: tuple[Path, int] | None = None  # this process's scratch folder and the fd holding its lock
 
 
 class JavaMissing(RuntimeError):
@@ -104,6 +130,70 @@ def _remember_jars(settings: Settings, spark) -> None:
         os.replace(tmp, manifest)
 
 
+def scratch_root() -> Path:
+    """Where the scratch folders of the Spark sessions started here live (one per process)."""
+    return Path(tempfile.gettempdir()) / f"lakehouse-spark-{os.getuid()}"
+
+
+def _locked_by_someone(folder: Path) -> bool:
+    """True when a live process holds the folder's lock; False when it is free (its process is gone)."""
+    try:
+        fd = os.open(folder / SCRATCH_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if it was taken here
+    return False
+
+
+def sweep_scratch(root: Path | None = None, grace_seconds: float = SCRATCH_GRACE_SECONDS) -> list[Path]:
+    """Remove the scratch folders under ``root`` whose process is gone (their lock is free), except
+    those younger than ``grace_seconds`` (a process that has just created its folder may not hold
+    the lock yet). Returns the folders removed."""
+    root = root or scratch_root()
+    removed = []
+    try:
+        folders = [p for p in root.iterdir() if p.is_dir()]
+    except FileNotFoundError:
+        return removed
+    now = time.time()
+    for folder in folders:
+        try:
+            young = now - folder.stat().st_mtime < grace_seconds
+        except FileNotFoundError:
+            continue
+        if young or _locked_by_someone(folder):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+    if removed:
+        log.info("removed %d Spark scratch folder(s) left by processes that are gone, under %s", len(removed), root)
+    return removed
+
+
+def scratch_dir(root: Path | None = None) -> Path:
+    """This process's Spark scratch folder (``spark.local.dir`` and the JVM's ``java.io.tmpdir``),
+    created and locked on the first call, after :func:`sweep_scratch` removed the folders of
+    processes that are gone. The lock lasts as long as the process; a normal exit removes the folder."""
+    global _scratch
+    if _scratch is not None and _scratch[0].exists():
+        return _scratch[0]
+    root = root or scratch_root()
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_scratch(root)
+    folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+    fd = os.open(folder / SCRATCH_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh folder: nobody else can hold it
+    _scratch = (folder, fd)
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def build_spark(settings: Settings, app_name: str = "lakehouse"):
     """Create (or return) the SparkSession configured for Delta and this machine.
 
@@ -150,8 +240,14 @@ def build_spark(settings: Settings, app_name: str = "lakehouse"):
             .config("spark.driver.host", "127.0.0.1")
             .config("spark.ui.showConsoleProgress", "false")
             .config("spark.sql.warehouse.dir", str(settings.data_root / "spark-warehouse"))
-            .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={settings.data_root / 'derby'}")
         )
+        # Quoted: Spark splits the options as a shell would, and a folder may hold a space.
+        java_options = [f'"-Dderby.system.home={settings.data_root / "derby"}"']
+        if not os.environ.get("SPARK_LOCAL_DIRS"):
+            scratch = scratch_dir()
+            builder = builder.config("spark.local.dir", str(scratch))
+            java_options.append(f'"-Djava.io.tmpdir={scratch}"')
+        builder = builder.config("spark.driver.extraJavaOptions", " ".join(java_options))
     for key, value in sql_conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
