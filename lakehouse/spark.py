@@ -5,7 +5,8 @@ are applied. Run from plain Python (the CLI, tests), the session gets the Delta 
 resolver with a project-controlled Ivy cache, so only the very first start needs Maven Central.
 
 Scratch space. Spark keeps its block manager (shuffle files, spilled caches), the jar copies a session
-serves (about 9 MB) and PySpark's temporary files under ``spark.local.dir``, and deletes them from a
+serves (about 9 MB) and PySpark's temporary files under its local dirs (``spark.local.dir``, by
+default the JVM's ``java.io.tmpdir``), the JVM its native libraries too, and deletes them from a
 JVM shutdown hook, which a ``kill -9`` or a crash never runs: every killed start left a ``/tmp/spark-*``
 folder behind for good. A session started here gets a folder of its own under
 ``<tmp>/lakehouse-spark-<uid>/`` (:func:`scratch_dir`), locked by its process for as long as it lives
@@ -177,7 +178,7 @@ def sweep_scratch(root: Path | None = None, grace_seconds: float = SCRATCH_GRACE
 
 
 def scratch_dir(root: Path | None = None) -> Path:
-    """This process's Spark scratch folder (``spark.local.dir`` and the JVM's ``java.io.tmpdir``),
+    """This process's Spark scratch folder (the JVM's ``java.io.tmpdir``, hence Spark's local dirs),
     created and locked on the first call, after :func:`sweep_scratch` removed the folders of
     processes that are gone. The lock lasts as long as the process; a normal exit removes the folder."""
     global _scratch
@@ -244,9 +245,9 @@ def build_spark(settings: Settings, app_name: str = "lakehouse"):
         # Quoted: Spark splits the options as a shell would, and a folder may hold a space.
         java_options = [f'"-Dderby.system.home={settings.data_root / "derby"}"']
         if not os.environ.get("SPARK_LOCAL_DIRS"):
-            scratch = scratch_dir()
-            builder = builder.config("spark.local.dir", str(scratch))
-            java_options.append(f'"-Djava.io.tmpdir={scratch}"')
+            # Spark's local dirs default to the JVM's temporary folder (spark.local.dir itself would
+            # log, on every start, that a cluster manager overrides it).
+            java_options.append(f'"-Djava.io.tmpdir={scratch_dir()}"')
         builder = builder.config("spark.driver.extraJavaOptions", " ".join(java_options))
     for key, value in sql_conf.items():
         builder = builder.config(key, value)

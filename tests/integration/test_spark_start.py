@@ -27,9 +27,11 @@ from lakehouse.config import Settings
 from lakehouse.spark import build_spark
 spark = build_spark(Settings.from_env(os.environ), app_name="scratch-test")
 assert spark.range(20000).repartition(3).distinct().count() == 20000
-local = Path(spark.sparkContext.getConf().get("spark.local.dir"))
-tmp = spark.sparkContext._jvm.java.lang.System.getProperty("java.io.tmpdir")
-print(local, tmp, ",".join(sorted(p.name.split("-")[0] for p in local.iterdir())), sep="|", flush=True)
+jvm = spark.sparkContext._jvm
+local = jvm.org.apache.spark.util.Utils.getLocalDir(spark.sparkContext._jsc.sc().conf())
+tmp = jvm.java.lang.System.getProperty("java.io.tmpdir")
+print(Path(local).parent, tmp, ",".join(sorted(p.name.split("-")[0] for p in Path(tmp).iterdir())), sep="|",
+      flush=True)
 time.sleep(600)
 """
 
