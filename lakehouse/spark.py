@@ -37,6 +37,8 @@ from lakehouse.config import Settings
 
 log = logging.getLogger(__name__)
 
+#: The driver's log4j2 configuration of a session started from Python (not under spark-submit).
+LOG4J2_CONFIG = Path(__file__).with_name("log4j2.properties")
 #: The lock file in each scratch folder; its ``flock`` is held by the folder's process.
 SCRATCH_LOCK = ".lock"
 #: A scratch folder younger than this is never removed: its process may not hold the lock yet.
@@ -226,6 +228,9 @@ def build_spark(settings: Settings, app_name: str = "lakehouse"):
         # Python workers (pandas UDFs: model scoring) must run this interpreter, which has the
         # project's packages; Spark's default is whatever `python3` is first on PATH.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        # The driver binds to 127.0.0.1 (below); said here too, Spark does not warn at every start
+        # that the host name resolves to a loopback address.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         java_version()
         settings.ivy_dir.mkdir(parents=True, exist_ok=True)
         jars = _cached_jars(settings)
@@ -244,6 +249,8 @@ def build_spark(settings: Settings, app_name: str = "lakehouse"):
         )
         # Quoted: Spark splits the options as a shell would, and a folder may hold a space.
         java_options = [f'"-Dderby.system.home={settings.data_root / "derby"}"']
+        if LOG4J2_CONFIG.exists():
+            java_options.append(f'"-Dlog4j2.configurationFile={LOG4J2_CONFIG}"')
         if not os.environ.get("SPARK_LOCAL_DIRS"):
             # Spark's local dirs default to the JVM's temporary folder (spark.local.dir itself would
             # log, on every start, that a cluster manager overrides it).

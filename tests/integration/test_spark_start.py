@@ -1,6 +1,6 @@
 """A real Spark start from plain Python: its scratch space (shuffle files, jar copies, native libraries)
 goes to a folder of its own, which a kill -9 of the driver and its JVM leaves behind and the next
-start removes; folders with a space in their name work."""
+start removes; folders with a space in their name work; a start logs none of Spark's notices."""
 
 from __future__ import annotations
 
@@ -63,5 +63,8 @@ def test_a_killed_start_leaves_its_scratch_which_the_next_start_removes(tmp_path
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "is ready" in done.stdout
+    # lakehouse/log4j2.properties and SPARK_LOCAL_IP: a start prints none of Spark's notices.
+    for notice in ("default log4j profile", "loopback address", "native-hadoop", "Setting default log level"):
+        assert notice not in done.stderr, done.stderr
     assert not scratch.exists()
     assert list(scratch.parent.iterdir()) == []  # and the normal exit removed its own folder
