@@ -571,9 +571,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_stream)
 
     b = sub.add_parser("backfill", help="recompute gold tables for a date range from silver (batch)",
-                       description="Recompute gold_transaction_features and gold_user_features_5m for "
-                                   "[--from, --to] from silver with the stream's feature functions. "
-                                   "Idempotent: the range is replaced atomically.")
+                       description="Recompute the gold rows dated in [--from, --to] (transaction features, "
+                                   "five-minute windows, daily merchant and country risk) from silver with the "
+                                   "stream's feature functions. Idempotent: the range is replaced atomically. "
+                                   "Rows dated after the range keep their values, even those that look back "
+                                   "into it (later transactions' trailing windows and risk baselines); so do "
+                                   "the windows that start in the last minutes before --from and hold its "
+                                   "first events. To carry a change of silver forward, backfill from the day "
+                                   "before the first changed day through the last day.")
     b.add_argument("--from", dest="date_from", required=True, help="first event date, YYYY-MM-DD (UTC)")
     b.add_argument("--to", dest="date_to", required=True, help="last event date, YYYY-MM-DD (UTC)")
     b.add_argument("--mirror", action="store_true", help="then mirror the gold tables into Postgres")

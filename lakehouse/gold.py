@@ -344,7 +344,12 @@ def _schemas_of(spark: SparkSession, settings: Settings) -> dict[str, StructType
 # ---- batch backfill ---------------------------------------------------------------------------------
 
 def backfill(spark: SparkSession, settings: Settings, date_from: date, date_to: date) -> dict[str, int]:
-    """Recompute and replace the gold rows of [date_from, date_to]; returns rows written per table."""
+    """Recompute and replace the gold rows of [date_from, date_to]; returns rows written per table.
+
+    Only rows dated in the range are written: rows dated after it that look back into it (trailing
+    windows, risk baselines) and the five-minute windows dated the day before ``date_from`` that hold
+    its first minutes' events keep their values. Carrying a change of silver forward takes a range
+    from the day before the first changed day through the last day."""
     if date_to < date_from:
         raise ValueError(f"--to {date_to} is before --from {date_from}")
     silver_path = settings.table_path("silver_transactions")
