@@ -176,27 +176,62 @@ def test_after_a_stream_reset_postgres_converges_to_the_rebuilt_tables(spark, pg
 
 
 @pytest.mark.slow
+def _pg_count(settings, name: str) -> int:
+    """Rows in the Postgres copy of ``name`` (0 while the table does not exist yet)."""
+    try:
+        conn = postgres.connect(settings)
+    except Exception:  # noqa: BLE001 - the server is starting
+        return 0
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select to_regclass(%s)", (f'{settings.pg_schema}."{name}"',))
+            if cur.fetchone()[0] is None:
+                return 0
+            cur.execute(f'select count(*) from {settings.pg_schema}."{name}"')
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
 def test_kill_9_of_the_streaming_mirror_job_then_restart_converges(spark, pg, tmp_path):
+    """The live job (``stream --mirror``: each batch publishes its gold rows to Postgres before its
+    MERGEs, the mirror loop beside it) is killed with -9 as soon as Postgres serves rows that Delta has
+    not committed; the restart replays that batch, and Postgres ends equal to gold, row for row."""
     settings = pg
-    for f in range(3):
-        write_lines(settings.events_inbox, f"e{f}.jsonl", [event_line(300 * f + i) for i in range(300)],
-                    mtime=FILE_MTIME + f)
+    per_file, n_files = 300, 4
+    for f in range(n_files):
+        lines = [event_line(per_file * f + i) for i in range(per_file)]
+        if f:  # on-time late events (8 min behind the watermark) of users seen before: upserts too
+            mark = BASE + timedelta(seconds=37 * (per_file * f - 1))
+            lines += [event_line(5_000 + 10 * f + i, user_id=f"u{i:03d}",
+                                 event_time=(mark - timedelta(minutes=8)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                      for i in range(10)]
+        write_lines(settings.events_inbox, f"e{f}.jsonl", lines, mtime=FILE_MTIME + f)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")},
            "LAKEHOUSE_DATA": str(settings.data_root), "LAKEHOUSE_SPARK_MASTER": "local[2]",
            "LAKEHOUSE_SHUFFLE_PARTITIONS": "2", "LAKEHOUSE_STREAM_GOLD": "1", "LAKEHOUSE_STREAM_SCORING": "0",
            "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "lakehouse.cli", "stream", "--once", "--mirror", "--max-files", "1"]
-    log = Path(tmp_path / "first.log")
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 300
-        # Kill once the first batch is in, in the middle of the second.
-        while time.time() < deadline and proc.poll() is None and log.read_text().count("batch") < 1:
-            time.sleep(0.2)
-        assert proc.poll() is None, log.read_text()[-2000:]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    live = [sys.executable, "-m", "lakehouse.cli", "stream", "--mirror", "--max-files", "1",
+            "--trigger-seconds", "1", "--only", "events"]
+    path = settings.table_path("gold_transaction_features")
+    ahead = []  # (rows in Postgres, rows in Delta) at each kill
+    log = Path(tmp_path / "live.log")
+    while not any(pg_n > delta_n for pg_n, delta_n in ahead):
+        assert len(ahead) < n_files - 1, f"no kill landed between a publish and its MERGE: {ahead}"
+        seen = _pg_count(settings, "gold_transaction_features")
+        with log.open("a") as out:
+            proc = subprocess.Popen(live, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.time() + 300
+            # Postgres gains rows: a batch published ahead (its MERGEs follow) or the mirror caught up.
+            while time.time() < deadline and proc.poll() is None and _pg_count(settings, "gold_transaction_features") <= seen:
+                time.sleep(0.05)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            pg_n = _pg_count(settings, "gold_transaction_features")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        ahead.append((pg_n, delta.read(spark, path).count() if delta.is_delta_table(path) else 0))
+    print("kills (rows in Postgres, rows in Delta):", ahead)
+    done = subprocess.run([*live[:4], "--once", *live[4:]], env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     compared = assert_pg_equals_delta(spark, settings)
-    assert compared["gold_transaction_features"] == 900
+    assert compared["gold_transaction_features"] == n_files * per_file + (n_files - 1) * 10
