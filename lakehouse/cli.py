@@ -567,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mirror", action="store_true",
                    help="also mirror into Postgres: continuously beside the stream (a Postgres outage does "
                         "not stop it; each events batch's new gold rows are published as soon as they are "
-                        "computed, ahead of the mirror), and once more at the end")
+                        "computed, ahead of the mirror), and once more at the end; with --once, only at the "
+                        "end")
     s.set_defaults(func=cmd_stream)
 
     b = sub.add_parser("backfill", help="recompute gold tables for a date range from silver (batch)",
