@@ -217,16 +217,38 @@ def read(spark: SparkSession, path: Path | str, version: int | None = None) -> D
 def table_version(path: Path | str) -> int | None:
     """Latest committed version of the table, or None when there is no table.
 
-    Read from the names of the commit files in ``_delta_log`` (``<20-digit version>.json``, written
-    atomically): no Spark job and no snapshot load, so a loop can poll it every second. Log clean-up
-    removes old commit files only, never the latest.
+    Read from the commit files in ``_delta_log`` (``<20-digit version>.json``, written atomically): no
+    Spark job and no snapshot load, so a loop can poll it every second. From the last checkpoint
+    (``_last_checkpoint``) on, the commits after it are probed one by one (Delta checkpoints every
+    10 commits), so the cost does not grow with the log: a streaming table keeps a commit per
+    micro-batch for the log retention (30 days), hundreds of thousands of files, which a listing
+    of the folder would read at every call. Without a usable checkpoint pointer (none yet, or its
+    commit gone) the folder is listed. Log clean-up removes old commit files only, never the latest.
     """
+    log_dir = Path(path) / "_delta_log"
+    version = _last_checkpoint_version(log_dir)
+    if version is not None and (log_dir / _commit_name(version)).exists():
+        while (log_dir / _commit_name(version + 1)).exists():
+            version += 1
+        return version
     try:
-        names = os.listdir(Path(path) / "_delta_log")
+        names = os.listdir(log_dir)
     except FileNotFoundError:
         return None
     versions = [int(n[:20]) for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit()]
     return max(versions, default=None)
+
+
+def _commit_name(version: int) -> str:
+    return f"{version:020d}.json"
+
+
+def _last_checkpoint_version(log_dir: Path) -> int | None:
+    """The version ``_delta_log/_last_checkpoint`` names, or None (no checkpoint yet, unreadable)."""
+    try:
+        return int(json.loads((log_dir / "_last_checkpoint").read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def table_id(path: Path | str) -> str | None:
@@ -235,6 +257,13 @@ def table_id(path: Path | str) -> str | None:
     left, which holds it while log clean-up has not removed version 0, else the latest checkpoint. None
     when there is no table, or neither holds it (an unknown checkpoint format)."""
     log_dir = Path(path) / "_delta_log"
+    try:  # version 0 while log clean-up has left it: no listing of the folder
+        with (log_dir / _commit_name(0)).open() as f:
+            for line in f:
+                if line.startswith('{"metaData"'):
+                    return json.loads(line)["metaData"]["id"]
+    except FileNotFoundError:
+        pass
     try:
         names = sorted(os.listdir(log_dir))
     except FileNotFoundError:

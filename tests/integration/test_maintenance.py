@@ -140,6 +140,33 @@ def test_compaction_keeps_rows_and_vacuum_keeps_pinned_version(spark, fed):
 
 
 
+def test_the_latest_version_and_the_id_are_read_without_listing_a_long_log(spark, tmp_path, monkeypatch):
+    """A streaming table keeps a commit per micro-batch for 30 days: table_version probes the commits
+    after the last checkpoint and table_id reads version 0, neither lists the folder; without a
+    checkpoint pointer (or with a stale one) the answers are the same."""
+    path = tmp_path / "t"
+    spark.range(3).write.format("delta").option("delta.checkpointInterval", "3").save(str(path))
+    for i in range(7):  # versions 1..7, checkpoints at 3 and 6
+        spark.range(i, i + 1).write.format("delta").mode("append").save(str(path))
+    log_dir = path / "_delta_log"
+    latest = spark.sql(f"DESCRIBE HISTORY delta.`{path}`").agg({"version": "max"}).first()[0]
+    assert latest == 7 and (log_dir / f"{6:020d}.checkpoint.parquet").exists()
+    first = delta.table_id(path)
+    listed = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p=".": listed.append(p) or real_listdir(p))
+    assert delta.table_version(path) == 7 and delta.table_id(path) == first
+    assert listed == []
+    pointer = (log_dir / "_last_checkpoint").read_text()
+    (log_dir / "_last_checkpoint").write_text(pointer.replace('"version":6', '"version":3'))  # stale
+    assert delta.table_version(path) == 7 and listed == []
+    (log_dir / "_last_checkpoint").unlink()
+    assert delta.table_version(path) == 7 and len(listed) == 1
+    (log_dir / "_last_checkpoint").write_text(pointer)
+    spark.range(9, 10).write.format("delta").mode("append").save(str(path))
+    assert delta.table_version(path) == 8
+
+
 def test_a_table_id_survives_log_clean_up_and_changes_when_the_table_is_created_again(spark, tmp_path):
     path = tmp_path / "t"
     assert delta.table_id(path) is None
