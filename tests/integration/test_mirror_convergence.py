@@ -175,7 +175,6 @@ def test_after_a_stream_reset_postgres_converges_to_the_rebuilt_tables(spark, pg
     assert compared["gold_transaction_features"] == 120 and compared["silver_dq_batches"] == 2
 
 
-@pytest.mark.slow
 def _pg_count(settings, name: str) -> int:
     """Rows in the Postgres copy of ``name`` (0 while the table does not exist yet)."""
     try:
@@ -193,6 +192,7 @@ def _pg_count(settings, name: str) -> int:
         conn.close()
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_streaming_mirror_job_then_restart_converges(spark, pg, tmp_path):
     """The live job (``stream --mirror``: each batch publishes its gold rows to Postgres before its
     MERGEs, the mirror loop beside it) is killed with -9 as soon as Postgres serves rows that Delta has
