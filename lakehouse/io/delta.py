@@ -95,13 +95,26 @@ def idempotent_dml(spark: SparkSession, app_id: str, version: int):
             spark.conf.unset(key)
 
 
+def _commit_name(version: int) -> str:
+    """The file name of commit ``version`` in ``_delta_log``."""
+    return f"{int(version):020d}.json"
+
+
 def _commit_lines(path: Path | str, version: int) -> list[str] | None:
     """The actions of the table's commit ``version``, one JSON line each, from its commit file (no
     Spark job); None when the file is gone (log clean-up)."""
     try:
-        return (Path(path) / "_delta_log" / f"{int(version):020d}.json").read_text().splitlines()
+        return (Path(path) / "_delta_log" / _commit_name(version)).read_text().splitlines()
     except FileNotFoundError:
         return None
+
+
+def _metadata_id(lines: list[str] | None) -> str | None:
+    """The table id of a commit's ``metaData`` action (``lines``: :func:`_commit_lines`), if it has one."""
+    for line in lines or ():
+        if line.startswith('{"metaData"'):
+            return json.loads(line)["metaData"]["id"]
+    return None
 
 
 def commit_info(path: Path | str, version: int) -> dict | None:
@@ -239,10 +252,6 @@ def table_version(path: Path | str) -> int | None:
     return max(versions, default=None)
 
 
-def _commit_name(version: int) -> str:
-    return f"{version:020d}.json"
-
-
 def _last_checkpoint_version(log_dir: Path) -> int | None:
     """The version ``_delta_log/_last_checkpoint`` names, or None (no checkpoint yet, unreadable)."""
     try:
@@ -256,24 +265,17 @@ def table_id(path: Path | str) -> str | None:
     and created again, whatever its versions. Read from the log's files (no Spark job): the oldest commit
     left, which holds it while log clean-up has not removed version 0, else the latest checkpoint. None
     when there is no table, or neither holds it (an unknown checkpoint format)."""
+    found = _metadata_id(_commit_lines(path, 0))  # while log clean-up has left it: no listing
+    if found is not None:
+        return found
     log_dir = Path(path) / "_delta_log"
-    try:  # version 0 while log clean-up has left it: no listing of the folder
-        with (log_dir / _commit_name(0)).open() as f:
-            for line in f:
-                if line.startswith('{"metaData"'):
-                    return json.loads(line)["metaData"]["id"]
-    except FileNotFoundError:
-        pass
     try:
         names = sorted(os.listdir(log_dir))
     except FileNotFoundError:
         return None
     commits = [n for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit()]
-    if commits:
-        with (log_dir / commits[0]).open() as f:
-            for line in f:
-                if line.startswith('{"metaData"'):
-                    return json.loads(line)["metaData"]["id"]
+    if commits and (found := _metadata_id(_commit_lines(path, int(commits[0][:20])))) is not None:
+        return found
     checkpoints = [n for n in names if ".checkpoint." in n and n.endswith(".parquet")]
     if checkpoints:
         import pyarrow.parquet as pq
