@@ -93,6 +93,10 @@ class Settings:
     future_tolerance_minutes: int = 5
     max_event_age_days: int = 365
     max_record_bytes: int = 100_000
+    #: Silver: a re-delivered event (same event_id) is recognised among the events dated up to this
+    #: many days either side of its own date, so a re-delivery whose event_time was corrected across
+    #: midnight is a duplicate, not a second row. The silver MERGE reads those dates' event ids.
+    redelivery_days: int = 1
     #: Gold: lateness accepted by the five-minute windows.
     allowed_lateness_minutes: int = 10
     #: Gold in the stream: the daily merchant and country risk is rewritten at most this often
@@ -129,6 +133,7 @@ class Settings:
             future_tolerance_minutes=_env_int(env, "LAKEHOUSE_FUTURE_TOLERANCE_MINUTES", 5),
             max_event_age_days=_env_int(env, "LAKEHOUSE_MAX_EVENT_AGE_DAYS", 365),
             max_record_bytes=_env_int(env, "LAKEHOUSE_MAX_RECORD_BYTES", 100_000),
+            redelivery_days=_env_int(env, "LAKEHOUSE_REDELIVERY_DAYS", 1),
             allowed_lateness_minutes=_env_int(env, "LAKEHOUSE_ALLOWED_LATENESS_MINUTES", 10),
             risk_refresh_seconds=_env_float(env, "LAKEHOUSE_RISK_REFRESH_SECONDS", 300.0),
             features_driver_max_rows=_env_int(env, "LAKEHOUSE_FEATURES_DRIVER_MAX_ROWS", 3_000_000),

@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -103,13 +103,19 @@ def layer(settings: Settings, kind: str) -> Layer:
     if kind == "events":
         return Layer("events", settings.events_inbox, "bronze_events", "silver_transactions",
                      silver_t.event_validation_frame, silver_t.silver_events,
-                     keys=("event_date", "event_id"), partition_by=("event_date",),
+                     keys=("event_id",), partition_by=("event_date",),
                      partition_of=lambda df: F.to_date("event_time"))
     if kind == "labels":
         return Layer("labels", settings.labels_inbox, "bronze_labels", "silver_labels",
                      silver_t.label_validation_frame, silver_t.silver_labels,
                      keys=("event_id",), partition_by=())
     raise ValueError(f"unknown stream {kind!r}; expected 'events' or 'labels'")
+
+
+def dates_around(dates, days: int) -> list[str]:
+    """The ``dates`` and the ``days`` dates on either side of each, sorted, as ISO strings."""
+    days = max(0, int(days))
+    return sorted({str(d + timedelta(days=k)) for d in dates for k in range(-days, days + 1)})
 
 
 # ---- tables ---------------------------------------------------------------------------------------
@@ -310,17 +316,23 @@ class IngestBatch:
             valid = checked.where(~silver_t.is_quarantined(checked))
             if lay.partition_by:
                 col = lay.partition_by[0]
-                per_value = (valid.withColumn(col, lay.partition_of(valid)).groupBy(col)
-                             .agg(F.count_distinct(*lay.keys[1:]).alias("n")).collect())
-                prune = {col: sorted(str(r[0]) for r in per_value)}
-                n_deduped = sum(r["n"] for r in per_value)
+                # The batch's dates, and its distinct keys (an event delivered twice with dates either
+                # side of midnight is one event).
+                got = valid.agg(F.collect_set(lay.partition_of(valid)).alias("dates"),
+                                F.count_distinct(*lay.keys).alias("n")).first()
+                prune = {col: sorted(str(d) for d in got["dates"])}
+                n_deduped = int(got["n"])
+                # A re-delivery can carry a corrected event_time, hence another date than the first
+                # delivery's: the MERGE matches keys among the dates around the batch's own.
+                merge_prune = {col: dates_around(got["dates"], self.settings.redelivery_days)}
             else:
-                prune = {}
+                prune = merge_prune = {}
                 n_deduped = valid.select(*lay.keys).distinct().count()
             lap("dedup")
             if n_deduped:
                 with delta.idempotent_dml(spark, app, batch_id):
-                    delta.merge_insert_new(spark, lay.to_silver(checked), self._path(lay.silver), lay.keys, prune)
+                    delta.merge_insert_new(spark, lay.to_silver(checked), self._path(lay.silver), lay.keys,
+                                           merge_prune)
             lap("merge")
             gold_info: dict = {}
             if self.gold is not None and n_deduped:

@@ -69,6 +69,41 @@ def test_rerun_and_redelivery_are_counted_not_inserted(spark, settings):
     assert last["reconciled"]
 
 
+def test_a_redelivery_with_a_moved_time_is_a_duplicate_within_the_redelivery_days(spark, settings):
+    # Silver is partitioned by event date and its MERGE reads the batch's dates. A re-delivery whose
+    # event_time was corrected across midnight carries another date: the MERGE also reads the dates
+    # LAKEHOUSE_REDELIVERY_DAYS (1) on either side, so it is a duplicate of the first delivery, not a
+    # second row of the same event. Moved further, it is outside what the MERGE reads.
+    settings = settings.replace(max_files_per_trigger=1)
+    first = [event_line(1, event_time="2026-11-01T23:59:00Z"), event_line(2, event_time="2026-11-01T12:00:00Z"),
+             event_line(3, event_time="2026-11-03T00:00:30Z")]
+    write_lines(settings.events_inbox, "a.jsonl", first, mtime=FILE_MTIME)
+    again = [event_line(1, event_time="2026-11-02T00:01:00Z"),   # +2 min, the next day
+             event_line(3, event_time="2026-11-02T23:59:30Z"),   # -1 min, the day before
+             event_line(4, event_time="2026-11-02T10:00:00Z"),   # new
+             event_line(4, event_time="2026-11-03T10:00:00Z")]   # the same new event twice, two dates
+    write_lines(settings.events_inbox, "b.jsonl", again, mtime=FILE_MTIME + 10)
+    moved = [event_line(2, event_time="2026-11-04T12:00:00Z")]   # +3 days, alone in its batch
+    write_lines(settings.events_inbox, "c.jsonl", moved, mtime=FILE_MTIME + 20)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+
+    silver = {(r.event_id, str(r.event_time)) for r in table(spark, settings, "silver_transactions").collect()}
+    assert silver == {("e000001", "2026-11-01 23:59:00"), ("e000002", "2026-11-01 12:00:00"),
+                      ("e000003", "2026-11-03 00:00:30"), ("e000002", "2026-11-04 12:00:00"),
+                      ("e000004", "2026-11-02 10:00:00")}
+    dq = [(r["records_in"], r["inserted"], r["duplicates_existing"], r["duplicates_in_batch"], r["reconciled"])
+          for r in dq_rows(spark, settings)]
+    assert dq == [(3, 3, 0, 0, True), (4, 1, 2, 1, True), (1, 1, 0, 0, True)]
+
+    # With 3 days, the +3 days re-delivery is a duplicate too.
+    wide = settings.with_data_root(settings.data_root.parent / "wide").replace(redelivery_days=3)
+    for name, lines, mtime in (("a", first, 0), ("b", again, 10), ("c", moved, 20)):
+        write_lines(wide.events_inbox, f"{name}.jsonl", lines, mtime=FILE_MTIME + mtime)
+    streaming.run_streams(spark, wide, once=True, kinds=("events",))
+    ids = [r.event_id for r in table(spark, wide, "silver_transactions").collect()]
+    assert sorted(ids) == ["e000001", "e000002", "e000003", "e000004"]
+
+
 def test_bad_input_gets_a_clear_outcome(spark, settings):
     inbox = settings.events_inbox
     write_lines(inbox, "good.jsonl", [event_line(i) for i in range(3)], mtime=FILE_MTIME)
