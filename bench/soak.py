@@ -679,6 +679,10 @@ def compare(soak: Soak) -> dict:
     return report
 
 
+def _rows(n: int) -> str:
+    return f"{n} row{'' if n == 1 else 's'}"
+
+
 def verdict(report: dict) -> list[str]:
     """What keeps the killed run from having converged (empty: it converged)."""
     reasons: list[str] = []
@@ -690,7 +694,8 @@ def verdict(report: dict) -> list[str]:
                 continue
             a, b = r[f"only_{label[0]}"], r[f"only_{label[1]}"]
             if a or b:
-                reasons.append(f"{section}: {name} differs: {a} rows only in {label[0]}, {b} only in {label[1]}")
+                reasons.append(f"{section}: {name} differs: {_rows(a)} only in {label[0]}, "
+                               f"{_rows(b)} only in {label[1]}")
             for lbl, n in r.get("duplicate_keys", {}).items():
                 if n:
                     reasons.append(f"{section}: {name}: {n} duplicate keys in {lbl}")
@@ -714,10 +719,11 @@ def verdict(report: dict) -> list[str]:
             if "error" in r:
                 reasons.append(f"postgres_vs_delta: {run} {name}: {r['error']}")
                 continue
-            bad = {k: r[k] for k in ("extra_in_pg", "missing_in_pg", "differing", "pg_duplicate_keys") if r[k]}
+            bad = [f"{_rows(r[k])} {what}" for k, what in (
+                ("extra_in_pg", "in Postgres not in Delta"), ("missing_in_pg", "of Delta missing in Postgres"),
+                ("differing", "differing"), ("pg_duplicate_keys", "with a duplicate key in Postgres")) if r[k]]
             if bad:
-                reasons.append(f"postgres_vs_delta: {run} {name}: "
-                               + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in bad.items()))
+                reasons.append(f"postgres_vs_delta: {run} {name}: {', '.join(bad)}")
     return reasons
 
 
@@ -855,7 +861,8 @@ def main(argv=None) -> int:
         console.print(f"[bold green]converged[/]: killed run = reference run, Postgres = Delta, stream gold = "
                       f"backfill ({result['seconds']['total']:.0f} s)")
     elif code == 1:
-        console.print(f"[bold red]NOT converged[/] ({len(head['reasons'])} reasons):")
+        n = len(head["reasons"])
+        console.print(f"[bold red]NOT converged[/] ({n} reason{'s' if n > 1 else ''}):")
         for r in head["reasons"]:
             console.print(f"  - {escape(r)}", highlight=False)
     else:
