@@ -11,13 +11,14 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP     := $(VENV)/.dev-installed
 JARS_STAMP    := .cache/ivy/.jars-resolved
 PYTEST_ARGS ?=
+SOAK_ARGS ?=
 # Two pytest-xdist workers (a test runs in one of them, whole; each has its own Spark): on 2 cores the
 # suite's Spark work overlaps the other worker's JVM start-ups, subprocesses and Postgres waits
 # (23.5 -> 18.5 min on 2026-12-01). PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 2
 XDIST  := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist worksteal)
 
-.PHONY: demo test bench install dev jars check-python check-java unit integration dags dashboard clean help dbt
+.PHONY: demo test bench soak install dev jars check-python check-java unit integration dags dashboard clean help dbt
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -73,6 +74,9 @@ dashboard: install  ## render the risk dashboard from the marts (data/reports/da
 
 bench: install  ## benchmarks; JSON results under bench/results/
 	$(BIN)/python bench/run.py
+
+soak: install  ## crash soak: kill -9 the streaming mirror job, compare with an uninterrupted run; SOAK_ARGS=...
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:  ## remove generated data (keeps .venv and the jar cache)
 	rm -rf data spark-warehouse metastore_db derby.log .pytest_cache
