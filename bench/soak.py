@@ -58,8 +58,8 @@ run failed (a job exited non-zero or timed out, or the soak itself failed; ``con
 The jobs run with their own settings whatever the caller's environment says (local[2], two shuffle
 partitions, an embedded Postgres per run under <work>); only LAKEHOUSE_CACHE, LAKEHOUSE_DRIVER_MEMORY
 and LAKEHOUSE_SPARK_LOG_LEVEL pass through. Both Postgres servers are stopped at the end. On 2 cores
-the defaults (12,000 events, 12 kills) take about 30-40 minutes; ``--events 3000 --kills 3`` about
-10-15.
+``--events 3000 --kills 3`` took 18.5 minutes (2026-12-01); the defaults (12,000 events, 12 kills)
+take several times that.
 """
 
 from __future__ import annotations
