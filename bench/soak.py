@@ -401,17 +401,24 @@ def killed_run(soak: Soak, seed: int, kills: int, mode: str, timeout: float) -> 
         time.sleep(8)  # a mirror round and an idle risk flush
         soak.say("final incarnation: every file committed; SIGTERM")
         os.kill(proc.pid, signal.SIGTERM)
+    seconds = _finish(soak, proc, "the final incarnation", max(60.0, timeout - (time.time() - t0)), t0, log)
+    return {"kills": record, "final_incarnation": {"rc": 0, "seconds": seconds}}
+
+
+def _finish(soak: Soak, proc: subprocess.Popen, what: str, timeout: float, t0: float, log: Path) -> float:
+    """Wait for the job ``what`` to end; its seconds since ``t0``. RunFailure if it times out (it is
+    killed) or exits non-zero."""
     try:
-        rc = proc.wait(timeout=max(60.0, timeout - (time.time() - t0)))
+        rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         soak.kill_current()
-        raise RunFailure(f"the final incarnation did not end in {timeout:.0f} s") from None
+        raise RunFailure(f"{what} did not end in {timeout:.0f} s") from None
     soak.proc = None
     seconds = round(time.time() - t0, 1)
-    soak.say(f"final incarnation rc={rc} in {seconds:.0f} s")
+    soak.say(f"{what} rc={rc} in {seconds:.0f} s")
     if rc != 0:
-        raise RunFailure(f"the final incarnation exited with rc {rc}; last: {tail(log, 6)}")
-    return {"kills": record, "final_incarnation": {"rc": rc, "seconds": seconds}}
+        raise RunFailure(f"{what} exited with rc {rc}; last: {tail(log, 6)}")
+    return seconds
 
 
 def reference_run(soak: Soak, timeout: float) -> dict:
@@ -421,17 +428,7 @@ def reference_run(soak: Soak, timeout: float) -> dict:
     log = soak.work / "ref-stream.log"
     t0 = time.time()
     proc = start_job(soak, "ref", "once", log)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        soak.kill_current()
-        raise RunFailure(f"the reference run did not end in {timeout:.0f} s") from None
-    soak.proc = None
-    seconds = round(time.time() - t0, 1)
-    soak.say(f"reference run rc={rc} in {seconds:.0f} s")
-    if rc != 0:
-        raise RunFailure(f"the reference run exited with rc {rc}; last: {tail(log, 6)}")
-    return {"rc": rc, "seconds": seconds}
+    return {"rc": 0, "seconds": _finish(soak, proc, "the reference run", timeout, t0, log)}
 
 
 # ---- comparisons --------------------------------------------------------------------------------------
