@@ -9,7 +9,8 @@ Steps (each prints a progress line on stderr; everything also goes to <work>/soa
 
 1. Feed. The generator writes ``--events`` card payments over ``--days`` days with late events, exact
    re-deliveries and malformed lines, in files of at most 450 events or 90 simulated minutes. The soak
-   adds conflicting re-deliveries (the same event id with another amount, three files later) and
+   adds conflicting re-deliveries (the same event id with another amount, three files later; three in
+   ten also with an event time corrected by up to a day, often onto another date) and
    re-splits the labels into about 12 files, interleaved with the events files by modification time,
    with re-delivered labels and a malformed line in every fourth file. The inbox is copied, modification
    times kept, for the reference run.
@@ -174,17 +175,23 @@ def generate(soak: Soak, seed: int, days: float, n_events: int, start: date) -> 
     summary = generate_backlog(gen_dir / "events", gen_dir / "labels", cfg)
     rng = random.Random(seed)
     t0 = float(int(time.time()) - 3600)
-    # events: the generator's files, plus conflicting re-deliveries (same id, another amount) 3 files later
+    # events: the generator's files, plus conflicting re-deliveries (same id, another amount, some with
+    # another time) 3 files later
     ev_files = sorted((gen_dir / "events").glob("events-*.jsonl"))
     s.events_inbox.mkdir(parents=True, exist_ok=True)
     s.labels_inbox.mkdir(parents=True, exist_ok=True)
     contents = [f.read_text().splitlines() for f in ev_files]
-    conflicting = 0
+    conflicting = moved = 0
     for i in range(len(contents) - 3):
         for line in rng.sample(contents[i], min(5, len(contents[i]))):
             try:
                 rec = json.loads(line)
                 rec["amount"] = str(round(float(rec["amount"]) + 1.23, 2))
+                if rng.random() < 0.3:  # a corrected time too, up to a day off: often another date
+                    at = datetime.fromisoformat(rec["event_time"].replace("Z", "+00:00"))
+                    at += timedelta(minutes=rng.choice([-1, 1]) * rng.uniform(1, 1440))
+                    rec["event_time"] = at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+                    moved += 1
             except Exception:  # noqa: BLE001 -- a malformed line
                 continue
             contents[i + 3].insert(rng.randrange(len(contents[i + 3]) + 1), json.dumps(rec))
@@ -213,6 +220,7 @@ def generate(soak: Soak, seed: int, days: float, n_events: int, start: date) -> 
             **{k: summary[k] for k in ("events", "lines_written", "duplicates", "malformed", "late", "fraud_events",
                                        "labels_written")},
             "event_files": len(ev_files), "label_files": len(chunks), "conflicting_redeliveries": conflicting,
+            "redeliveries_with_a_moved_time": moved,
             "label_redeliveries": relabel, "malformed_label_lines": sum(1 for j in range(len(chunks)) if j % 4 == 1)}
     shutil.copytree(s.inbox_dir, soak.settings("ref").inbox_dir)  # copy2: modification times kept
     return info
@@ -815,7 +823,7 @@ def main(argv=None) -> int:
             f = result["feed"]
             soak.say(f"feed: {f['events']:,} events in {f['lines_written']:,} lines, {f['event_files']} event files, "
                      f"{f['label_files']} label files; {f['duplicates']} exact and {f['conflicting_redeliveries']} "
-                     f"conflicting re-deliveries, {f['late']} late, {f['malformed']} malformed")
+                     f"conflicting re-deliveries ({f['redeliveries_with_a_moved_time']} with a moved time), {f['late']} late, {f['malformed']} malformed")
             t0 = time.time()
             killed = killed_run(soak, args.seed, args.kills, args.mode, args.timeout)
             seconds["killed_run"] = round(time.time() - t0, 1)
