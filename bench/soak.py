@@ -548,15 +548,6 @@ def events_batches(spark, settings: Settings) -> dict:
     return {"batches": len(per), "multi_file": [[r["batch_id"], r["fs"]] for r in per if len(r["fs"]) > 1]}
 
 
-def json_text(df):
-    """Map and array columns as JSON text, as the mirror writes them into Postgres ``jsonb``."""
-    from pyspark.sql import functions as F
-    from pyspark.sql.types import ArrayType, MapType
-
-    return df.select(*[F.to_json(F.col(f.name)).alias(f.name) if isinstance(f.dataType, (MapType, ArrayType))
-                       else F.col(f.name) for f in df.schema.fields])
-
-
 def _first(series):
     values = series.dropna()
     return values.iloc[0] if len(values) else None
@@ -597,7 +588,7 @@ def postgres_vs_delta(spark, settings: Settings) -> dict:
             if name not in TABLES or not delta.is_delta_table(path):
                 continue
             key = list(spec["key"])
-            want = json_text(delta.read(spark, path)).toPandas()
+            want = mirror.as_json(delta.read(spark, path)).toPandas()
             with conn.cursor() as cur:
                 try:
                     cur.execute(f'select * from {settings.pg_schema}."{name}"')

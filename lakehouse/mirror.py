@@ -60,7 +60,7 @@ def mirror_spec(name: str, schema: StructType) -> pg_mirror.MirrorTable:
                                  loaded_at=LOADED_AT)
 
 
-def _as_json(df: DataFrame) -> DataFrame:
+def as_json(df: DataFrame) -> DataFrame:
     """Nested columns as JSON text (Postgres casts it to jsonb on COPY)."""
     return df.select(*[F.to_json(F.col(f.name)).alias(f.name) if isinstance(f.dataType, _JSON_TYPES)
                        else F.col(f.name) for f in df.schema.fields])
@@ -119,7 +119,7 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
                .option("startingVersion", done + 1).option("endingVersion", version).load(str(path)))
         upserts, deletes = net_changes(cdf, table.key)
     # Arrow end to end (Spark -> pyarrow -> COPY CSV): no row-by-row Python conversion.
-    rows = _as_json(upserts).toArrow()
+    rows = as_json(upserts).toArrow()
     gone = deletes.toArrow() if deletes is not None else None
 
     def apply(conn) -> int:

@@ -42,7 +42,7 @@ def assert_pg_equals_delta(spark, settings, tables=None) -> dict[str, int]:
             continue
         path = settings.table_path(name)
         key = list(spec["key"])
-        df = mirror._as_json(delta.read(spark, path))
+        df = mirror.as_json(delta.read(spark, path))
         want = df.toPandas().sort_values(key).reset_index(drop=True)
         got = pg_rows(settings, name, ", ".join(f'"{k}"' for k in key))
         assert "mirrored_at" in got.columns
