@@ -123,7 +123,7 @@ def bench_whole_path(root: Path, n_events: int, max_files: int) -> dict:
 
 
 def bench_freshness(root: Path, rate: float, duration_s: float, history_events: int = 0,
-                    history_days: float = 7.0, publish: bool = True) -> dict:
+                    history_days: float = 7.0, publish: bool = True, express: bool = True) -> dict:
     """Live mode: the generator writes ``rate`` events/s (one file per second) while the stream runs
     continuously with the mirror beside it. Freshness of an event = the first time a poller sees its
     feature row in Postgres minus the time its file landed in the inbox (the file's mtime).
@@ -132,7 +132,10 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
     ``history_days`` before now (the same card holders), so the live micro-batches run on top of
     history as a deployed stream does; only the live events are measured. ``publish``: as
     ``lakehouse stream --mirror`` does, each batch publishes its new gold rows to Postgres as soon as
-    they are computed (:class:`lakehouse.mirror.Publisher`); without, only the mirror brings them."""
+    they are computed (:class:`lakehouse.mirror.Publisher`); without, only the mirror brings them.
+    ``express``: as ``lakehouse stream --mirror`` does, the express lane serves provisional features
+    of each landed file (:mod:`lakehouse.express`); the result says how many of them equal the final
+    gold row of their event, feature for feature."""
     import threading
 
     from lakehouse import mirror, streaming
@@ -181,6 +184,9 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
 
     loop = mirror.MirrorLoop(spark, settings, interval=0.2, tables=("gold_transaction_features",))
     publisher = mirror.Publisher(settings) if publish else None
+    from lakehouse.express import ExpressLane
+
+    lane = ExpressLane(settings, keep_published=True) if publish and express else None
     poller = threading.Thread(target=poll, daemon=True)
     stream_stop = threading.Event()
     batches: list[dict] = []
@@ -192,7 +198,7 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
 
     streamer = threading.Thread(target=lambda: streaming.run_streams(
         spark, settings, once=False, kinds=("events",), stop_event=stream_stop, on_batch=on_batch,
-        publish=publisher.submit if publisher else None), daemon=True)
+        publish=publisher.submit if publisher else None, express=lane), daemon=True)
     if publisher:
         publisher.start()
     streamer.start()
@@ -217,6 +223,25 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
             .collect())
     timed = [(landed[Path(r["source_file"]).name], seen[r["event_id"]]) for r in rows
              if r["event_id"] in seen and Path(r["source_file"]).name in landed]
+    provisional = None
+    if lane is not None:  # the provisional rows against gold's final ones, feature for feature
+        import pyarrow as pa
+
+        served = pa.concat_tables(lane.published_rows).to_pandas() if lane.published_rows else None
+        equal = 0
+        if served is not None:
+            final = (delta.read(spark, settings.table_path("gold_transaction_features")).toPandas()
+                     .set_index("event_id"))
+            served = served.set_index("event_id")
+            common = served.index.intersection(final.index)
+            from lakehouse.transforms.features import FEATURE_COLUMNS
+
+            cols = ["amount_base", *FEATURE_COLUMNS]
+            a, b = served.loc[common, cols], final.loc[common, cols]
+            same = (a.eq(b) | (a.isna() & b.isna())).all(axis=1)
+            equal = int(same.sum())
+        provisional = {**lane.stats, "equal_to_gold": equal,
+                       "equal_share": round(equal / max(1, lane.stats["rows_published"]), 4)}
     lat = sorted(s - at for at, s in timed)
     # The first micro-batch of a started stream pays one-time costs (JIT warm-up, table snapshots,
     # the first look-back); the events that land after it ended show the running stream's freshness.
@@ -233,6 +258,7 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
             "after_first_batch": {"events_measured": len(steady), "freshness_p50_seconds": q(0.50, steady),
                                   "freshness_p95_seconds": q(0.95, steady)},
             "mirror_rounds": loop.rounds,
+            "express": provisional,
             "published_ahead": None if publisher is None else {
                 "rows": publisher.published, "skipped": publisher.skipped, "dropped": publisher.dropped},
             "batches": len(batches), "batch_seconds_p50": _median([wall_seconds(b["seconds"]) for b in batches]),
@@ -397,6 +423,8 @@ def main(argv=None) -> int:
                    help="events of history (over the 7 days before now) streamed before the live feed")
     p.add_argument("--no-publish", action="store_true",
                    help="freshness without publishing each batch's gold rows ahead of the mirror")
+    p.add_argument("--no-express", action="store_true",
+                   help="freshness without the express lane (provisional features ahead of each batch)")
     p.add_argument("--out", default="bench/results", help="folder for the JSON result")
     args = p.parse_args(argv)
 
@@ -409,7 +437,8 @@ def main(argv=None) -> int:
             result["whole_path"] = bench_whole_path(Path(tmp) / "path", args.events, args.max_files)
         if "freshness" not in args.skip:
             result["freshness"] = bench_freshness(Path(tmp) / "fresh", args.rate, args.live_seconds,
-                                                  history_events=args.live_history, publish=not args.no_publish)
+                                                  history_events=args.live_history, publish=not args.no_publish,
+                                                  express=not args.no_express)
         if "merge" not in args.skip:
             sizes = [int(x) for x in args.merge_sizes.split(",") if x]
             result["merge"] = bench_merge(Path(tmp), sizes, args.merge_batch, args.repeats)

@@ -119,7 +119,7 @@ def cmd_stream(args, settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         console.print(f"streaming {', '.join(kinds)} every {settings.trigger_seconds}s; Ctrl-C stops")
-    loop = publisher = None
+    loop = publisher = express = None
     if args.mirror:
         from lakehouse import mirror
 
@@ -129,8 +129,12 @@ def cmd_stream(args, settings: Settings) -> int:
             publisher = mirror.Publisher(settings, report=say)
             publisher.start()
             loop.start()
+            if settings.express and settings.stream_gold:  # provisional features ahead of each batch
+                from lakehouse.express import ExpressLane
+
+                express = ExpressLane(settings, report=say)
     streaming.run_streams(spark, settings, once=args.once, kinds=kinds, on_batch=on_batch, stop_event=stop,
-                          publish=publisher.submit if publisher is not None else None)
+                          publish=publisher.submit if publisher is not None else None, express=express)
     if publisher is not None:
         publisher.stop()
     if loop is not None:
@@ -139,6 +143,7 @@ def cmd_stream(args, settings: Settings) -> int:
             loop.stop()
         else:
             loop.run_round()
+        _resolve_express_journal(spark, settings)
     rec = summary.reconciliation(spark, settings)
     out.print_json(json.dumps({"reconciliation": rec, "seconds": round(time.time() - started, 1)}))
     if any(not v["reconciled"] for v in rec.values()):
@@ -187,6 +192,15 @@ def _say_retry(attempt, exc, delay) -> None:
     console.print(f"[yellow]Postgres unavailable (attempt {attempt}): retrying in {delay:.1f}s[/] ({exc})")
 
 
+def _resolve_express_journal(spark, settings: Settings) -> None:
+    """Provisional rows an express lane left (a killed live job) are resolved against silver."""
+    from lakehouse.express import resolve_journal
+
+    deleted = resolve_journal(spark, settings)
+    if deleted:
+        console.print(f"express journal: {deleted} provisional rows of events gold does not hold deleted")
+
+
 def cmd_mirror(args, settings: Settings) -> int:
     from lakehouse import mirror
     from lakehouse.io import postgres
@@ -195,6 +209,7 @@ def cmd_mirror(args, settings: Settings) -> int:
     postgres.ensure_running(settings)
     spark = build_spark(settings, app_name="lakehouse-mirror")
     results = mirror.mirror_all(spark, settings, on_retry=_say_retry)
+    _resolve_express_journal(spark, settings)
     for r in results:
         console.print(f"  {r['table']:<28} -> Postgres {settings.pg_schema}.{r['table']}: {r}")
     out.print_json(json.dumps(results, default=str))
@@ -568,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also mirror into Postgres: continuously beside the stream (a Postgres outage does "
                         "not stop it; each events batch's new gold rows are published as soon as they are "
                         "computed, ahead of the mirror), and once more at the end; with --once, only at the "
-                        "end")
+                        "end. Live, the express lane also serves provisional transaction features of each "
+                        "newly landed file within a second or two, replaced by gold's rows as the batches "
+                        "follow (LAKEHOUSE_EXPRESS=0 turns it off)")
     s.set_defaults(func=cmd_stream)
 
     b = sub.add_parser("backfill", help="recompute gold tables for a date range from silver (batch)",

@@ -110,6 +110,9 @@ class Settings:
     stream_gold: bool = True
     #: Whether the stream scores each new transaction with the champion model (needs stream_gold).
     stream_scoring: bool = True
+    #: Whether `lakehouse stream --mirror` runs the express lane beside the live stream: provisional
+    #: features in Postgres a moment after a file lands, replaced by gold's (lakehouse.express).
+    express: bool = True
     mlflow_tracking_uri: str = ""
 
     # ---- construction -------------------------------------------------------------------------
@@ -139,6 +142,7 @@ class Settings:
             features_driver_max_rows=_env_int(env, "LAKEHOUSE_FEATURES_DRIVER_MAX_ROWS", 3_000_000),
             stream_gold=_env_flag(env, "LAKEHOUSE_STREAM_GOLD", True),
             stream_scoring=_env_flag(env, "LAKEHOUSE_STREAM_SCORING", True),
+            express=_env_flag(env, "LAKEHOUSE_EXPRESS", True),
             mlflow_tracking_uri=mlflow_uri,
         )
 

@@ -214,6 +214,25 @@ def new_rows(table: pa.Table, batch_id: int, dates: list[str]) -> np.ndarray:
     return np.flatnonzero(is_new.to_numpy(zero_copy_only=False))
 
 
+def feature_rows(table: pa.Table, at: np.ndarray, keys: list[np.ndarray] | None = None) -> pa.Table:
+    """The gold_transaction_features rows of the look-back rows ``at`` of ``table``
+    (:func:`features.lookback_rows`' columns; their event ids unique), each as of its own event time
+    from the rows of ``table`` (:func:`driver_features.evaluate`), in the order of ``at``. ``keys``:
+    :func:`driver_features.key_codes` of ``table``, when the caller has them already."""
+    ids = table["event_id"].take(at)
+    names = [c for c in features.FEATURE_COLUMNS if c not in ("is_night", "is_weekend")]
+    got = driver_features.evaluate(table.select(["event_id", "user_id", "merchant_id", "country", "amount_base",
+                                                 "_t", "_a", "_r", "_late"]),
+                                   ids, names, features.TRAILING_WINDOWS, features.FRAUD_RATE_WINDOWS,
+                                   features.LOOKBACK_SECONDS, keys=keys)
+    assert got["event_id"].equals(ids), "driver features came back in another order"
+    seconds = np.floor_divide(table["_t"].to_numpy().astype(np.int64)[at], 1_000_000)
+    columns = {c: table[c].take(at) for c in features.ID_COLUMNS} | {c: got[c] for c in names}
+    columns["is_night"] = pa.array((seconds % 86_400) // 3_600 < 6)
+    columns["is_weekend"] = pa.array(np.isin(np.floor_divide(seconds, 86_400) % 7, (2, 3)))
+    return pa.table({c: columns[c] for c in (*features.ID_COLUMNS, *features.FEATURE_COLUMNS)})
+
+
 def driver_batch(table: pa.Table, new: np.ndarray) -> DriverBatch:
     """The gold rows an events batch changes, from its look-back ``table``
     (:func:`features.lookback_rows`), by the rules the Spark route follows (module docstring): the
@@ -223,7 +242,7 @@ def driver_batch(table: pa.Table, new: np.ndarray) -> DriverBatch:
     (:func:`driver_features.windows_5m`; the others are as earlier batches wrote them).
     Pure: Arrow in, Arrow out, the same values as the Spark route to the bit; the masks
     ``features_new`` and ``windows_new`` say which rows no earlier batch can have written."""
-    us, minute, day = 1_000_000, 60_000_000, 86_400_000_000
+    minute, day = 60_000_000, 86_400_000_000
     lookback = features.LOOKBACK_SECONDS
     t = table["_t"].to_numpy().astype(np.int64)
     late = table["_late"].to_numpy(zero_copy_only=False).astype(bool)
@@ -239,19 +258,7 @@ def driver_batch(table: pa.Table, new: np.ndarray) -> DriverBatch:
     ids = table["event_id"].take(at)
     if len(pc.unique(ids)) != len(ids):  # one event_id on two dates: one row (a MERGE source key is unique)
         at = at[np.sort(pc.index_in(pc.unique(ids), value_set=ids).to_numpy())]
-        ids = table["event_id"].take(at)
-
-    names = [c for c in features.FEATURE_COLUMNS if c not in ("is_night", "is_weekend")]
-    got = driver_features.evaluate(table.select(["event_id", "user_id", "merchant_id", "country", "amount_base",
-                                                 "_t", "_a", "_r", "_late"]),
-                                   ids, names, features.TRAILING_WINDOWS, features.FRAUD_RATE_WINDOWS, lookback,
-                                   keys=keys)
-    assert got["event_id"].equals(ids), "driver features came back in another order"
-    seconds = np.floor_divide(t[at], us)
-    columns = {c: table[c].take(at) for c in features.ID_COLUMNS} | {c: got[c] for c in names}
-    columns["is_night"] = pa.array((seconds % 86_400) // 3_600 < 6)
-    columns["is_weekend"] = pa.array(np.isin(np.floor_divide(seconds, 86_400) % 7, (2, 3)))
-    rows = pa.table({c: columns[c] for c in (*features.ID_COLUMNS, *features.FEATURE_COLUMNS)})
+    rows = feature_rows(table, at, keys)
 
     # Five-minute windows: each user with new on-time events, from the minute four minutes before
     # the earliest of them to the latest; the events of [that start, the latest + 5 min), too-late
@@ -453,6 +460,16 @@ class GoldStream:
             if new_ids:
                 self._scored(spark, new_ids, dates, app_id, batch_id, laps)
             return result | {"seconds": laps.seconds}
+
+    def express_view(self) -> tuple[_Kept, int | None, StructType] | None:
+        """What the express lane (:mod:`lakehouse.express`) computes provisional features from: the
+        look-back kept after the last events batch, the watermark after it (µs; None before any
+        event) and the schema of gold_transaction_features; None while there is no kept look-back
+        (before the first events batch, after a stale one was dropped, in the Spark route)."""
+        kept, mark = self._kept, self._mark
+        if kept is None or not self._in_driver or "gold_transaction_features" not in self._schemas:
+            return None
+        return kept, (mark[2] if mark is not None else None), self._schemas["gold_transaction_features"]
 
     def _mark_for(self, app_id: str, batch_id: int) -> int | None:
         """The watermark (µs) before ``batch_id`` as kept by this object, if it knows it: it saw the

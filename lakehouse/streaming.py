@@ -39,6 +39,7 @@ from pyspark.sql.types import (
 
 from lakehouse import quality
 from lakehouse.config import Settings
+from lakehouse.express import ExpressLane
 from lakehouse.gold import GoldStream
 from lakehouse.io import delta
 from lakehouse.laps import Laps
@@ -245,9 +246,11 @@ class IngestBatch:
     """The foreachBatch function of one inbox stream."""
 
     def __init__(self, settings: Settings, kind: str, app_id: str,
-                 on_batch: Callable[[BatchResult], None] | None = None, gold: GoldStream | None = None):
+                 on_batch: Callable[[BatchResult], None] | None = None, gold: GoldStream | None = None,
+                 express: ExpressLane | None = None):
         self.settings = settings
         self.gold = gold
+        self.express = express
         self.layer = layer(settings, kind)
         self.checks = quality.checks_for(kind, settings)
         self.app_id = app_id
@@ -291,7 +294,7 @@ class IngestBatch:
                 F.sum(F.when(silver_t.is_quarantined(checked), 0).otherwise(1)).alias("valid"),
                 F.sum(F.when(F.size("warned_checks") > 0, 1).otherwise(0)).alias("warned"),
                 F.sum(F.size("failed_fatal")).alias("fatal"),
-                F.size(F.collect_set("source_file")).alias("files"),  # no distinct aggregate: no extra shuffle
+                F.collect_set("source_file").alias("files"),  # no distinct aggregate: no extra shuffle
                 *[F.sum(F.when(F.array_contains("failed_checks", c.name)
                                | F.array_contains("warned_checks", c.name), 1).otherwise(0)).alias(c.name)
                   for c in self.checks],
@@ -377,7 +380,7 @@ class IngestBatch:
                           and dup_existing >= 0)
             row = {
                 "kind": lay.kind, "batch_id": batch_id, "app_id": app,
-                "source_files": int(stats["files"] or 0), "records_in": records_in,
+                "source_files": len(stats["files"] or []), "records_in": records_in,
                 "inserted": inserted, "duplicates": duplicates,
                 "duplicates_in_batch": dup_in_batch, "duplicates_existing": dup_existing,
                 "quarantined": quarantined, "warned": int(stats["warned"] or 0),
@@ -390,6 +393,8 @@ class IngestBatch:
             lap("dq")
         finally:
             checked.unpersist()
+        if self.express is not None:  # its provisional rows of these files are gold's now, or orphans
+            self.express.processed(stats["files"] or [])
         if self.on_batch:
             self.on_batch(BatchResult(lay.kind, batch_id, records_in, inserted, duplicates,
                                       quarantined, reconciled, lap.seconds))
@@ -417,7 +422,8 @@ def inbox_lines(spark: SparkSession, inbox: Path, max_files: int) -> DataFrame:
 
 
 def start_query(spark: SparkSession, settings: Settings, kind: str, once: bool,
-                on_batch: Callable[[BatchResult], None] | None = None, gold: GoldStream | None = None):
+                on_batch: Callable[[BatchResult], None] | None = None, gold: GoldStream | None = None,
+                express: ExpressLane | None = None):
     lay = layer(settings, kind)
     checkpoint = settings.checkpoint(kind)
     app_id = app_id_for(checkpoint, kind, lay.inbox)
@@ -425,7 +431,7 @@ def start_query(spark: SparkSession, settings: Settings, kind: str, once: bool,
         inbox_lines(spark, lay.inbox, settings.max_files_per_trigger)
         .writeStream.queryName(f"ingest_{kind}")
         .option("checkpointLocation", str(checkpoint))
-        .foreachBatch(IngestBatch(settings, kind, app_id, on_batch, gold))
+        .foreachBatch(IngestBatch(settings, kind, app_id, on_batch, gold, express if kind == "events" else None))
     )
     writer = writer.trigger(availableNow=True) if once else writer.trigger(
         processingTime=f"{settings.trigger_seconds} seconds")
@@ -446,6 +452,7 @@ def run_streams(
     stop_event: threading.Event | None = None,
     on_features: Callable[[DataFrame, str, int], None] | None = None,
     publish: Callable | None = None,
+    express: ExpressLane | None = None,
 ) -> None:
     """Run the ingestion queries; with ``once`` process what is in the inboxes and return.
 
@@ -453,12 +460,20 @@ def run_streams(
     each micro-batch also updates gold (:class:`lakehouse.gold.GoldStream`); ``on_features`` then
     receives the feature rows of each events batch's new transactions (for scoring), and
     ``publish`` the gold rows each events batch is about to write (see :class:`GoldStream`).
+    ``express``: an :class:`lakehouse.express.ExpressLane` to run beside a continuous stream with gold
+    (started and stopped here), serving provisional features of newly landed files.
     """
     ensure_tables(spark, settings, kinds)
     if on_features is None and settings.stream_gold and settings.stream_scoring:
         on_features = scoring_hook(spark, settings)
     gold = GoldStream(settings, on_features=on_features, publish=publish) if settings.stream_gold else None
-    queries = [start_query(spark, settings, kind, once, on_batch, gold) for kind in kinds]
+    if express is not None and (once or gold is None or "events" not in kinds):
+        express = None  # live arrivals only, and only from the look-back of the stream's gold step
+    if express is not None:
+        express.bind(spark, gold)
+    queries = [start_query(spark, settings, kind, once, on_batch, gold, express) for kind in kinds]
+    if express is not None:
+        express.start()
     try:
         if once:
             for q in queries:
@@ -477,6 +492,8 @@ def run_streams(
     finally:
         for q in queries:
             _stop_between_batches(q)
+        if express is not None:
+            express.stop()
     if gold is not None:  # stopped cleanly: what the last batches owed of the daily risk
         gold.flush_risk(spark)
 

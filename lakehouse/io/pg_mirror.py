@@ -533,6 +533,85 @@ def publish_ahead(conn, schema: str, table: MirrorTable, rows, source: str, befo
         return _merge(cur, schema, table, stage) if stage is not None else 0
 
 
+# ---- provisional rows (the express lane) ------------------------------------------------------
+#: Rows the express lane (:mod:`lakehouse.express`) inserted ahead of gold, with the inbox file they
+#: came from, until the stream has processed that file: then each row is either gold's own (the mirror
+#: rewrites it with gold's values) or an orphan that gold will never write, and is deleted.
+JOURNAL_TABLE = "_express_journal"
+
+
+def ensure_journal(conn, schema: str) -> None:
+    """Create the express lane's journal (``schema._express_journal``) unless it exists. Commits."""
+    with _transaction(conn) as cur:
+        _advisory_lock(cur, "schema", schema)
+        cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        cur.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (event_id text PRIMARY KEY, source_file text NOT NULL, "
+            "published_at timestamptz NOT NULL DEFAULT now())").format(_qualified(schema, JOURNAL_TABLE)))
+        cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (source_file)").format(
+            sql.Identifier(f"{JOURNAL_TABLE}_source_file"), _qualified(schema, JOURNAL_TABLE)))
+
+
+def publish_provisional(conn, schema: str, table: MirrorTable, rows, source_file: str) -> list[str]:
+    """Insert the ``rows`` of ``table`` (keyed by ``event_id``) whose key is not in the table yet, and
+    journal them with ``source_file``, in one transaction; returns the keys inserted.
+
+    A row already there (gold's, published or mirrored) is left as it is: a provisional row never
+    overwrites anything, and gold's rows overwrite it (:func:`publish_ahead`, :func:`upsert_batch`).
+    The rows are inserted in key order, as the upserts do, so two writers never deadlock."""
+    if table.key != ("event_id",):
+        raise ValueError(f"{table.name}: provisional rows are journaled by event_id, not {table.key}")
+    with _transaction(conn) as cur:
+        cur.execute("SET LOCAL TIME ZONE 'UTC'")
+        stage = _stage_rows(cur, schema, table, rows)
+        if stage is None:
+            return []
+        cols = _idents(table.column_names)
+        cur.execute(sql.SQL("INSERT INTO {target} ({cols}) SELECT DISTINCT ON (event_id) {cols} FROM {stage} "
+                            "ORDER BY event_id, {ord} DESC ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+                            ).format(target=_qualified(schema, table.name), cols=cols, stage=stage,
+                                     ord=sql.Identifier(ORD_COLUMN)))
+        inserted = [r[0] for r in cur.fetchall()]
+        if inserted:
+            cur.execute(sql.SQL("INSERT INTO {} (event_id, source_file) SELECT unnest(%s::text[]), %s "
+                                "ON CONFLICT (event_id) DO UPDATE SET source_file = EXCLUDED.source_file, "
+                                "published_at = now()").format(_qualified(schema, JOURNAL_TABLE)),
+                        (inserted, source_file))
+    return inserted
+
+
+def journaled(conn, schema: str, files: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """The journal's (event_id, source_file) entries: those of ``files``, or all of them (None)."""
+    with _transaction(conn) as cur:
+        query = sql.SQL("SELECT event_id, source_file FROM {}").format(_qualified(schema, JOURNAL_TABLE))
+        if files is None:
+            cur.execute(query)
+        else:
+            cur.execute(query + sql.SQL(" WHERE source_file = ANY(%s)"), (sorted(files),))
+        return [(r[0], r[1]) for r in cur.fetchall()]
+
+
+def resolve_provisional(conn, schema: str, table: MirrorTable, entries: Iterable[str],
+                        orphans: Iterable[str]) -> int:
+    """Close the journal ``entries`` (event ids) whose files the stream has processed: delete the rows
+    of ``orphans`` among them (events gold will never hold: quarantined, or a duplicate gold keeps
+    under another delivery) and the entries, in one transaction; returns the rows deleted. A row is
+    deleted only while its entry is still journaled: the journal holds only rows this lane inserted
+    into an empty key, which nothing but gold may overwrite, and gold never holds an orphan."""
+    entries, orphans = sorted(set(entries)), sorted(set(orphans))
+    with _transaction(conn) as cur:
+        deleted = 0
+        if orphans:
+            cur.execute(sql.SQL("DELETE FROM {t} AS t USING {j} AS j WHERE j.event_id = t.event_id "
+                                "AND j.event_id = ANY(%s)").format(
+                t=_qualified(schema, table.name), j=_qualified(schema, JOURNAL_TABLE)), (orphans,))
+            deleted = max(cur.rowcount, 0)
+        if entries:
+            cur.execute(sql.SQL("DELETE FROM {} WHERE event_id = ANY(%s)").format(
+                _qualified(schema, JOURNAL_TABLE)), (entries,))
+    return deleted
+
+
 # ---- retries ----------------------------------------------------------------------------------
 #: Errors that mean "Postgres is (temporarily) unreachable or aborted us": worth a retry with a new
 #: connection. OperationalError covers lost connections, admin shutdown, serialization failures and

@@ -1,0 +1,491 @@
+"""The express lane: provisional transaction features in Postgres a moment after a file lands.
+
+A micro-batch of the stream pays a fixed cost of Delta commits and Spark jobs on 2 cores, and an
+event waits for the batch running when it lands, then for its own: its features reach Postgres 10 to
+25 s after the file lands, at 1,000 events/s (``bench/HISTORY.md``). The express lane serves them
+sooner, beside the stream, without a Spark job or a Delta commit on its path:
+
+1. It watches the events inbox (every ``interval`` seconds) for files that landed after it started.
+2. It parses and checks each line in Python (:func:`parse_events`): only lines that pass every
+   expectation of silver are kept, and only where the Python reading is the same as Spark's beyond
+   doubt; anything else (a field given as a number, an offset it does not know, a duplicate JSON key,
+   more than µs in a time...) is left to the stream alone.
+3. It leaves out what the stream might not insert as a new on-time event: an event id already in
+   silver's look-back or already published from an earlier file, and events that may be too late
+   for the five-minute windows.
+4. It computes the features of the rest exactly as the stream's driver route does
+   (:func:`lakehouse.gold.feature_rows`), from the stream's look-back kept between batches
+   (:meth:`lakehouse.gold.GoldStream.express_view`) plus the events of the files it published that
+   the stream has not processed yet.
+5. It inserts them into ``gold_transaction_features`` in Postgres, never over an existing row, and
+   journals each row it inserted with its file (:func:`lakehouse.io.pg_mirror.publish_provisional`).
+
+**Postgres still converges to gold.** Provisional rows never overwrite anything; gold's rows always
+overwrite them: the stream's own publish and the mirror upsert every row they write, and a row that
+differs from gold's (an event that arrived late and changed it, a re-delivery the stream kept instead)
+is rewritten by gold's. Once the stream has processed a file (:meth:`ExpressLane.processed`, called by
+its events micro-batch after gold), each journaled row of that file is either in silver (gold holds it,
+so the mirror brings gold's values) or an *orphan* that gold never will (the stream quarantined or
+deduplicated it otherwise), and is deleted (:func:`lakehouse.io.pg_mirror.resolve_provisional`). The
+journal lives in Postgres, in the transaction of the rows it records: after a crash, the next lane
+resolves every entry left against silver before it publishes anything.
+
+What it does not serve: the five-minute windows table, scores and the daily risk (they come with the
+stream's batch as before), and events in files that were in the inbox when it started (a catch-up).
+``LAKEHOUSE_EXPRESS=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Callable, Iterable
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lakehouse.config import Settings
+from lakehouse.quality import MAX_AMOUNT
+from lakehouse.reference import FX_TO_USD, ISO_COUNTRIES
+from lakehouse.schemas import EVENT_FIELDS
+
+log = logging.getLogger(__name__)
+
+#: The ISO-8601 forms read here: a subset of ``quality.ISO_TS_WITH_OFFSET`` that Spark's cast reads
+#: the same way (seconds present, at most µs, offset Z or ±hh:mm / ±hhmm).
+_TIME = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?(Z|[+-]\d{2}:?\d{2})$")
+#: A decimal number as Spark's cast to double reads it.
+_NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,3})?$")
+_SIX = Decimal("0.000001")
+_US = 1_000_000
+
+
+class _Num(str):
+    """A JSON number's text (``json.loads``' parse_int/parse_float): kept apart from a JSON string."""
+
+
+def _no_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _unique(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key")
+    return dict(pairs)
+
+
+def _text(obj: dict, name: str, numbers: bool = False) -> str | None:
+    """A field as silver reads it (trimmed of spaces, empty = missing); None also for a value whose
+    Spark reading is not beyond doubt (a number where a string is expected, an object, a boolean)."""
+    v = obj.get(name)
+    if not isinstance(v, str) or (isinstance(v, _Num) and not numbers):
+        return None
+    v = v.strip(" ")
+    return v or None
+
+
+def _instant_us(raw: str) -> int | None:
+    m = _TIME.match(raw)
+    if not m:
+        return None
+    y, mo, d, h, mi, s, frac, zone = m.groups()
+    try:
+        local = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), int((frac or "").ljust(6, "0")))
+    except ValueError:
+        return None
+    if zone == "Z":
+        offset = 0
+    else:
+        hh, mm = int(zone[1:3]), int(zone[-2:])
+        if hh > 18 or mm > 59:
+            return None
+        offset = (hh * 60 + mm) * (-1 if zone[0] == "-" else 1)
+    utc = local.replace(tzinfo=timezone.utc) - timedelta(minutes=offset)
+    return (utc - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+
+
+def _round6(x: float) -> float:
+    """Spark's ``round(x, 6)`` of a double: HALF_UP on its decimal text."""
+    return float(Decimal(repr(x)).quantize(_SIX, rounding=ROUND_HALF_UP))
+
+
+def parse_event(line: bytes, modified_ms: int, settings: Settings) -> dict | None:
+    """One inbox line as silver would insert it (event_id, user_id, merchant_id, country,
+    amount_base, ``_t`` µs), or None when silver would quarantine it, or might read it otherwise.
+
+    ``modified_ms``: the file's modification time in ms (silver's arrival time for the age checks)."""
+    if not line.strip() or len(line) > settings.max_record_bytes:
+        return None
+    try:
+        text = line.decode("utf-8")
+        obj = json.loads(text, parse_int=_Num, parse_float=_Num, parse_constant=_no_constant,
+                         object_pairs_hook=_unique)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if "\ufffd" in text or "\ufeff" in text or not isinstance(obj, dict):
+        return None
+    if any(k not in EVENT_FIELDS and k.lower() in EVENT_FIELDS for k in obj):
+        return None  # a field name in another case: Spark's reading depends on its settings
+    ids = {c: _text(obj, c) for c in ("event_id", "user_id", "merchant_id")}
+    amount, currency, country, when = (_text(obj, "amount", numbers=True), _text(obj, "currency"),
+                                       _text(obj, "country"), _text(obj, "event_time"))
+    if None in ids.values() or None in (amount, currency, country, when):
+        return None
+    if not (currency.isascii() and country.isascii()):
+        return None
+    currency, country = currency.upper(), country.upper()
+    if currency not in FX_TO_USD or country not in ISO_COUNTRIES or not _NUMBER.match(amount):
+        return None
+    value = float(amount)
+    if not (math.isfinite(value) and 0.0 < value <= MAX_AMOUNT):
+        return None
+    t = _instant_us(when)
+    if t is None:
+        return None
+    lag = modified_ms / 1000.0 - t / _US
+    if lag < -60.0 * settings.future_tolerance_minutes or lag > 86400.0 * settings.max_event_age_days:
+        return None
+    base = value * FX_TO_USD[currency]
+    if not math.isfinite(base):
+        return None
+    return {**ids, "country": country, "amount_base": _round6(base), "_t": t, "_raw": text}
+
+
+def parse_events(data: bytes, modified_ms: int, settings: Settings) -> tuple[list[dict], int]:
+    """The events of one inbox file that silver would insert from it, one per event id (the smallest
+    line wins, as silver's in-batch rule has it within a file), and how many lines were left out."""
+    best: dict[str, dict] = {}
+    lines = data.splitlines()
+    for line in lines:
+        row = parse_event(line, modified_ms, settings)
+        if row is not None:
+            held = best.get(row["event_id"])
+            if held is None or row["_raw"] < held["_raw"]:
+                best[row["event_id"]] = row
+    rows = list(best.values())
+    return rows, sum(1 for x in lines if x.strip()) - len(rows)
+
+
+def silver_rows(rows: list[dict]) -> pa.Table:
+    """``rows`` (:func:`parse_events`) as silver rows: :data:`lakehouse.transforms.features.ID_COLUMNS`
+    and ``batch_id`` (-1: not in silver yet)."""
+    t = np.array([r["_t"] for r in rows], dtype=np.int64)
+    return pa.table({
+        **{c: pa.array([r[c] for r in rows], pa.string()) for c in ("event_id", "user_id", "merchant_id", "country")},
+        "event_time": pa.array(t, pa.timestamp("us", tz="UTC")),
+        "event_date": pa.array(np.floor_divide(t, 86_400 * _US).astype(np.int32), pa.date32()),
+        "amount_base": pa.array([r["amount_base"] for r in rows], pa.float64()),
+        "batch_id": pa.array(np.full(len(rows), -1, dtype=np.int64)),
+    })
+
+
+def file_name(path: str) -> str:
+    """An inbox file's name from Spark's ``_metadata.file_path`` (a URI) or a plain path."""
+    return Path(unquote(urlparse(path).path) if "://" in path or path.startswith("file:") else path).name
+
+
+def resolve_journal(spark, settings: Settings) -> int | None:
+    """Resolve every entry of the express journal against silver, without a lane: the rows silver
+    holds are gold's (the mirror brings its values), the others are deleted. What a one-off mirror
+    (``lakehouse mirror``, the end of ``lakehouse stream --mirror``) does, so Postgres converges to
+    gold after a live job was killed and is not started live again. Returns the rows deleted (None:
+    no journal). A lane live in another process loses the rows of files its stream has not processed
+    yet: they come with the batch instead."""
+    from pyspark.sql import functions as F
+
+    from lakehouse import mirror
+    from lakehouse.io import delta, pg_mirror, postgres
+
+    conn = postgres.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s)", (f'"{settings.pg_schema}"."{pg_mirror.JOURNAL_TABLE}"',))
+            exists = cur.fetchone()[0] is not None
+        conn.commit()
+        if not exists:
+            return None
+        entries = [e for e, _ in pg_mirror.journaled(conn, settings.pg_schema)]
+        if not entries:
+            return 0
+        silver = delta.read(spark, settings.table_path("silver_transactions"))
+        present = {r[0] for r in silver.where(F.col("event_id").isin(entries)).select("event_id").distinct().collect()}
+        path = settings.table_path("gold_transaction_features")
+        table = mirror.mirror_spec("gold_transaction_features", delta.read(spark, path).schema)
+        deleted = pg_mirror.resolve_provisional(conn, settings.pg_schema, table, entries,
+                                                [e for e in entries if e not in present])
+        log.info("express journal: %d entries resolved, %d provisional rows deleted", len(entries), deleted)
+        return deleted
+    finally:
+        conn.close()
+
+
+class ExpressLane(threading.Thread):
+    """The express lane (module docstring) of one stream's events inbox.
+
+    :func:`lakehouse.streaming.run_streams` binds it to the stream's gold step (:meth:`bind`), starts it,
+    tells it which files each events micro-batch processed (:meth:`processed`) and stops it.
+    ``keep_published``: keep every provisional row published (the benchmark compares them with gold)."""
+
+    def __init__(self, settings: Settings, report: Callable[[str], None] | None = None, interval: float = 0.2,
+                 pause: float = 5.0, keep_published: bool = False):
+        super().__init__(name="lakehouse-express", daemon=True)
+        self.settings, self.interval, self.pause = settings, interval, pause
+        self.report = report or (lambda msg: log.warning("%s", msg))
+        self.keep_published = keep_published
+        self.published_rows: list[pa.Table] = []
+        self.stats = {"files": 0, "files_left_to_stream": 0, "rows_published": 0, "lines_left_out": 0,
+                      "events_left_out": 0, "orphans_deleted": 0, "entries_resolved": 0}
+        self.last_error: BaseException | None = None
+        self._spark = self._gold = None
+        self._halt = threading.Event()
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()  # inbox files looked at (or there at the start: the stream's alone)
+        self._done: set[str] = set()  # files an events micro-batch processed
+        self._journaled: set[str] = set()  # files with rows in the journal, not resolved yet
+        self._pending: dict[str, pa.Table] = {}  # look-back rows of published files not processed yet
+        self._kept_seen = None  # the kept look-back the pending rows were last pruned against
+        self._recovered = False
+        self._conn = None
+        self._table = None  # the MirrorTable of gold_transaction_features
+        self._retry_at = 0.0
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def bind(self, spark, gold) -> None:
+        """Serve the features of ``gold`` (a :class:`lakehouse.gold.GoldStream`); the files in the inbox
+        now are the stream's alone."""
+        self._spark, self._gold = spark, gold
+        inbox = self.settings.events_inbox
+        if inbox.is_dir():
+            self._seen.update(e.name for e in os.scandir(inbox))
+
+    def processed(self, files: Iterable[str]) -> None:
+        """An events micro-batch has processed ``files`` (paths or URIs) and written their gold."""
+        names = {file_name(f) for f in files}
+        with self._lock:
+            self._done |= names
+            for n in names:
+                self._pending.pop(n, None)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        while not self._halt.is_set():
+            if time.monotonic() >= self._retry_at:
+                try:
+                    self.step()
+                    if self.last_error is not None:
+                        self.report("express: serving new events ahead of the stream again")
+                    self.last_error = None
+                except Exception as exc:  # noqa: BLE001 -- a head start only: the stream and the mirror go on
+                    self._close()
+                    if self.last_error is None:
+                        self.report(f"express: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                                    f"; new events reach Postgres with the stream's batches meanwhile "
+                                    f"(retrying every {self.pause:.0f} s)")
+                    self.last_error, self._retry_at = exc, time.monotonic() + self.pause
+            self._halt.wait(self.interval)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """End the thread, resolving what the stream has processed meanwhile."""
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout)
+        if self._recovered:  # what the stream did not process is not gold's: Postgres is left equal to gold
+            try:
+                self._recover()
+            except Exception as exc:  # noqa: BLE001 -- the next start resolves the journal
+                self.report(f"express: the journal was not resolved at stop ({type(exc).__name__}); "
+                            "the next start resolves it")
+        self._close()
+
+    def step(self) -> int:
+        """One round: resolve the files the stream processed, then publish the files that landed;
+        returns the rows published."""
+        view = self._view()
+        if view is None:
+            self._skip_new_files()
+            return 0
+        if not self._recovered:
+            self._recover()
+        self._resolve()
+        published = 0
+        for name, modified_ms, data in self._new_files():
+            published += self._publish(name, modified_ms, data)
+        return published
+
+    # -- parts ----------------------------------------------------------------------------------
+    def _view(self):
+        """(kept look-back, watermark µs, features schema) of the stream's gold step, or None while it
+        has no look-back in the driver (before its first events batch, after a restart, a stale
+        look-back, or the Spark route)."""
+        return None if self._gold is None else self._gold.express_view()
+
+    def _connection(self):
+        from lakehouse import mirror
+        from lakehouse.io import pg_mirror, postgres
+
+        if self._table is None:
+            _, _, schema = self._view()
+            self._table = mirror.mirror_spec("gold_transaction_features", schema)
+        if self._conn is None or self._conn.closed:
+            self._conn = postgres.connect(self.settings)
+            pg_mirror.ensure_schema(self._conn, self.settings.pg_schema, [self._table])
+            pg_mirror.ensure_journal(self._conn, self.settings.pg_schema)
+        return self._conn
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None
+
+    def _inbox(self) -> list[os.DirEntry]:
+        inbox = self.settings.events_inbox
+        if not inbox.is_dir():
+            return []
+        return [e for e in os.scandir(inbox) if e.name not in self._seen and not e.name.startswith((".", "_"))
+                and e.is_file()]
+
+    def _skip_new_files(self) -> None:
+        """Files landing while there is no look-back to serve them from are the stream's alone."""
+        for e in self._inbox():
+            self._seen.add(e.name)
+            self.stats["files_left_to_stream"] += 1
+
+    def _new_files(self):
+        entries = sorted(self._inbox(), key=lambda e: (e.stat().st_mtime_ns, e.name))
+        for e in entries:
+            self._seen.add(e.name)
+            with self._lock:
+                done = e.name in self._done
+            if done:  # the stream was first
+                self.stats["files_left_to_stream"] += 1
+                continue
+            try:
+                modified_ms = e.stat().st_mtime_ns // 1_000_000
+                data = Path(e.path).read_bytes()
+            except OSError:  # gone again: nothing to serve
+                continue
+            yield e.name, modified_ms, data
+
+    def _publish(self, name: str, modified_ms: int, data: bytes) -> int:
+        from lakehouse import gold as gold_mod
+        from lakehouse.io import pg_mirror
+        from lakehouse.transforms import features
+
+        kept, mark_us, _ = self._view()
+        rows, left_out = parse_events(data, modified_ms, self.settings)
+        self.stats["lines_left_out"] += left_out
+        with self._lock:
+            if kept is not self._kept_seen:  # the stream's batches since: their rows are in the look-back
+                self._pending = {n: p.filter(pc.invert(pc.is_in(p["event_id"], value_set=kept.table["event_id"])))
+                                 for n, p in self._pending.items()}
+                self._kept_seen = kept
+            pending = [p for p in self._pending.values() if p.num_rows]
+        if not rows:
+            return 0
+        fresh = silver_rows(rows)
+        known = [kept.table["event_id"], *[p["event_id"] for p in pending]]
+        keep = pc.invert(pc.is_in(fresh["event_id"], value_set=pa.chunked_array(known, pa.string())))
+        # Too late for the windows, by the watermark the stream may have by the batch that takes this
+        # file: left to the stream (a too-late event's features see every event, on time or not).
+        latest = max([mark_us or np.iinfo(np.int64).min, *[pc.max(p["_t"]).as_py() for p in pending]])
+        if latest != np.iinfo(np.int64).min:
+            floor = latest - self.settings.allowed_lateness_minutes * 60 * _US
+            keep = pc.and_(keep, pc.greater_equal(pc.cast(fresh["event_time"], pa.int64()), floor))
+        # and events whose 30-day look-back reaches before the kept one (older than its first day)
+        keep = pc.and_(keep, pc.greater(pc.cast(fresh["event_time"], pa.int64()),
+                                        kept.lo_us + features.LOOKBACK_SECONDS * _US))
+        fresh = fresh.filter(keep)
+        self.stats["events_left_out"] += len(rows) - fresh.num_rows
+        if not fresh.num_rows:
+            return 0
+        earliest = datetime.fromtimestamp(pc.min(pc.cast(fresh["event_time"], pa.int64())).as_py() // 86_400_000_000
+                                          * 86_400, timezone.utc)
+        reports = kept.reports if kept.reports is not None else pa.table(
+            {"event_id": pa.array([], pa.string()), "_r": pa.array([], pa.int64())})
+        added = features.lookback_of_inserted(fresh, earliest, reports)
+        added = added.select(kept.table.column_names).cast(kept.table.schema)
+        table = pa.concat_tables([kept.table, *[p.select(kept.table.column_names).cast(kept.table.schema)
+                                                for p in pending], added])
+        at = np.arange(table.num_rows - added.num_rows, table.num_rows)
+        rows_out = gold_mod.feature_rows(table, at)
+        inserted = pg_mirror.publish_provisional(self._connection(), self.settings.pg_schema, self._table, rows_out,
+                                                 name)
+        with self._lock:
+            if name in self._done:  # processed while computed: resolved with the next round
+                pass
+            else:
+                self._pending[name] = added
+            if inserted:
+                self._journaled.add(name)
+        self.stats["files"] += 1
+        self.stats["rows_published"] += len(inserted)
+        if self.keep_published and inserted:
+            self.published_rows.append(rows_out.filter(pc.is_in(rows_out["event_id"], value_set=pa.array(inserted))))
+        return len(inserted)
+
+    def _in_silver(self, ids: list[str]) -> set[str]:
+        """Which of ``ids`` silver holds: looked up in the kept look-back, the rest in silver itself."""
+        from pyspark.sql import functions as F
+
+        from lakehouse.io import delta
+
+        view = self._view()
+        found: set[str] = set()
+        if view is not None and ids:
+            hit = pc.is_in(pa.array(ids, pa.string()), value_set=view[0].table["event_id"]).to_pylist()
+            found = {i for i, h in zip(ids, hit) if h}
+        rest = [i for i in ids if i not in found]
+        if rest:
+            silver = delta.read(self._spark, self.settings.table_path("silver_transactions"))
+            found |= {r[0] for r in silver.where(F.col("event_id").isin(rest)).select("event_id").distinct().collect()}
+        return found
+
+    def _resolve(self) -> None:
+        """Close the journal of the files the stream has processed (module docstring)."""
+        from lakehouse.io import pg_mirror
+
+        with self._lock:
+            files = self._journaled & self._done
+        if not files:
+            return
+        conn = self._connection()
+        entries = [e for e, _ in pg_mirror.journaled(conn, self.settings.pg_schema, files)]
+        present = self._in_silver(entries)
+        orphans = [e for e in entries if e not in present]
+        self.stats["orphans_deleted"] += pg_mirror.resolve_provisional(conn, self.settings.pg_schema, self._table,
+                                                                       entries, orphans)
+        self.stats["entries_resolved"] += len(entries)
+        with self._lock:
+            self._journaled -= files
+
+    def _recover(self) -> None:
+        """Resolve the whole journal: at the first round, what an earlier lane left (a crash); at the
+        stop, the files the stream did not process. The rows silver holds are gold's, the others are
+        deleted (the stream serves their files)."""
+        from lakehouse.io import pg_mirror
+
+        conn = self._connection()
+        entries = [e for e, _ in pg_mirror.journaled(conn, self.settings.pg_schema)]
+        if entries:
+            present = self._in_silver(entries)
+            orphans = [e for e in entries if e not in present]
+            deleted = pg_mirror.resolve_provisional(conn, self.settings.pg_schema, self._table, entries, orphans)
+            self.stats["orphans_deleted"] += deleted
+            self.stats["entries_resolved"] += len(entries)
+            log.info("express: resolved %d journal entries (%d rows deleted)", len(entries), deleted)
+        with self._lock:
+            self._journaled.clear()
+        self._recovered = True

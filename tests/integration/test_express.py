@@ -1,0 +1,167 @@
+"""The express lane (lakehouse.express) against a real stream, real Delta and the embedded Postgres:
+its provisional rows equal gold's to the bit, never overwrite a row, and Postgres still converges to
+gold (orphans deleted once their file is processed, and after a crash by the next lane)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from pyspark.sql import functions as F
+
+from lakehouse import gold, mirror, streaming
+from lakehouse.express import ExpressLane, parse_events, resolve_journal
+from lakehouse.generator import GeneratorConfig, generate_backlog
+from lakehouse.io import delta, pg_mirror, postgres
+from tests.conftest import pg_rows, stop_postgres, write_lines
+from tests.integration.inbox_data import BASE, FILE_MTIME, event_line
+from tests.integration.test_mirror_convergence import assert_pg_equals_delta
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pg(settings):
+    settings = settings.replace(stream_gold=True)
+    postgres.start(settings)
+    yield settings
+    stop_postgres(settings)
+
+
+def _batch(spark, settings, g, lane) -> None:
+    """One events micro-batch per inbox file, as the live stream runs them (availableNow)."""
+    q = streaming.start_query(spark, settings, "events", once=True, gold=g, express=lane)
+    q.awaitTermination()
+
+
+def _journal(settings) -> pd.DataFrame:
+    return pg_rows(settings, pg_mirror.JOURNAL_TABLE, "event_id")
+
+
+def test_provisional_features_equal_golds_and_postgres_converges(spark, pg):
+    # The stream quarantines records over 400 bytes; the lane (its settings differ here on purpose)
+    # takes them: the orphans its journal must clean up once the stream has processed their file.
+    settings = pg.replace(max_files_per_trigger=1, max_record_bytes=400)
+    lane = ExpressLane(settings.replace(max_record_bytes=100_000), keep_published=True)
+    g = gold.GoldStream(settings)
+    streaming.ensure_tables(spark, settings, ("events",))
+    write_lines(settings.events_inbox, "e0.jsonl", [event_line(i) for i in range(100)], mtime=FILE_MTIME)
+    lane.bind(spark, g)  # e0 was there at the start: the stream's alone
+    assert lane.step() == 0
+    _batch(spark, settings, g, lane)
+    mirror.mirror_all(spark, settings)
+    assert g.express_view() is not None
+
+    # e1 lands: new on-time events of known users (after the first file's watermark), a re-delivery
+    # of a mirrored event with other values, and a record the stream will quarantine.
+    at = lambda s: (BASE + timedelta(days=2, seconds=s)).strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
+    fresh = [event_line(100 + i, user_id=f"u{i % 7:03d}", event_time=at(i * 13)) for i in range(60)]
+    redelivered = event_line(5, amount=999.0)
+    # (of its own user, merchant and country: counted in no other event's provisional features)
+    orphan = event_line(900, note="x" * 400, event_time=at(40), user_id="u999", merchant_id="m999", country="DE")
+    write_lines(settings.events_inbox, "e1.jsonl", fresh + [redelivered, orphan], mtime=FILE_MTIME + 60)
+    # e1b, just after: more events of the same users, whose windows hold e1's (not in silver yet)
+    later = [event_line(160 + i, user_id=f"u{i % 7:03d}", event_time=at(800 + i * 17)) for i in range(30)]
+    write_lines(settings.events_inbox, "e1b.jsonl", later, mtime=FILE_MTIME + 61)
+    before = pg_rows(settings, "gold_transaction_features", "event_id")
+    assert lane.step() == 91  # the 90 new events and the orphan; not the re-delivery
+    journal = _journal(settings)
+    assert set(journal["event_id"]) == {f"e{100 + i:06d}" for i in range(90)} | {"e000900"}
+    assert journal.groupby("source_file").size().to_dict() == {"e1.jsonl": 61, "e1b.jsonl": 30}
+    now = pg_rows(settings, "gold_transaction_features", "event_id")
+    e5 = lambda df: df[df["event_id"] == "e000005"].drop(columns="mirrored_at").reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(e5(now), e5(before))  # an existing row is never overwritten
+    assert lane.step() == 0  # a file is published once
+    row = delta.read(spark, settings.table_path("gold_transaction_features")).where(F.col("event_id") == "e000005")
+    row = row.toArrow()
+    row = row.set_column(row.schema.get_field_index("amount_base"), "amount_base", pa.array([1.0]))
+    conn = postgres.connect(settings)
+    try:  # even a provisional row the lane would compute for a key Postgres holds is not written
+        assert pg_mirror.publish_provisional(conn, settings.pg_schema, lane._table,
+                                             row, "x.jsonl") == []
+    finally:
+        conn.close()
+    pd.testing.assert_frame_equal(e5(pg_rows(settings, "gold_transaction_features", "event_id")), e5(before))
+
+    # The stream processes e1 and e1b (nothing published ahead, no mirror yet): gold's rows for the
+    # new events equal the provisional ones, feature by feature.
+    _batch(spark, settings, g, lane)
+    provisional = pa.concat_tables(lane.published_rows).to_pandas().set_index("event_id").sort_index()
+    golden = (delta.read(spark, settings.table_path("gold_transaction_features"))
+              .where(F.col("event_id").isin(list(provisional.index))).toPandas().set_index("event_id").sort_index())
+    assert len(golden) == 90 and "e000900" not in golden.index
+    assert golden.loc["e000189", "user_tx_count_5m"] > 1  # counts events of e1 and e1b
+    pd.testing.assert_frame_equal(provisional.loc[golden.index, golden.columns], golden, check_dtype=False)
+    assert delta.read(spark, settings.table_path("silver_quarantine")).where(
+        F.col("record_key") == "e000900").count() == 1
+
+    # The next round resolves e1's journal: the orphan goes, gold's rows stay; the mirror then finds
+    # Postgres holding gold's values already.
+    lane.step()
+    assert _journal(settings).empty
+    assert lane.stats["orphans_deleted"] == 1 and lane.stats["entries_resolved"] == 91
+    mirror.mirror_all(spark, settings)
+    assert assert_pg_equals_delta(spark, settings, tables=("gold_transaction_features",))[
+        "gold_transaction_features"] == 190
+
+    # A lane dies (kill -9) with e2 published and not processed; the stream goes on without it, then
+    # a new lane starts: the journal left is resolved against silver before anything else.
+    write_lines(settings.events_inbox, "e2.jsonl", [event_line(200 + i, event_time=at(900 + i)) for i in range(20)]
+                + [event_line(901, note="y" * 400, event_time=at(950))], mtime=FILE_MTIME + 120)
+    assert lane.step() == 21
+    _batch(spark, settings, g, None)
+    write_lines(settings.events_inbox, "e3.jsonl", [event_line(300 + i, event_time=at(1200 + i)) for i in range(10)],
+                mtime=FILE_MTIME + 180)
+    assert lane.step() == 10  # e3 is published, then the lane dies before the stream takes it
+    assert len(_journal(settings)) == 31
+    lane2 = ExpressLane(settings)
+    lane2.bind(spark, g)  # a new lane, no kept state: its first round resolves the journal left
+    lane2.step()
+    assert _journal(settings).empty
+    assert lane2.stats["orphans_deleted"] == 11 and lane2.stats["entries_resolved"] == 31  # e901 and e3's
+    _batch(spark, settings, g, lane2)
+    mirror.mirror_all(spark, settings)
+    assert assert_pg_equals_delta(spark, settings, tables=("gold_transaction_features",))[
+        "gold_transaction_features"] == 220
+
+    # A live job killed with e4 published and never restarted live: a one-off mirror (`lakehouse
+    # mirror`, the end of `stream --once --mirror`) resolves the journal against silver.
+    write_lines(settings.events_inbox, "e4.jsonl", [event_line(400 + i, event_time=at(1500 + i)) for i in range(5)],
+                mtime=FILE_MTIME + 240)
+    assert lane2.step() == 5
+    assert resolve_journal(spark, settings) == 5
+    assert _journal(settings).empty
+    assert assert_pg_equals_delta(spark, settings, tables=("gold_transaction_features",))[
+        "gold_transaction_features"] == 220
+    lane2.stop()
+
+
+def test_the_lane_never_takes_a_line_silver_quarantines_and_reads_the_rest_as_silver(spark, settings, tmp_path):
+    """On a generated feed (broken JSON, wrong types, missing fields, re-deliveries, late events), every
+    event the lane reads from a file is the very row silver inserted from it, or a re-delivery of an
+    event silver holds: it never publishes a line silver quarantined."""
+    summary = generate_backlog(settings.events_inbox, settings.labels_inbox, GeneratorConfig(
+        seed=11, n_users=300, n_events=6000, days=1.0, malformed_rate=0.05, duplicate_rate=0.05))
+    assert summary["malformed"] > 100
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    silver = delta.read(spark, settings.table_path("silver_transactions")).select(
+        "event_id", "user_id", "merchant_id", "country", "amount_base", F.unix_micros("event_time").alias("_t"),
+        "source_file").toPandas()
+    silver["file"] = silver["source_file"].map(lambda p: p.rsplit("/", 1)[-1])
+    by_id = silver.set_index("event_id")
+    read = same = left_out = 0
+    for f in sorted(settings.events_inbox.iterdir()):
+        rows, n_out = parse_events(f.read_bytes(), f.stat().st_mtime_ns // 1_000_000, settings)
+        left_out += n_out
+        for r in rows:
+            read += 1
+            assert r["event_id"] in by_id.index, f"{r['event_id']} of {f.name}: silver does not hold it"
+            s = by_id.loc[r["event_id"]]
+            if s["file"] == f.name:  # the delivery silver kept: the same values to the bit
+                assert (s["user_id"], s["merchant_id"], s["country"], s["amount_base"], s["_t"]) == (
+                    r["user_id"], r["merchant_id"], r["country"], r["amount_base"], r["_t"]), r["event_id"]
+                same += 1
+    assert same == len(silver)  # every silver row was read by the lane, from the file silver took it from
+    assert left_out >= summary["malformed"]
