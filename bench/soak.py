@@ -34,6 +34,10 @@ Steps (each prints a progress line on stderr; everything also goes to <work>/soa
    ``stream --once --mirror``: no publisher, the mirror runs once at the end, and the final incarnation
    exits by itself. The daily risk is rewritten every 20 s (``LAKEHOUSE_RISK_REFRESH_SECONDS=20``) so
    that it runs, and gets killed, mid-stream. Scoring is off.
+   ``--drip SECONDS`` (continuous mode) holds the killed run's inbox back and lands its files one
+   every SECONDS, in the order of their modification times, while the jobs run and are killed: the
+   live job's express lane then publishes provisional features of each file ahead of the stream,
+   and a kill leaves its journal for the next incarnation to resolve.
 3. Reference run (<work>/ref): ``stream --once --mirror --max-files 1`` on the copied inbox, never
    killed.
 4. Comparison, in one Spark session of the soak's own:
@@ -226,6 +230,45 @@ def generate(soak: Soak, seed: int, days: float, n_events: int, start: date) -> 
     return info
 
 
+class Feeder:
+    """``--drip``: the killed run's inbox files land one by one while its jobs run and are killed, in
+    the order of their modification times (kept), one every ``seconds``: the live job's express lane
+    (:mod:`lakehouse.express`) publishes them ahead of the stream, and is killed with it."""
+
+    def __init__(self, soak: Soak, seconds: float):
+        import threading
+
+        s = soak.settings("killed")
+        self.held = soak.root("held")
+        if self.held.exists():
+            shutil.rmtree(self.held)
+        shutil.move(str(s.inbox_dir), str(self.held))  # the generated inbox, landed by the feeder
+        s.events_inbox.mkdir(parents=True)
+        s.labels_inbox.mkdir(parents=True)
+        self.files = sorted((f for f in self.held.rglob("*.jsonl")), key=lambda f: (f.stat().st_mtime, f.name))
+        self.targets = {f: s.inbox_dir / f.relative_to(self.held) for f in self.files}
+        self.seconds, self.landed = seconds, 0
+        self._halt = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="soak-feeder", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        for f in self.files:
+            if self._halt.wait(self.seconds):
+                return
+            os.replace(f, self.targets[f])  # a rename: atomic, modification time kept
+            self.landed += 1
+
+    @property
+    def done(self) -> bool:
+        return self.landed == len(self.files)
+
+    def stop(self) -> None:
+        self._halt.set()
+
+
 # ---- the jobs -----------------------------------------------------------------------------------------
 
 def stream_cmd(mode: str) -> list[str]:
@@ -327,12 +370,25 @@ def _wait(proc: subprocess.Popen, until, deadline: float) -> None:
         time.sleep(0.05)
 
 
-def killed_run(soak: Soak, seed: int, kills: int, mode: str, timeout: float) -> dict:
-    """Start, kill and restart the stream job ``kills`` times, then let a final incarnation finish."""
+def killed_run(soak: Soak, seed: int, kills: int, mode: str, timeout: float, drip: float = 0.0) -> dict:
+    """Start, kill and restart the stream job ``kills`` times, then let a final incarnation finish;
+    with ``drip`` seconds, the inbox files land one by one meanwhile (:class:`Feeder`)."""
     from lakehouse.io import postgres
 
     s = soak.settings("killed")
     postgres.start(s)
+    feeder = Feeder(soak, drip) if drip else None
+    if feeder is not None:
+        feeder.start()
+    try:
+        return _killed_run(soak, s, seed, kills, mode, timeout, feeder)
+    finally:
+        if feeder is not None:
+            feeder.stop()
+
+
+def _killed_run(soak: Soak, s: Settings, seed: int, kills: int, mode: str, timeout: float, feeder) -> dict:
+    landed = (lambda: True) if feeder is None else (lambda: feeder.done)  # noqa: E731
     rng = random.Random(1000 + seed)
     log = soak.work / "killed-stream.log"
     record: list[dict] = []
@@ -373,7 +429,7 @@ def killed_run(soak: Soak, seed: int, kills: int, mode: str, timeout: float) -> 
                 raise RunFailure(f"incarnation {k + 1} exited with rc {rc} before its kill; last: {tail(log)}")
             soak.say(f"kill {k + 1}: the job finished first (rc 0); no more kills")
             break
-        if mode == "continuous" and all_committed(s):
+        if mode == "continuous" and landed() and all_committed(s):
             soak.kill_current()
             k += 1
             record.append({"kill": k, "style": style, "after_s": round(time.time() - t0, 2), "idle": True})
@@ -397,7 +453,7 @@ def killed_run(soak: Soak, seed: int, kills: int, mode: str, timeout: float) -> 
     t0 = time.time()
     proc = start_job(soak, "killed", mode, log)
     if mode == "continuous":
-        while proc.poll() is None and not all_committed(s):
+        while proc.poll() is None and not (landed() and all_committed(s)):
             if time.time() - t0 > timeout:
                 soak.kill_current()
                 raise RunFailure(f"the final incarnation did not commit every file in {timeout:.0f} s")
@@ -738,7 +794,7 @@ def prepare(soak: Soak) -> None:
     for name in ("killed", "ref"):
         if soak.settings(name).pg_data_dir.exists():
             postgres.stop(soak.settings(name))
-    for name in ("killed", "ref", "gen", "backfill", "cmp"):
+    for name in ("killed", "ref", "gen", "backfill", "cmp", "held"):
         if soak.root(name).exists():
             shutil.rmtree(soak.root(name))
     for name in ("killed-stream.log", "ref-stream.log", "feed.json", "kills.json", "runs.json"):
@@ -774,12 +830,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None,
                    help="folder for both runs' data, Postgres and logs, reused and cleared on each soak "
                         "(default: <system temp>/lakehouse-soak-<seed>)")
+    p.add_argument("--drip", type=float, default=0.0,
+                   help="continuous mode: land the killed run's inbox files one every DRIP seconds while its "
+                        "jobs run and are killed, so the live job's express lane publishes them (default 0: "
+                        "the whole inbox is there from the start, the stream's alone)")
     p.add_argument("--out", default="bench/results", help="folder for the JSON result (default bench/results)")
     p.add_argument("--compare-only", action="store_true",
                    help="only compare the roots an earlier soak left in --work (no feed, no runs)")
     args = p.parse_args(argv)
-    if args.kills < 0 or args.events < 1 or args.days <= 0:
-        p.error("--kills must be >= 0, --events >= 1 and --days > 0")
+    if args.kills < 0 or args.events < 1 or args.days <= 0 or args.drip < 0:
+        p.error("--kills must be >= 0, --events >= 1, --days > 0 and --drip >= 0")
+    if args.drip and args.mode != "continuous":
+        p.error("--drip needs --mode continuous (a live job)")
     args.work = (args.work or Path(tempfile.gettempdir()) / f"lakehouse-soak-{args.seed}").resolve()
     return args
 
@@ -817,7 +879,7 @@ def main(argv=None) -> int:
                      f"conflicting re-deliveries ({f['redeliveries_with_a_moved_time']} with a moved time), "
                      f"{f['late']} late, {f['malformed']} malformed")
             t0 = time.time()
-            killed = killed_run(soak, args.seed, args.kills, args.mode, args.timeout)
+            killed = killed_run(soak, args.seed, args.kills, args.mode, args.timeout, args.drip)
             seconds["killed_run"] = round(time.time() - t0, 1)
             result.update(killed)
             t0 = time.time()

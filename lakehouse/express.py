@@ -256,6 +256,7 @@ class ExpressLane(threading.Thread):
         self._journaled: set[str] = set()  # files with rows in the journal, not resolved yet
         self._pending: dict[str, pa.Table] = {}  # look-back rows of published files not processed yet
         self._kept_seen = None  # the kept look-back the pending rows were last pruned against
+        self._snapshot = None  # the look-back collected before the stream kept one (False: none or done)
         self._recovered = False
         self._conn = None
         self._table = None  # the MirrorTable of gold_transaction_features
@@ -326,10 +327,18 @@ class ExpressLane(threading.Thread):
 
     # -- parts ----------------------------------------------------------------------------------
     def _view(self):
-        """(kept look-back, watermark µs, features schema) of the stream's gold step, or None while it
-        has no look-back in the driver (before its first events batch, after a restart, a stale
-        look-back, or the Spark route)."""
-        return None if self._gold is None else self._gold.express_view()
+        """(kept look-back, watermark µs, features schema) of the stream's gold step; before its first
+        events batch, a look-back collected once for the lane (:meth:`GoldStream.express_snapshot`);
+        None while there is none (a stale look-back dropped, the Spark route)."""
+        if self._gold is None:
+            return None
+        view = self._gold.express_view()
+        if view is not None:
+            self._snapshot = False  # the stream's own from now on
+            return view
+        if self._snapshot is None:
+            self._snapshot = self._gold.express_snapshot(self._spark) or False
+        return self._snapshot or None
 
     def _connection(self):
         from lakehouse import mirror
@@ -485,7 +494,9 @@ class ExpressLane(threading.Thread):
             deleted = pg_mirror.resolve_provisional(conn, self.settings.pg_schema, self._table, entries, orphans)
             self.stats["orphans_deleted"] += deleted
             self.stats["entries_resolved"] += len(entries)
-            log.info("express: resolved %d journal entries (%d rows deleted)", len(entries), deleted)
+            (log.info if self._recovered else self.report)(
+                f"express: {len(entries)} provisional rows {'left unprocessed at the stop' if self._recovered else 'left by an earlier run'} "
+                f"resolved against silver ({deleted} deleted, the others are gold's)")
         with self._lock:
             self._journaled.clear()
         self._recovered = True
