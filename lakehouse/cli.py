@@ -137,6 +137,11 @@ def cmd_stream(args, settings: Settings) -> int:
                           publish=publisher.submit if publisher is not None else None, express=express)
     if publisher is not None:
         publisher.stop()
+    if express is not None:
+        st = express.stats
+        console.print(f"express lane: {st['rows_published']:,} provisional rows served from {st['files']:,} files "
+                      f"({st['events_left_out']:,} events and {st['lines_left_out']:,} lines left to the stream); "
+                      f"{st['entries_resolved']:,} resolved, {st['orphans_deleted']:,} orphans deleted")
     if loop is not None:
         console.print("mirroring the last changes into Postgres ...")
         if loop.is_alive():
@@ -196,7 +201,12 @@ def _resolve_express_journal(spark, settings: Settings) -> None:
     """Provisional rows an express lane left (a killed live job) are resolved against silver."""
     from lakehouse.express import resolve_journal
 
-    deleted = resolve_journal(spark, settings)
+    try:
+        deleted = resolve_journal(spark, settings)
+    except Exception as exc:  # noqa: BLE001 -- the next mirror or live start resolves it
+        console.print(f"[yellow]express journal not resolved ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); "
+                      "the next `lakehouse mirror` or live stream resolves it[/]")
+        return
     if deleted:
         console.print(f"express journal: {deleted} provisional rows of events gold does not hold deleted")
 

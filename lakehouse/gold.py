@@ -473,20 +473,26 @@ class GoldStream:
 
     def express_snapshot(self, spark: SparkSession) -> tuple[_Kept, int | None, StructType] | None:
         """:meth:`express_view` before this stream's first events batch has kept a look-back: silver
-        from 30 days before today (UTC) on, collected as that batch will collect it, with the latest
-        event time in it for the watermark. Read only (the gold tables may not exist yet); None when
-        silver does not exist yet or the look-back is too large for the driver."""
+        from 30 days before the day before the watermark (the latest event time the events batches
+        inserted; today, UTC, before any) on, collected as a batch of that day collects it, and that
+        watermark. Read only (the gold tables may not exist yet); None when silver does not exist yet
+        or the look-back is too large for the driver."""
         limit = self.settings.features_driver_max_rows
         if not self._in_driver or not delta.is_delta_table(self._path("silver_transactions")):
             return None
         schemas = self._schemas or _schemas_of(spark, self.settings)
-        earliest = datetime.combine(_today(), datetime.min.time(), timezone.utc)
+        mark = None
+        if delta.is_delta_table(self._path("silver_dq_batches")):
+            dq = delta.read(spark, self._path("silver_dq_batches"))
+            if "max_event_time" in dq.columns:
+                mark = dq.where(F.col("kind") == "events").agg(F.max(F.unix_micros("max_event_time"))).first()[0]
+        day = _today() if mark is None else instant(mark).date() - timedelta(days=1)
+        earliest = datetime.combine(day, datetime.min.time(), timezone.utc)
         labels = self._fraud_only_labels(spark)
         table = features.lookback_rows(delta.read(spark, self._path("silver_transactions")), earliest, labels,
                                        too_late_ids(spark, self.settings)).limit(limit + 1).toArrow()
         if table.num_rows > limit:
             return None
-        mark = pc.max(table["_t"]).as_py() if table.num_rows else None
         kept = _Kept(table, features.lookback_start(earliest), None, features.fraud_reports(labels).toArrow(), None)
         return kept, mark, schemas["gold_transaction_features"]
 

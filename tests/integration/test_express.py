@@ -4,6 +4,11 @@ gold (orphans deleted once their file is processed, and after a crash by the nex
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from datetime import timedelta
 
 import pandas as pd
@@ -15,19 +20,11 @@ from lakehouse import gold, mirror, streaming
 from lakehouse.express import ExpressLane, parse_events, resolve_journal
 from lakehouse.generator import GeneratorConfig, generate_backlog
 from lakehouse.io import delta, pg_mirror, postgres
-from tests.conftest import pg_rows, stop_postgres, write_lines
+from tests.conftest import pg_rows, write_lines
 from tests.integration.inbox_data import BASE, FILE_MTIME, event_line
-from tests.integration.test_mirror_convergence import assert_pg_equals_delta
+from tests.integration.test_mirror_convergence import _pg_count, assert_pg_equals_delta, pg  # noqa: F401 -- the fixture
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def pg(settings):
-    settings = settings.replace(stream_gold=True)
-    postgres.start(settings)
-    yield settings
-    stop_postgres(settings)
 
 
 def _batch(spark, settings, g, lane) -> None:
@@ -165,3 +162,71 @@ def test_the_lane_never_takes_a_line_silver_quarantines_and_reads_the_rest_as_si
                 same += 1
     assert same == len(silver)  # every silver row was read by the lane, from the file silver took it from
     assert left_out >= summary["malformed"]
+
+
+def _journal_count(settings) -> int:
+    try:
+        conn = postgres.connect(settings)
+    except Exception:  # noqa: BLE001 - the server is starting
+        return 0
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select to_regclass(%s)", (f"{settings.pg_schema}.{pg_mirror.JOURNAL_TABLE}",))
+            if cur.fetchone()[0] is None:
+                return 0
+            cur.execute(f"select count(*) from {settings.pg_schema}.{pg_mirror.JOURNAL_TABLE}")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_kill_9_while_provisional_rows_are_journaled_then_the_next_lane_resolves_them(spark, pg, tmp_path):
+    """The live job (``stream --mirror``, express lane on) is killed with -9 while Postgres holds
+    provisional rows of a file the stream has not processed; the restarted job's lane resolves the
+    journal left, and Postgres ends equal to gold, row for row."""
+    settings = pg
+    write_lines(settings.events_inbox, "e0.jsonl", [event_line(i) for i in range(200)], mtime=FILE_MTIME)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")},
+           "LAKEHOUSE_DATA": str(settings.data_root), "LAKEHOUSE_SPARK_MASTER": "local[2]",
+           "LAKEHOUSE_SHUFFLE_PARTITIONS": "2", "LAKEHOUSE_STREAM_GOLD": "1", "LAKEHOUSE_STREAM_SCORING": "0",
+           "PYTHONUNBUFFERED": "1"}
+    live = [sys.executable, "-m", "lakehouse.cli", "stream", "--mirror", "--trigger-seconds", "1", "--only", "events"]
+    log = tmp_path / "live.log"
+    at = lambda s: (BASE + timedelta(days=2, seconds=s)).strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
+    with log.open("a") as out:
+        proc = subprocess.Popen(live, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None and "events batch    0" not in log.read_text():
+                time.sleep(0.1)  # e0's batch is over: the lane serves from the look-back the stream kept
+            write_lines(settings.events_inbox, "e1.jsonl", [event_line(300 + i, event_time=at(i)) for i in range(50)],
+                        mtime=FILE_MTIME + 60)
+            while time.time() < deadline and proc.poll() is None and _journal_count(settings) == 0:
+                time.sleep(0.02)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            journaled = _journal_count(settings)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert journaled == 50, log.read_text()[-3000:]
+    assert _journal_count(settings) == 50  # left by the dead lane
+    # the restarted live job: its lane resolves what was left, the stream processes e1; then a clean stop
+    with log.open("a") as out:
+        proc = subprocess.Popen(live, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            path = settings.table_path("gold_transaction_features")
+            while time.time() < deadline and proc.poll() is None and not (
+                    _journal_count(settings) == 0 and delta.read(spark, path).count() == 250):
+                time.sleep(0.5)
+            time.sleep(3)  # a mirror round
+            os.kill(proc.pid, signal.SIGTERM)  # a clean stop (the job's own JVM is left to it)
+            assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "50 provisional rows left by an earlier run resolved against silver" in text, text[-3000:]
+    assert _journal_count(settings) == 0
+    assert assert_pg_equals_delta(spark, settings)["gold_transaction_features"] == 250
