@@ -165,19 +165,7 @@ def test_the_lane_never_takes_a_line_silver_quarantines_and_reads_the_rest_as_si
 
 
 def _journal_count(settings) -> int:
-    try:
-        conn = postgres.connect(settings)
-    except Exception:  # noqa: BLE001 - the server is starting
-        return 0
-    try:
-        with conn.cursor() as cur:
-            cur.execute("select to_regclass(%s)", (f"{settings.pg_schema}.{pg_mirror.JOURNAL_TABLE}",))
-            if cur.fetchone()[0] is None:
-                return 0
-            cur.execute(f"select count(*) from {settings.pg_schema}.{pg_mirror.JOURNAL_TABLE}")
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
+    return _pg_count(settings, pg_mirror.JOURNAL_TABLE)
 
 
 @pytest.mark.slow
