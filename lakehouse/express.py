@@ -196,6 +196,31 @@ def file_name(path: str) -> str:
     return Path(unquote(urlparse(path).path) if "://" in path or path.startswith("file:") else path).name
 
 
+def _silver_ids(spark, settings: Settings, ids: list[str]) -> set[str]:
+    """Which of ``ids`` silver_transactions holds (one Spark query)."""
+    from pyspark.sql import functions as F
+
+    from lakehouse.io import delta
+
+    if not ids:
+        return set()
+    silver = delta.read(spark, settings.table_path("silver_transactions"))
+    return {r[0] for r in silver.where(F.col("event_id").isin(ids)).select("event_id").distinct().collect()}
+
+
+def _close_entries(conn, settings: Settings, table, entries: list[str], in_silver: Callable[[list[str]], set[str]]
+                   ) -> int:
+    """Close the journal ``entries``: the rows silver holds are gold's, the others (orphans) are
+    deleted (:func:`lakehouse.io.pg_mirror.resolve_provisional`); returns the rows deleted."""
+    from lakehouse.io import pg_mirror
+
+    if not entries:
+        return 0
+    present = in_silver(entries)
+    return pg_mirror.resolve_provisional(conn, settings.pg_schema, table, entries,
+                                         [e for e in entries if e not in present])
+
+
 def resolve_journal(spark, settings: Settings) -> int | None:
     """Resolve every entry of the express journal against silver, without a lane: the rows silver
     holds are gold's (the mirror brings its values), the others are deleted. What a one-off mirror
@@ -203,8 +228,6 @@ def resolve_journal(spark, settings: Settings) -> int | None:
     gold after a live job was killed and is not started live again. Returns the rows deleted (None:
     no journal). A lane live in another process loses the rows of files its stream has not processed
     yet: they come with the batch instead."""
-    from pyspark.sql import functions as F
-
     from lakehouse import mirror
     from lakehouse.io import delta, pg_mirror, postgres
 
@@ -219,12 +242,9 @@ def resolve_journal(spark, settings: Settings) -> int | None:
         entries = [e for e, _ in pg_mirror.journaled(conn, settings.pg_schema)]
         if not entries:
             return 0
-        silver = delta.read(spark, settings.table_path("silver_transactions"))
-        present = {r[0] for r in silver.where(F.col("event_id").isin(entries)).select("event_id").distinct().collect()}
         path = settings.table_path("gold_transaction_features")
         table = mirror.mirror_spec("gold_transaction_features", delta.read(spark, path).schema)
-        deleted = pg_mirror.resolve_provisional(conn, settings.pg_schema, table, entries,
-                                                [e for e in entries if e not in present])
+        deleted = _close_entries(conn, settings, table, entries, lambda ids: _silver_ids(spark, settings, ids))
         log.info("express journal: %d entries resolved, %d provisional rows deleted", len(entries), deleted)
         return deleted
     finally:
@@ -447,20 +467,12 @@ class ExpressLane(threading.Thread):
 
     def _in_silver(self, ids: list[str]) -> set[str]:
         """Which of ``ids`` silver holds: looked up in the kept look-back, the rest in silver itself."""
-        from pyspark.sql import functions as F
-
-        from lakehouse.io import delta
-
         view = self._view()
         found: set[str] = set()
         if view is not None and ids:
             hit = pc.is_in(pa.array(ids, pa.string()), value_set=view[0].table["event_id"]).to_pylist()
             found = {i for i, h in zip(ids, hit) if h}
-        rest = [i for i in ids if i not in found]
-        if rest:
-            silver = delta.read(self._spark, self.settings.table_path("silver_transactions"))
-            found |= {r[0] for r in silver.where(F.col("event_id").isin(rest)).select("event_id").distinct().collect()}
-        return found
+        return found | _silver_ids(self._spark, self.settings, [i for i in ids if i not in found])
 
     def _resolve(self) -> None:
         """Close the journal of the files the stream has processed (module docstring)."""
@@ -472,10 +484,7 @@ class ExpressLane(threading.Thread):
             return
         conn = self._connection()
         entries = [e for e, _ in pg_mirror.journaled(conn, self.settings.pg_schema, files)]
-        present = self._in_silver(entries)
-        orphans = [e for e in entries if e not in present]
-        self.stats["orphans_deleted"] += pg_mirror.resolve_provisional(conn, self.settings.pg_schema, self._table,
-                                                                       entries, orphans)
+        self.stats["orphans_deleted"] += _close_entries(conn, self.settings, self._table, entries, self._in_silver)
         self.stats["entries_resolved"] += len(entries)
         with self._lock:
             self._journaled -= files
@@ -489,9 +498,7 @@ class ExpressLane(threading.Thread):
         conn = self._connection()
         entries = [e for e, _ in pg_mirror.journaled(conn, self.settings.pg_schema)]
         if entries:
-            present = self._in_silver(entries)
-            orphans = [e for e in entries if e not in present]
-            deleted = pg_mirror.resolve_provisional(conn, self.settings.pg_schema, self._table, entries, orphans)
+            deleted = _close_entries(conn, self.settings, self._table, entries, self._in_silver)
             self.stats["orphans_deleted"] += deleted
             self.stats["entries_resolved"] += len(entries)
             (log.info if self._recovered else self.report)(
