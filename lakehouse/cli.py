@@ -146,8 +146,8 @@ def cmd_stream(args, settings: Settings) -> int:
         console.print("mirroring the last changes into Postgres ...")
         if loop.is_alive():
             loop.stop()
-        else:
-            loop.run_round()
+        else:  # a catch-up: the stream has stopped, so two tables at once, as `lakehouse mirror`
+            loop.run_round(workers=2)
         _resolve_express_journal(spark, settings)
     rec = summary.reconciliation(spark, settings)
     out.print_json(json.dumps({"reconciliation": rec, "seconds": round(time.time() - started, 1)}))

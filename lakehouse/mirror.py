@@ -190,14 +190,15 @@ class MirrorLoop(threading.Thread):
     #: meanwhile), a round checks every table against the ledger instead of trusting its memory.
     FULL_CHECK_EVERY = 60
 
-    def run_round(self, remember: bool = True) -> list[dict]:
+    def run_round(self, remember: bool = True, workers: int = 1) -> list[dict]:
         """One round; with ``remember``, tables whose Delta version has not moved since this loop
         last applied it are skipped without a snapshot load or a Postgres round trip (a poll every
-        second must not compete with the stream for the driver)."""
+        second must not compete with the stream for the driver). ``workers``: tables mirrored at once
+        (:func:`mirror_all`); one beside a running stream."""
         if not remember:
             self._applied.clear()  # relearned from the ledger in this round
         return mirror_all(self.spark, self.settings, attempts=1, tables=self.tables,
-                          view_always=self.rounds == 0, applied=self._applied, workers=1)
+                          view_always=self.rounds == 0, applied=self._applied, workers=workers)
 
     def run(self) -> None:
         delay = self.interval
@@ -215,11 +216,13 @@ class MirrorLoop(threading.Thread):
                 self.last_error, delay = exc, min(self.max_backoff, max(delay * 2, 1.0))
             self._halt.wait(delay)
 
-    def stop(self, final_round: bool = True, timeout: float = 300.0) -> None:
+    def stop(self, final_round: bool = True, timeout: float = 300.0) -> list[dict]:
+        """End the loop; the final round checks every table against the Postgres ledger, two tables
+        at once (call it once the stream has stopped: the cores are the mirror's then). Returns
+        the final round's results (:func:`mirror_all`)."""
         self._halt.set()
         self.join(timeout)
-        if final_round:  # checks every table against the Postgres ledger
-            self.run_round(remember=False)
+        return self.run_round(remember=False, workers=2) if final_round else []
 
 
 class Publisher(threading.Thread):
