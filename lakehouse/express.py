@@ -340,10 +340,8 @@ class ExpressLane(threading.Thread):
         if not self._recovered:
             self._recover()
         self._resolve()
-        published = 0
-        for name, modified_ms, data in self._new_files():
-            published += self._publish(name, modified_ms, data)
-        return published
+        files = list(self._new_files())
+        return self._publish(files) if files else 0
 
     # -- parts ----------------------------------------------------------------------------------
     def _view(self):
@@ -408,62 +406,80 @@ class ExpressLane(threading.Thread):
                 continue
             yield e.name, modified_ms, data
 
-    def _publish(self, name: str, modified_ms: int, data: bytes) -> int:
+    def _publish(self, files: list[tuple[str, int, bytes]]) -> int:
+        """Serve the files ``files`` (name, mtime in ms, content) that landed since the last round, in
+        landing order: one feature computation for all of them (its cost is mostly the look-back's,
+        whatever the number of targets), then one journaled insert per file. An event of a file sees
+        the events of the files before it, as of its own time; it may see those of a later file of
+        the round too, as gold will. Returns the rows inserted."""
         from lakehouse import gold as gold_mod
         from lakehouse.io import pg_mirror
         from lakehouse.transforms import features
 
         kept, mark_us, _ = self._view()
-        rows, left_out = parse_events(data, modified_ms, self.settings)
-        self.stats["lines_left_out"] += left_out
         with self._lock:
             if kept is not self._kept_seen:  # the stream's batches since: their rows are in the look-back
                 self._pending = {n: p.filter(pc.invert(pc.is_in(p["event_id"], value_set=kept.table["event_id"])))
                                  for n, p in self._pending.items()}
                 self._kept_seen = kept
             pending = [p for p in self._pending.values() if p.num_rows]
-        if not rows:
-            return 0
-        fresh = silver_rows(rows)
-        known = [kept.table["event_id"], *[p["event_id"] for p in pending]]
-        keep = pc.invert(pc.is_in(fresh["event_id"], value_set=pa.chunked_array(known, pa.string())))
-        # Too late for the windows, by the watermark the stream may have by the batch that takes this
-        # file: left to the stream (a too-late event's features see every event, on time or not).
+        schema = kept.table.schema
+        known = pa.chunked_array([kept.table["event_id"], *[p["event_id"] for p in pending]], pa.string())
         latest = max([mark_us or np.iinfo(np.int64).min, *[pc.max(p["_t"]).as_py() for p in pending]])
-        if latest != np.iinfo(np.int64).min:
-            floor = latest - self.settings.allowed_lateness_minutes * 60 * _US
-            keep = pc.and_(keep, pc.greater_equal(pc.cast(fresh["event_time"], pa.int64()), floor))
-        # and events whose 30-day look-back reaches before the kept one (older than its first day)
-        keep = pc.and_(keep, pc.greater(pc.cast(fresh["event_time"], pa.int64()),
-                                        kept.lo_us + features.LOOKBACK_SECONDS * _US))
-        fresh = fresh.filter(keep)
-        self.stats["events_left_out"] += len(rows) - fresh.num_rows
-        if not fresh.num_rows:
-            return 0
-        earliest = datetime.fromtimestamp(pc.min(pc.cast(fresh["event_time"], pa.int64())).as_py() // 86_400_000_000
-                                          * 86_400, timezone.utc)
         reports = kept.reports if kept.reports is not None else pa.table(
             {"event_id": pa.array([], pa.string()), "_r": pa.array([], pa.int64())})
-        added = features.lookback_of_inserted(fresh, earliest, reports)
-        added = added.select(kept.table.column_names).cast(kept.table.schema)
-        table = pa.concat_tables([kept.table, *[p.select(kept.table.column_names).cast(kept.table.schema)
-                                                for p in pending], added])
-        at = np.arange(table.num_rows - added.num_rows, table.num_rows)
-        rows_out = gold_mod.feature_rows(table, at)
-        inserted = pg_mirror.publish_provisional(self._connection(), self.settings.pg_schema, self._table, rows_out,
-                                                 name)
-        with self._lock:
-            if name in self._done:  # processed while computed: resolved with the next round
-                pass
-            else:
-                self._pending[name] = added
-            if inserted:
-                self._journaled.add(name)
-        self.stats["files"] += 1
-        self.stats["rows_published"] += len(inserted)
-        if self.keep_published and inserted:
-            self.published_rows.append(rows_out.filter(pc.is_in(rows_out["event_id"], value_set=pa.array(inserted))))
-        return len(inserted)
+        taken: set[str] = set()  # ids taken from an earlier file of this round
+        served: list[tuple[str, pa.Table]] = []
+        for name, modified_ms, data in files:
+            rows, left_out = parse_events(data, modified_ms, self.settings)
+            self.stats["lines_left_out"] += left_out
+            if not rows:
+                continue
+            fresh = silver_rows(rows)
+            keep = pc.invert(pc.or_(pc.is_in(fresh["event_id"], value_set=known),
+                                    pc.is_in(fresh["event_id"], value_set=pa.array(sorted(taken), pa.string()))))
+            # Too late for the windows, by the watermark the stream may have by the batch that takes
+            # this file: left to the stream (a too-late event's features see every event, on time or not).
+            if latest != np.iinfo(np.int64).min:
+                floor = latest - self.settings.allowed_lateness_minutes * 60 * _US
+                keep = pc.and_(keep, pc.greater_equal(pc.cast(fresh["event_time"], pa.int64()), floor))
+            # and events whose 30-day look-back reaches before the kept one (older than its first day)
+            keep = pc.and_(keep, pc.greater(pc.cast(fresh["event_time"], pa.int64()),
+                                            kept.lo_us + features.LOOKBACK_SECONDS * _US))
+            fresh = fresh.filter(keep)
+            self.stats["events_left_out"] += len(rows) - fresh.num_rows
+            if not fresh.num_rows:
+                continue
+            earliest = datetime.fromtimestamp(pc.min(pc.cast(fresh["event_time"], pa.int64())).as_py()
+                                              // 86_400_000_000 * 86_400, timezone.utc)
+            added = features.lookback_of_inserted(fresh, earliest, reports)
+            added = added.select(kept.table.column_names).cast(schema)
+            served.append((name, added))
+            taken.update(added["event_id"].to_pylist())
+            latest = max(latest, pc.max(added["_t"]).as_py())
+        if not served:
+            return 0
+        table = pa.concat_tables([kept.table, *[p.select(kept.table.column_names).cast(schema) for p in pending],
+                                  *[added for _, added in served]])
+        n_added = sum(added.num_rows for _, added in served)
+        rows_out = gold_mod.feature_rows(table, np.arange(table.num_rows - n_added, table.num_rows))
+        total, offset = 0, 0
+        for name, added in served:
+            mine = rows_out.slice(offset, added.num_rows)
+            offset += added.num_rows
+            inserted = pg_mirror.publish_provisional(self._connection(), self.settings.pg_schema, self._table,
+                                                     mine, name)
+            with self._lock:
+                if name not in self._done:  # else processed while computed: resolved with the next round
+                    self._pending[name] = added
+                if inserted:
+                    self._journaled.add(name)
+            self.stats["files"] += 1
+            self.stats["rows_published"] += len(inserted)
+            total += len(inserted)
+            if self.keep_published and inserted:
+                self.published_rows.append(mine.filter(pc.is_in(mine["event_id"], value_set=pa.array(inserted))))
+        return total
 
     def _in_silver(self, ids: list[str]) -> set[str]:
         """Which of ``ids`` silver holds: looked up in the kept look-back, the rest in silver itself."""

@@ -59,9 +59,10 @@ def test_provisional_features_equal_golds_and_postgres_converges(spark, pg):
     # (of its own user, merchant and country: counted in no other event's provisional features)
     orphan = event_line(900, note="x" * 400, event_time=at(40), user_id="u999", merchant_id="m999", country="DE")
     write_lines(settings.events_inbox, "e1.jsonl", fresh + [redelivered, orphan], mtime=FILE_MTIME + 60)
-    # e1b, just after: more events of the same users, whose windows hold e1's (not in silver yet)
+    # e1b, just after: more events of the same users, whose windows hold e1's (not in silver yet), and
+    # one of e1's events again (published once, from e1: both files are served in one round)
     later = [event_line(160 + i, user_id=f"u{i % 7:03d}", event_time=at(800 + i * 17)) for i in range(30)]
-    write_lines(settings.events_inbox, "e1b.jsonl", later, mtime=FILE_MTIME + 61)
+    write_lines(settings.events_inbox, "e1b.jsonl", later + [fresh[3]], mtime=FILE_MTIME + 61)
     before = pg_rows(settings, "gold_transaction_features", "event_id")
     assert lane.step() == 91  # the 90 new events and the orphan; not the re-delivery
     journal = _journal(settings)
