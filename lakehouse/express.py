@@ -276,6 +276,7 @@ class ExpressLane(threading.Thread):
         self._journaled: set[str] = set()  # files with rows in the journal, not resolved yet
         self._pending: dict[str, pa.Table] = {}  # look-back rows of published files not processed yet
         self._kept_seen = None  # the kept look-back the pending rows were last pruned against
+        self._ids, self._ids_of = set(), None  # the event ids of a kept look-back (:meth:`_kept_ids`)
         self._snapshot = None  # the look-back collected before the stream kept one (False: none or done)
         self._recovered = False
         self._conn = None
@@ -417,14 +418,16 @@ class ExpressLane(threading.Thread):
         from lakehouse.transforms import features
 
         kept, mark_us, _ = self._view()
+        kept_ids = self._kept_ids(kept)
         with self._lock:
             if kept is not self._kept_seen:  # the stream's batches since: their rows are in the look-back
-                self._pending = {n: p.filter(pc.invert(pc.is_in(p["event_id"], value_set=kept.table["event_id"])))
+                self._pending = {n: p.filter(pa.array([i not in kept_ids for i in p["event_id"].to_pylist()],
+                                                      pa.bool_()))
                                  for n, p in self._pending.items()}
                 self._kept_seen = kept
             pending = [p for p in self._pending.values() if p.num_rows]
         schema = kept.table.schema
-        known = pa.chunked_array([kept.table["event_id"], *[p["event_id"] for p in pending]], pa.string())
+        pending_ids = {i for p in pending for i in p["event_id"].to_pylist()}
         latest = max([mark_us or np.iinfo(np.int64).min, *[pc.max(p["_t"]).as_py() for p in pending]])
         reports = kept.reports if kept.reports is not None else pa.table(
             {"event_id": pa.array([], pa.string()), "_r": pa.array([], pa.int64())})
@@ -436,8 +439,8 @@ class ExpressLane(threading.Thread):
             if not rows:
                 continue
             fresh = silver_rows(rows)
-            keep = pc.invert(pc.or_(pc.is_in(fresh["event_id"], value_set=known),
-                                    pc.is_in(fresh["event_id"], value_set=pa.array(sorted(taken), pa.string()))))
+            keep = pa.array([not (i in kept_ids or i in pending_ids or i in taken)
+                             for i in fresh["event_id"].to_pylist()], pa.bool_())
             # Too late for the windows, by the watermark the stream may have by the batch that takes
             # this file: left to the stream (a too-late event's features see every event, on time or not).
             if latest != np.iinfo(np.int64).min:
@@ -481,13 +484,20 @@ class ExpressLane(threading.Thread):
                 self.published_rows.append(mine.filter(pc.is_in(mine["event_id"], value_set=pa.array(inserted))))
         return total
 
+    def _kept_ids(self, kept) -> set[str]:
+        """The event ids of the look-back ``kept``, as a set built once per look-back: a ``pc.is_in``
+        against a million ids hashes them again on every call (a third of a second each)."""
+        if self._ids_of is not kept:
+            self._ids, self._ids_of = set(kept.table["event_id"].to_pylist()), kept
+        return self._ids
+
     def _in_silver(self, ids: list[str]) -> set[str]:
         """Which of ``ids`` silver holds: looked up in the kept look-back, the rest in silver itself."""
         view = self._view()
         found: set[str] = set()
         if view is not None and ids:
-            hit = pc.is_in(pa.array(ids, pa.string()), value_set=view[0].table["event_id"]).to_pylist()
-            found = {i for i, h in zip(ids, hit) if h}
+            kept_ids = self._kept_ids(view[0])
+            found = {i for i in ids if i in kept_ids}
         return found | _silver_ids(self._spark, self.settings, [i for i in ids if i not in found])
 
     def _resolve(self) -> None:
