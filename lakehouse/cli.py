@@ -141,7 +141,9 @@ def cmd_stream(args, settings: Settings) -> int:
         st = express.stats
         console.print(f"express lane: {st['rows_published']:,} provisional rows served from {st['files']:,} files "
                       f"({st['events_left_out']:,} events and {st['lines_left_out']:,} lines left to the stream); "
-                      f"{st['entries_resolved']:,} resolved, {st['orphans_deleted']:,} orphans deleted")
+                      f"{st['entries_resolved']:,} resolved, {st['orphans_deleted']:,} orphans deleted; "
+                      f"{st['rounds']:,} rounds, {st['compute_seconds'] / max(1, st['rounds']):.2f} s computing "
+                      f"and {st['insert_seconds'] / max(1, st['rounds']):.2f} s inserting on average")
     if loop is not None:
         console.print("mirroring the last changes into Postgres ...")
         if loop.is_alive():

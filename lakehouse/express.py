@@ -266,7 +266,9 @@ class ExpressLane(threading.Thread):
         self.keep_published = keep_published
         self.published_rows: list[pa.Table] = []
         self.stats = {"files": 0, "files_left_to_stream": 0, "rows_published": 0, "lines_left_out": 0,
-                      "events_left_out": 0, "orphans_deleted": 0, "entries_resolved": 0}
+                      "events_left_out": 0, "orphans_deleted": 0, "entries_resolved": 0,
+                      # rounds that served files, and their seconds: computing features, inserting them
+                      "rounds": 0, "compute_seconds": 0.0, "insert_seconds": 0.0, "slowest_round_seconds": 0.0}
         self.last_error: BaseException | None = None
         self._spark = self._gold = None
         self._halt = threading.Event()
@@ -417,6 +419,7 @@ class ExpressLane(threading.Thread):
         from lakehouse.io import pg_mirror
         from lakehouse.transforms import features
 
+        started = time.monotonic()
         kept, mark_us, _ = self._view()
         kept_ids = self._kept_ids(kept)
         with self._lock:
@@ -465,7 +468,8 @@ class ExpressLane(threading.Thread):
         table = pa.concat_tables([kept.table, *[p.select(kept.table.column_names).cast(schema) for p in pending],
                                   *[added for _, added in served]])
         n_added = sum(added.num_rows for _, added in served)
-        rows_out = gold_mod.feature_rows(table, np.arange(table.num_rows - n_added, table.num_rows))
+        rows_out = gold_mod.feature_rows(table, np.arange(table.num_rows - n_added, table.num_rows), alone=True)
+        computed = time.monotonic()
         total, offset = 0, 0
         for name, added in served:
             mine = rows_out.slice(offset, added.num_rows)
@@ -482,6 +486,11 @@ class ExpressLane(threading.Thread):
             total += len(inserted)
             if self.keep_published and inserted:
                 self.published_rows.append(mine.filter(pc.is_in(mine["event_id"], value_set=pa.array(inserted))))
+        done = time.monotonic()
+        self.stats["rounds"] += 1
+        self.stats["compute_seconds"] += computed - started
+        self.stats["insert_seconds"] += done - computed
+        self.stats["slowest_round_seconds"] = max(self.stats["slowest_round_seconds"], done - started)
         return total
 
     def _kept_ids(self, kept) -> set[str]:

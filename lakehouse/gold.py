@@ -214,17 +214,20 @@ def new_rows(table: pa.Table, batch_id: int, dates: list[str]) -> np.ndarray:
     return np.flatnonzero(is_new.to_numpy(zero_copy_only=False))
 
 
-def feature_rows(table: pa.Table, at: np.ndarray, keys: list[np.ndarray] | None = None) -> pa.Table:
+def feature_rows(table: pa.Table, at: np.ndarray, keys: list[np.ndarray] | None = None,
+                 alone: bool = False) -> pa.Table:
     """The gold_transaction_features rows of the look-back rows ``at`` of ``table``
     (:func:`features.lookback_rows`' columns; their event ids unique), each as of its own event time
     from the rows of ``table`` (:func:`driver_features.evaluate`), in the order of ``at``. ``keys``:
-    :func:`driver_features.key_codes` of ``table``, when the caller has them already."""
+    :func:`driver_features.key_codes` of ``table``, when the caller has them already. ``alone``: no
+    other row of ``table`` has the event id of a row of ``at`` (the express lane's new events), so
+    they need not be looked up among the table's ids."""
     ids = table["event_id"].take(at)
     names = [c for c in features.FEATURE_COLUMNS if c not in ("is_night", "is_weekend")]
     got = driver_features.evaluate(table.select(["event_id", "user_id", "merchant_id", "country", "amount_base",
                                                  "_t", "_a", "_r", "_late"]),
                                    ids, names, features.TRAILING_WINDOWS, features.FRAUD_RATE_WINDOWS,
-                                   features.LOOKBACK_SECONDS, keys=keys)
+                                   features.LOOKBACK_SECONDS, keys=keys, at=at if alone else None)
     assert got["event_id"].equals(ids), "driver features came back in another order"
     seconds = np.floor_divide(table["_t"].to_numpy().astype(np.int64)[at], 1_000_000)
     columns = {c: table[c].take(at) for c in features.ID_COLUMNS} | {c: got[c] for c in names}

@@ -260,17 +260,23 @@ def _rows(table: pa.Table, keys: list[np.ndarray] | None = None) -> Rows:
 
 def evaluate(table: pa.Table, wanted: pa.ChunkedArray, names: list[str], windows: tuple[tuple[str, int], ...],
              fraud_windows: tuple[tuple[str, int], ...], lookback_seconds: int,
-             keys: list[np.ndarray] | None = None) -> pa.Table:
+             keys: list[np.ndarray] | None = None, at: np.ndarray | None = None) -> pa.Table:
     """The features ``names`` of the events ``wanted`` (event ids) from the history ``table``: one row
     per transaction of their look-back, with event_id, user_id, merchant_id, country, amount_base,
     ``_t`` (event time, µs), ``_a`` (amount_base, micro-USD), ``_r`` (earliest report of a fraud
     label, µs, or null) and ``_late`` (a too-late event: only late targets see it). Returns
     event_id and ``names``, one row per wanted event found in ``table`` (the others have no history
-    row to be computed from). ``keys``: :func:`key_codes` of ``table``, if the caller has them."""
-    wanted = pc.unique(wanted)
-    where = pc.index_in(wanted, value_set=table["event_id"])
-    found = pc.is_valid(where).to_numpy(zero_copy_only=False)
-    at = pc.fill_null(where, 0).to_numpy().astype(np.int64)[found]
+    row to be computed from). ``keys``: :func:`key_codes` of ``table``, if the caller has them.
+    ``at``: the rows of ``table`` holding ``wanted``, in its order, when the caller knows them (the
+    ids then unique in ``table``): no lookup of the ids among the table's."""
+    if at is not None:
+        found = np.ones(len(at), dtype=bool)
+        at = np.asarray(at, dtype=np.int64)
+    else:
+        wanted = pc.unique(wanted)
+        where = pc.index_in(wanted, value_set=table["event_id"])
+        found = pc.is_valid(where).to_numpy(zero_copy_only=False)
+        at = pc.fill_null(where, 0).to_numpy().astype(np.int64)[found]
     values = {c: np.zeros(len(at), dtype=_arrow_type(c).to_pandas_dtype()) for c in names}
     nulls = {c: np.zeros(len(at), dtype=bool) for c in names}
     if len(at):
