@@ -277,8 +277,8 @@ class ExpressLane(threading.Thread):
         self._done: set[str] = set()  # files an events micro-batch processed
         self._journaled: set[str] = set()  # files with rows in the journal, not resolved yet
         self._pending: dict[str, pa.Table] = {}  # look-back rows of published files not processed yet
-        self._kept_seen = None  # the kept look-back the pending rows were last pruned against
-        self._ids, self._ids_of = set(), None  # the event ids of a kept look-back (:meth:`_kept_ids`)
+        # the event ids of the kept look-back the pending rows were last pruned against (:meth:`_kept_ids`)
+        self._ids, self._ids_of = set(), None
         self._snapshot = None  # the look-back collected before the stream kept one (False: none or done)
         self._recovered = False
         self._conn = None
@@ -423,18 +423,13 @@ class ExpressLane(threading.Thread):
         kept, mark_us, _ = self._view()
         kept_ids = self._kept_ids(kept)
         with self._lock:
-            if kept is not self._kept_seen:  # the stream's batches since: their rows are in the look-back
-                self._pending = {n: p.filter(pa.array([i not in kept_ids for i in p["event_id"].to_pylist()],
-                                                      pa.bool_()))
-                                 for n, p in self._pending.items()}
-                self._kept_seen = kept
             pending = [p for p in self._pending.values() if p.num_rows]
         schema = kept.table.schema
+        # ids of the pending files, then of the earlier files of this round as they are taken
         pending_ids = {i for p in pending for i in p["event_id"].to_pylist()}
         latest = max([mark_us or np.iinfo(np.int64).min, *[pc.max(p["_t"]).as_py() for p in pending]])
         reports = kept.reports if kept.reports is not None else pa.table(
             {"event_id": pa.array([], pa.string()), "_r": pa.array([], pa.int64())})
-        taken: set[str] = set()  # ids taken from an earlier file of this round
         served: list[tuple[str, pa.Table]] = []
         for name, modified_ms, data in files:
             rows, left_out = parse_events(data, modified_ms, self.settings)
@@ -442,7 +437,7 @@ class ExpressLane(threading.Thread):
             if not rows:
                 continue
             fresh = silver_rows(rows)
-            keep = pa.array([not (i in kept_ids or i in pending_ids or i in taken)
+            keep = pa.array([not (i in kept_ids or i in pending_ids)
                              for i in fresh["event_id"].to_pylist()], pa.bool_())
             # Too late for the windows, by the watermark the stream may have by the batch that takes
             # this file: left to the stream (a too-late event's features see every event, on time or not).
@@ -461,7 +456,7 @@ class ExpressLane(threading.Thread):
             added = features.lookback_of_inserted(fresh, earliest, reports)
             added = added.select(kept.table.column_names).cast(schema)
             served.append((name, added))
-            taken.update(added["event_id"].to_pylist())
+            pending_ids.update(added["event_id"].to_pylist())
             latest = max(latest, pc.max(added["_t"]).as_py())
         if not served:
             return 0
@@ -494,10 +489,15 @@ class ExpressLane(threading.Thread):
         return total
 
     def _kept_ids(self, kept) -> set[str]:
-        """The event ids of the look-back ``kept``, as a set built once per look-back: a ``pc.is_in``
-        against a million ids hashes them again on every call (a third of a second each)."""
+        """The event ids of the look-back ``kept``, as a set built once per look-back (a ``pc.is_in``
+        against a million ids hashes them again on every call: a third of a second each). A new
+        look-back holds the stream's batches since the last: their rows leave the pending files."""
         if self._ids_of is not kept:
-            self._ids, self._ids_of = set(kept.table["event_id"].to_pylist()), kept
+            ids = set(kept.table["event_id"].to_pylist())
+            with self._lock:
+                self._pending = {n: p.filter(pa.array([i not in ids for i in p["event_id"].to_pylist()], pa.bool_()))
+                                 for n, p in self._pending.items()}
+            self._ids, self._ids_of = ids, kept
         return self._ids
 
     def _in_silver(self, ids: list[str]) -> set[str]:

@@ -216,13 +216,13 @@ class MirrorLoop(threading.Thread):
                 self.last_error, delay = exc, min(self.max_backoff, max(delay * 2, 1.0))
             self._halt.wait(delay)
 
-    def stop(self, final_round: bool = True, timeout: float = 300.0) -> list[dict]:
+    def stop(self, final_round: bool = True, timeout: float = 300.0) -> None:
         """End the loop; the final round checks every table against the Postgres ledger, two tables
-        at once (call it once the stream has stopped: the cores are the mirror's then). Returns
-        the final round's results (:func:`mirror_all`)."""
+        at once (call it once the stream has stopped: the cores are the mirror's then)."""
         self._halt.set()
         self.join(timeout)
-        return self.run_round(remember=False, workers=2) if final_round else []
+        if final_round:
+            self.run_round(remember=False, workers=2)
 
 
 class Publisher(threading.Thread):

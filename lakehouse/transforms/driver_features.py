@@ -152,14 +152,19 @@ def _try_divide(num: np.ndarray, num_null: np.ndarray | None, den: np.ndarray) -
         return Column(np.where(null, np.nan, num.astype(np.float64) / np.where(null, 1.0, den)), null)
 
 
+def _rows_of(group: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Indices of the rows whose ``group`` (integer codes) is the group of one of the rows ``at``."""
+    of_targets = np.zeros(int(group.max()) + 1, dtype=bool)
+    of_targets[group[at]] = True
+    return np.flatnonzero(of_targets[group])
+
+
 def _neighbours(rows: Rows, group: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the rows ``at``, in (time, event_id) order within ``group``: the time of the previous row
     of the group, whether there is one, and whether the next row of the group has the same time.
     Only the rows of the targets' groups are sorted: all of them for a catch-up's million targets, a
     few thousand for a live batch's over a million rows of look-back."""
-    of_targets = np.zeros(int(group.max()) + 1, dtype=bool)
-    of_targets[group[at]] = True
-    sub = np.flatnonzero(of_targets[group])
+    sub = _rows_of(group, at)
     order = sub[np.lexsort((rows.order[sub], rows.t[sub], group[sub]))]
     position = np.empty(len(group), dtype=np.int64)  # set for the rows of ``sub`` only
     position[order] = np.arange(len(order))
@@ -254,11 +259,7 @@ def _rows(table: pa.Table, keys: list[np.ndarray] | None = None, at: np.ndarray 
     thousand rows), the other rows' ``order`` left 0."""
     user, merchant, country = keys if keys is not None else key_codes(table)
     order = np.zeros(table.num_rows, dtype=np.int64)
-    of_users = np.arange(table.num_rows)
-    if at is not None:
-        mine = np.zeros(int(user.max()) + 1, dtype=bool)
-        mine[user[at]] = True
-        of_users = np.flatnonzero(mine[user])
+    of_users = np.arange(table.num_rows) if at is None else _rows_of(user, at)
     ids = table["event_id"] if len(of_users) == table.num_rows else table["event_id"].take(of_users)
     # UTF-8 byte order, as Spark; a stable sort, so equal ids keep the rows' order
     order[of_users[pc.sort_indices(ids).to_numpy()]] = np.arange(len(of_users))
