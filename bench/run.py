@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -125,8 +126,10 @@ def bench_whole_path(root: Path, n_events: int, max_files: int) -> dict:
 def bench_freshness(root: Path, rate: float, duration_s: float, history_events: int = 0,
                     history_days: float = 7.0, publish: bool = True, express: bool = True) -> dict:
     """Live mode: the generator writes ``rate`` events/s (one file per second) while the stream runs
-    continuously with the mirror beside it. Freshness of an event = the first time a poller sees its
-    feature row in Postgres minus the time its file landed in the inbox (the file's mtime).
+    continuously with the mirror beside it. Freshness of an event = the first time a reader sees its
+    feature row in Postgres minus the time its file landed in the inbox (the file's mtime). The feed
+    and the reader (:func:`_watch_features`: asks for the landed events by key, every 0.2 s) run in
+    processes of their own.
 
     ``history_events``: first stream and mirror a backlog of that many events over the
     ``history_days`` before now (the same card holders), so the live micro-batches run on top of
@@ -140,7 +143,6 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
 
     from lakehouse import mirror, streaming
     from lakehouse.generator import GeneratorConfig, generate_backlog
-    from lakehouse.generator.live import run_live
     from lakehouse.io import delta, postgres
     from lakehouse.spark import build_spark
 
@@ -163,31 +165,19 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
         history = {"events": gen["events"], "days": history_days, "stream_seconds": round(t1 - t0, 1),
                    "mirror_seconds": round(time.time() - t1, 1)}
     backlog_files = {f.name for f in settings.events_inbox.glob("*.jsonl")}
-    seen: dict[str, float] = {}
-    stop = threading.Event()
-
-    def poll() -> None:
-        conn = None
-        while not stop.is_set():
-            try:
-                conn = conn or postgres.connect(settings)
-                with conn.cursor() as cur:
-                    cur.execute(f"select event_id from {settings.pg_schema}.gold_transaction_features "
-                                "where mirrored_at > now() - interval '2 minutes'")
-                    now = time.time()
-                    for (eid,) in cur.fetchall():
-                        seen.setdefault(eid, now)
-                conn.commit()
-            except Exception:  # noqa: BLE001 -- table not there yet
-                conn = None
-            time.sleep(0.2)
-
+    # The feed and the watcher run in processes of their own, as a producer and a reader of Postgres
+    # do: in this one they would take the interpreter's lock from the stream and the lane.
+    mp = multiprocessing.get_context("spawn")
+    watch_stop = mp.Event()
+    seen_path, fed_path = root / "bench-seen.json", root / "bench-fed.json"
+    watcher = mp.Process(target=_watch_features, name="bench-watch", daemon=True, args=(
+        postgres.resolve_dsn(settings), f"{settings.pg_schema}.gold_transaction_features",
+        str(settings.events_inbox), sorted(backlog_files), watch_stop, str(seen_path)))
     loop = mirror.MirrorLoop(spark, settings, interval=0.2, tables=("gold_transaction_features",))
     publisher = mirror.Publisher(settings) if publish else None
     from lakehouse.express import ExpressLane
 
     lane = ExpressLane(settings, keep_published=True) if publish and express else None
-    poller = threading.Thread(target=poll, daemon=True)
     stream_stop = threading.Event()
     batches: list[dict] = []
 
@@ -203,18 +193,25 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
         publisher.start()
     streamer.start()
     loop.start()
-    poller.start()
+    watcher.start()
     console.print(f"[bold]freshness[/]: {rate:.0f} events/s for {duration_s:.0f}s ...")
-    gen = run_live(settings.events_inbox, settings.labels_inbox, GeneratorConfig(seed=3, n_users=20_000),
-                   rate=rate, duration_s=duration_s)
+    feeder = mp.Process(target=_feed, name="bench-feed", args=(
+        str(settings.events_inbox), str(settings.labels_inbox), GeneratorConfig(seed=3, n_users=20_000),
+        rate, duration_s, str(fed_path)))
+    feeder.start()
+    feeder.join()
+    if feeder.exitcode != 0:
+        raise RuntimeError(f"the live feed failed (exit code {feeder.exitcode})")
+    gen = json.loads(fed_path.read_text())
     time.sleep(30)  # let the tail drain
     stream_stop.set()
     streamer.join(300)
     if publisher:
         publisher.stop()
     loop.stop()
-    stop.set()
-    poller.join(5)
+    watch_stop.set()
+    watcher.join(60)
+    seen: dict[str, float] = json.loads(seen_path.read_text()) if seen_path.exists() else {}
     landed = {}
     for f in settings.events_inbox.glob("*.jsonl"):
         if f.name not in backlog_files:  # only live files are measured
@@ -274,6 +271,63 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
 
 def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
+
+
+def _feed(events_dir: str, labels_dir: str, config, rate: float, duration_s: float, out: str) -> None:
+    """The freshness benchmark's live feed (a process of its own): ``run_live``'s summary to ``out``."""
+    from lakehouse.generator.live import run_live
+
+    Path(out).write_text(json.dumps(run_live(events_dir, labels_dir, config, rate=rate, duration_s=duration_s)))
+
+
+def _watch_features(dsn: str, table: str, inbox: str, skip: list[str], stop, out: str,
+                    interval: float = 0.2, give_up_s: float = 120.0) -> None:
+    """The freshness benchmark's reader (a process of its own): every ``interval`` seconds, asks
+    Postgres which of the events landed in ``inbox`` (files not in ``skip``) and not seen yet have a
+    row in ``table``, by its primary key; writes {event_id: first time seen} to ``out`` once
+    ``stop`` is set. An event not seen ``give_up_s`` after its file was found (an invalid or
+    quarantined line) is no longer asked for."""
+    import psycopg2
+
+    done, asked, seen = set(skip), {}, {}
+    conn = None
+    while True:
+        last = stop.is_set()
+        now = time.time()
+        for e in (os.scandir(inbox) if os.path.isdir(inbox) else ()):
+            if e.name in done or not e.name.endswith(".jsonl") or not e.is_file():
+                continue
+            done.add(e.name)
+            try:
+                data = Path(e.path).read_bytes()
+            except OSError:
+                continue
+            for line in data.splitlines():
+                try:
+                    eid = json.loads(line).get("event_id")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(eid, str) and eid not in seen:
+                    asked.setdefault(eid, now)
+        asked = {k: v for k, v in asked.items() if now - v < give_up_s}
+        try:
+            if conn is None:
+                conn = psycopg2.connect(dsn)
+                conn.autocommit = True
+            if asked:
+                with conn.cursor() as cur:
+                    cur.execute(f"select event_id from {table} where event_id = any(%s)", (list(asked),))
+                    found = cur.fetchall()
+                at = time.time()
+                for (eid,) in found:
+                    seen.setdefault(eid, at)
+                    asked.pop(eid, None)
+        except psycopg2.Error:  # the table not there yet, or the server restarting
+            conn = None
+        if last:
+            break
+        time.sleep(interval)
+    Path(out).write_text(json.dumps(seen))
 
 
 def _silver_rows(spark, n: int, first_day: date, offset: int = 0):
