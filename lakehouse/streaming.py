@@ -471,6 +471,7 @@ def run_streams(
         express = None  # live arrivals only, and only from the look-back of the stream's gold step
     if express is not None:
         express.bind(spark, gold)
+        express.prime()  # its look-back collected before the first batch, not beside it
     queries = [start_query(spark, settings, kind, once, on_batch, gold, express) for kind in kinds]
     if express is not None:
         express.start()

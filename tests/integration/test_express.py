@@ -114,15 +114,31 @@ def test_provisional_features_equal_golds_and_postgres_converges(spark, pg):
                 mtime=FILE_MTIME + 180)
     assert lane.step() == 10  # e3 is published, then the lane dies before the stream takes it
     assert len(_journal(settings)) == 31
-    lane2 = ExpressLane(settings)
-    lane2.bind(spark, g)  # a new lane, no kept state: its first round resolves the journal left
+    # A restart: a new stream (no kept look-back) and a new lane, which collects a look-back of its own
+    # before the stream starts; its first round resolves the journal left.
+    g2 = gold.GoldStream(settings)
+    lane2 = ExpressLane(settings, keep_published=True)
+    lane2.bind(spark, g2)
+    lane2.prime()
+    assert g2.express_view() is None and lane2.stats["snapshot_seconds"] is not None
     lane2.step()
     assert _journal(settings).empty
     assert lane2.stats["orphans_deleted"] == 11 and lane2.stats["entries_resolved"] == 31  # e901 and e3's
-    _batch(spark, settings, g, lane2)
+    # e3c lands before the restarted stream's first batch: served from the lane's own look-back (users
+    # with rows in silver; a merchant and a country e3, whose rows were deleted, does not have).
+    write_lines(settings.events_inbox, "e3c.jsonl",
+                [event_line(320 + i, user_id=f"u{20 + i % 7:03d}", merchant_id="m777", country="DE",
+                            event_time=at(1300 + i * 7)) for i in range(12)], mtime=FILE_MTIME + 200)
+    assert lane2.step() == 12
+    _batch(spark, settings, g2, lane2)
+    served = pa.concat_tables(lane2.published_rows).to_pandas().set_index("event_id").sort_index()
+    golden = (delta.read(spark, settings.table_path("gold_transaction_features"))
+              .where(F.col("event_id").isin(list(served.index))).toPandas().set_index("event_id").sort_index())
+    assert len(golden) == 12 and (golden["user_tx_count_30d"] > 1).all()  # the users' e0 rows are counted
+    pd.testing.assert_frame_equal(served.loc[golden.index, golden.columns], golden, check_dtype=False)
     mirror.mirror_all(spark, settings)
     assert assert_pg_equals_delta(spark, settings, tables=("gold_transaction_features",))[
-        "gold_transaction_features"] == 220
+        "gold_transaction_features"] == 232
 
     # A live job killed with e4 published and never restarted live: a one-off mirror (`lakehouse
     # mirror`, the end of `stream --once --mirror`) resolves the journal against silver.
@@ -132,7 +148,7 @@ def test_provisional_features_equal_golds_and_postgres_converges(spark, pg):
     assert resolve_journal(spark, settings) == 5
     assert _journal(settings).empty
     assert assert_pg_equals_delta(spark, settings, tables=("gold_transaction_features",))[
-        "gold_transaction_features"] == 220
+        "gold_transaction_features"] == 232
     lane2.stop()
 
 
