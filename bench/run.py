@@ -165,7 +165,7 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
         history = {"events": gen["events"], "days": history_days, "stream_seconds": round(t1 - t0, 1),
                    "mirror_seconds": round(time.time() - t1, 1)}
     backlog_files = {f.name for f in settings.events_inbox.glob("*.jsonl")}
-    # The feed and the watcher run in processes of their own, as a producer and a reader of Postgres
+    # The feed and the reader run in processes of their own, as a producer and a reader of Postgres
     # do: in this one they would take the interpreter's lock from the stream and the lane.
     mp = multiprocessing.get_context("spawn")
     watch_stop = mp.Event()
@@ -211,7 +211,9 @@ def bench_freshness(root: Path, rate: float, duration_s: float, history_events: 
     loop.stop()
     watch_stop.set()
     watcher.join(60)
-    seen: dict[str, float] = json.loads(seen_path.read_text()) if seen_path.exists() else {}
+    if watcher.exitcode != 0 or not seen_path.exists():
+        raise RuntimeError(f"the freshness reader failed (exit code {watcher.exitcode})")
+    seen: dict[str, float] = json.loads(seen_path.read_text())
     landed = {}
     for f in settings.events_inbox.glob("*.jsonl"):
         if f.name not in backlog_files:  # only live files are measured
