@@ -191,10 +191,14 @@ def features(rows: Rows, at: np.ndarray, windows: tuple[tuple[str, int], ...],
     out: dict[str, Column] = {}
 
     # -- trailing counts and sums of the user, the merchant and the country ----------------------------
+    # Only the rows of the targets' keys are stored: the others would shift both ends of a difference
+    # alike (:meth:`_Key.upto`). A live batch's or the express lane's users hold a few percent of the rows.
     places: dict[str, _Key] = {}
     for prefix, key in (("user", rows.user), ("merchant", rows.merchant), ("country", rows.country)):
         place = places[prefix] = _Key(key, key[at], t_at, times, t0, t1)
-        tx = place.stored(key, rows.t, (rows.a,))
+        mine = _rows_of(key, at)
+        tx = (place.stored(key, rows.t, (rows.a,)) if len(mine) > len(key) // 2 else
+              place.stored(key[mine], rows.t[mine], (rows.a[mine],)))
         for w, seconds in windows:
             n, a = place.trailing(tx, seconds)
             out[f"{prefix}_tx_count_{w}"], out[f"{prefix}_amount_sum_{w}"] = Column(n), Column(_usd(a))
@@ -260,11 +264,22 @@ def _rows(table: pa.Table, keys: list[np.ndarray] | None = None, at: np.ndarray 
     user, merchant, country = keys if keys is not None else key_codes(table)
     order = np.zeros(table.num_rows, dtype=np.int64)
     of_users = np.arange(table.num_rows) if at is None else _rows_of(user, at)
-    ids = table["event_id"] if len(of_users) == table.num_rows else table["event_id"].take(of_users)
+    everyone = len(of_users) == table.num_rows
+    ids = table["event_id"] if everyone else table["event_id"].take(of_users)
     # UTF-8 byte order, as Spark; a stable sort, so equal ids keep the rows' order
     order[of_users[pc.sort_indices(ids).to_numpy()]] = np.arange(len(of_users))
+
+    def pairs(other: np.ndarray) -> np.ndarray:
+        """Codes of (user, other) for the rows of the targets' users, the only ones :func:`_neighbours`
+        compares (its groups refine the user); the other rows share one code that no target has."""
+        if everyone:
+            return _pairs(user, other)
+        codes = np.full(table.num_rows, len(of_users), dtype=np.int64)
+        codes[of_users] = _pairs(user[of_users], other[of_users])
+        return codes
+
     return Rows(order=order, user=user, merchant=merchant, country=country,
-                user_merchant=_pairs(user, merchant), user_country=_pairs(user, country),
+                user_merchant=pairs(merchant), user_country=pairs(country),
                 t=table["_t"].to_numpy().astype(np.int64),
                 a=pc.fill_null(table["_a"], 0).to_numpy().astype(np.int64),
                 amount=pc.fill_null(pc.cast(table["amount_base"], pa.float64()), float("nan")).to_numpy(),
