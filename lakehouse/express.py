@@ -305,8 +305,9 @@ class ExpressLane(threading.Thread):
         try:
             self._view()
         except Exception as exc:  # noqa: BLE001 -- a head start only
-            self.report(f"express: the look-back was not collected before the stream started "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+            from lakehouse.mirror import brief
+
+            self.report(f"express: the look-back was not collected before the stream started ({brief(exc)}); "
                         "retrying beside it")
 
     def processed(self, files: Iterable[str]) -> None:
@@ -329,8 +330,9 @@ class ExpressLane(threading.Thread):
                 except Exception as exc:  # noqa: BLE001 -- a head start only: the stream and the mirror go on
                     self._close()
                     if self.last_error is None:
-                        self.report(f"express: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                                    f"; new events reach Postgres with the stream's batches meanwhile "
+                        from lakehouse.mirror import brief
+
+                        self.report(f"express: {brief(exc)}; new events reach Postgres with the stream's batches meanwhile "
                                     f"(retrying every {self.pause:.0f} s)")
                     self.last_error, self._retry_at = exc, time.monotonic() + self.pause
             self._halt.wait(self.interval)

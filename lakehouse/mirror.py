@@ -164,6 +164,12 @@ def mirror_all(spark: SparkSession, settings: Settings, on_retry: Callable | Non
     return results
 
 
+def brief(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters) of ``exc``, for a one-line report;
+    an exception without a message gives its type alone."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text.strip() else type(exc).__name__
+
 class MirrorLoop(threading.Thread):
     """Mirror to Postgres beside a running stream, every ``interval`` seconds.
 
@@ -211,7 +217,7 @@ class MirrorLoop(threading.Thread):
                 self.last_error, delay = None, self.interval
             except Exception as exc:  # noqa: BLE001 -- the stream must go on; the ledger makes a retry safe
                 if self.last_error is None:
-                    self.report(f"mirror: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; "
+                    self.report(f"mirror: {brief(exc)}; "
                                 "the stream goes on, retrying with back-off")
                 self.last_error, delay = exc, min(self.max_backoff, max(delay * 2, 1.0))
             self._halt.wait(delay)
@@ -294,7 +300,7 @@ class Publisher(threading.Thread):
                         self._conn.close()
                 self._conn = None
                 if self.last_error is None:
-                    self.report(f"publish: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; new gold rows "
+                    self.report(f"publish: {brief(exc)}; new gold rows "
                                 f"reach Postgres through the mirror meanwhile (retrying every {self.pause:.0f} s)")
                 self.last_error, self._retry_at = exc, time.monotonic() + self.pause
                 self.dropped += 1

@@ -43,8 +43,9 @@ class Rows:
 
     ``order`` ranks event_id (ties at one instant are ordered by it) among the rows of the targets'
     users at least (:func:`_rows`: only those are compared, by :func:`_neighbours`, whose groups all
-    refine the user); ``user``, ``merchant``,
-    ``country`` and ``user_merchant``, ``user_country`` are integer codes of the keys; ``t`` the event
+    refine the user); ``user``, ``merchant``, ``country`` are integer codes of the keys, and
+    ``user_merchant``, ``user_country`` of the pairs, for the rows of the targets' users at least (the
+    other rows share a code no target has); ``t`` the event
     time in µs; ``a`` amount_base in micro-USD (0 where null); ``amount`` amount_base (NaN where null);
     ``report`` the earliest report time (µs) of a fraud label of the event, or :data:`NO_REPORT`.
     """
