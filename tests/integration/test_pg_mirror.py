@@ -230,6 +230,77 @@ def test_a_first_load_goes_straight_into_the_empty_table_and_still_keeps_the_las
     assert mirror.upsert_batch(conn, SCHEMA, loaded, frame(rows[:10] + [again]), "s", 3) == 1
 
 
+def _index_defs(conn, table: str) -> dict[str, str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = %s",
+                    (SCHEMA, table))
+        defs = dict(cur.fetchall())
+        cur.execute("SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                    "WHERE conrelid = %s::regclass", (f"{SCHEMA}.{table}",))
+        defs.update({f"constraint {name}": d for name, d in cur.fetchall()})
+    conn.rollback()
+    return defs
+
+
+def test_a_large_first_load_builds_the_indexes_after_the_copy(conn, pg_settings, monkeypatch, caplog):
+    monkeypatch.setattr(mirror, "BULK_LOAD_ROWS", 1000)
+    bulk = MirrorTable(name="bulk", columns=SCORES.columns, key=SCORES.key, indexes=SCORES.indexes,
+                       loaded_at="mirrored_at")
+    mirror.ensure_schema(conn, SCHEMA, [bulk])
+    with conn.cursor() as cur:  # an index the mirror does not declare (an analyst's) is kept too
+        cur.execute(f"CREATE UNIQUE INDEX bulk_note_uq ON {SCHEMA}.bulk (note)")
+    conn.commit()
+    indexes = _index_defs(conn, "bulk")
+    assert {"bulk_pkey", "bulk_card_id_idx", "bulk_card_id_event_ts_idx", "bulk_note_uq",
+            "constraint bulk_pkey"} <= set(indexes)
+    rows = [(f"t{i:05d}", f"c{i % 7}", i / 4, i, i % 3 == 0, ts("2024-01-01") + pd.Timedelta(seconds=i), f"n{i}")
+            for i in range(5000)]
+    caplog.set_level("INFO", logger="lakehouse.io.pg_mirror")
+
+    # A repeated key: the rebuilt primary key fails, the savepoint restores the table with its
+    # indexes, and the rows are merged (the last row of the key wins).
+    again = ("t00002", "c9", -1.0, -1, True, ts("2025-01-01"), "last t00002")
+    assert mirror.upsert_batch(conn, SCHEMA, bulk, frame(rows + [again]), "s", 1) == 5000
+    got = {r[0]: r[:7] for r in contents(conn, "bulk")}
+    assert len(got) == 5000 and got["t00002"] == as_db(again)
+    assert _index_defs(conn, "bulk") == indexes
+    assert "indexes built after" not in caplog.text
+
+    # An emptied table: the rows are copied first, then every index is built as it was.
+    with conn.cursor() as cur:
+        cur.execute(f"TRUNCATE {SCHEMA}.bulk")
+    conn.commit()
+    assert mirror.upsert_batch(conn, SCHEMA, bulk, frame(rows), "s", 2) == 5000
+    assert "bulk: 4 indexes built after the first load of 5000 rows" in caplog.text
+    assert sorted(r[:7] for r in contents(conn, "bulk")) == [as_db(r) for r in rows]
+    assert _index_defs(conn, "bulk") == indexes
+    with conn.cursor() as cur, pytest.raises(psycopg2.errors.UniqueViolation):
+        cur.execute(f"INSERT INTO {SCHEMA}.bulk (txn_id) VALUES ('t00007')")
+    conn.rollback()
+    assert ledger(conn) == [("s", "bulk", 2, 5000)]
+
+    # A reader holds the emptied table: the load does not wait for it past BULK_LOCK_TIMEOUT, and
+    # copies with the indexes in place.
+    with conn.cursor() as cur:
+        cur.execute(f"TRUNCATE {SCHEMA}.bulk")
+    conn.commit()
+    monkeypatch.setattr(mirror, "BULK_LOCK_TIMEOUT", "200ms")
+    reader = pg.connect(pg_settings)
+    try:
+        with reader.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {SCHEMA}.bulk")  # ACCESS SHARE, held until its transaction ends
+        assert mirror.upsert_batch(conn, SCHEMA, bulk, frame(rows), "s", 3) == 5000
+    finally:
+        reader.close()
+    assert "bulk: first load with its indexes in place (canceling statement due to lock timeout)" in caplog.text
+    assert sorted(r[:7] for r in contents(conn, "bulk")) == [as_db(r) for r in rows]
+    assert _index_defs(conn, "bulk") == indexes
+    with conn.cursor() as cur:
+        cur.execute("SHOW lock_timeout")
+        assert cur.fetchone()[0] == "0"
+    conn.rollback()
+
+
 def test_values_round_trip_exactly(conn):
     nasty = [
         'comma, "quotes", \'single\'',
