@@ -263,6 +263,15 @@ class IngestBatch:
     def _path(self, name: str) -> str:
         return str(self.settings.table_path(name))
 
+    def _deduplicated(self, valid: DataFrame, batch_id: int) -> int:
+        """How many distinct keys the batch's ``valid`` rows hold: the source rows of its silver MERGE
+        (one per key), from that commit's metrics; counted again when the MERGE committed nothing
+        (every row was in silver already) or its commit is too far back in the history to find."""
+        metrics = delta.commit_metrics(self._path(self.layer.silver), self.app_id, batch_id) or {}
+        if "numSourceRows" in metrics:
+            return metrics["numSourceRows"]
+        return int(valid.agg(F.count_distinct(*self.layer.keys)).first()[0])
+
     def __call__(self, lines: DataFrame, batch_id: int) -> None:
         try:
             self._batch(lines, batch_id)
@@ -295,6 +304,9 @@ class IngestBatch:
                 F.sum(F.when(F.size("warned_checks") > 0, 1).otherwise(0)).alias("warned"),
                 F.sum(F.size("failed_fatal")).alias("fatal"),
                 F.collect_set("source_file").alias("files"),  # no distinct aggregate: no extra shuffle
+                # The valid rows' partitions (collect_set skips the nulls of the quarantined rows).
+                F.collect_set(F.when(~silver_t.is_quarantined(checked), lay.partition_of(checked))
+                              if lay.partition_by else F.lit(None)).alias("dates"),
                 *[F.sum(F.when(F.array_contains("failed_checks", c.name)
                                | F.array_contains("warned_checks", c.name), 1).otherwise(0)).alias(c.name)
                   for c in self.checks],
@@ -313,32 +325,26 @@ class IngestBatch:
                 )
             n_quarantine = int(stats["rows"]) - int(stats["valid"] or 0)
 
-            # Counts and the partitions to prune come from the cached frame; the deduplicated rows
-            # are computed once, inside the MERGE (its source is deterministic, so Delta need not
-            # materialize it first: see spark.py).
+            # The partitions to prune come from the validation's pass. The deduplicated rows are
+            # computed once, inside the MERGE (its source is deterministic, so Delta need not
+            # materialize it first: see spark.py), and so are their count (the MERGE's numSourceRows).
             valid = checked.where(~silver_t.is_quarantined(checked))
+            n_valid = int(stats["valid"] or 0)
+            prune = merge_prune = {}
             if lay.partition_by:
                 col = lay.partition_by[0]
-                # The batch's dates, and its distinct keys (an event delivered twice with dates either
-                # side of midnight is one event).
-                got = valid.agg(F.collect_set(lay.partition_of(valid)).alias("dates"),
-                                F.count_distinct(*lay.keys).alias("n")).first()
-                prune = {col: sorted(str(d) for d in got["dates"])}
-                n_deduped = int(got["n"])
+                prune = {col: sorted(str(d) for d in stats["dates"])}
                 # A re-delivery can carry a corrected event_time, hence another date than the first
-                # delivery's: the MERGE matches keys among the dates around the batch's own.
-                merge_prune = {col: dates_around(got["dates"], self.settings.redelivery_days)}
-            else:
-                prune = merge_prune = {}
-                n_deduped = valid.select(*lay.keys).distinct().count()
-            lap("dedup")
-            if n_deduped:
+                # delivery's: the MERGE matches keys among the dates around the batch's own (an event
+                # delivered twice with dates either side of midnight is one event).
+                merge_prune = {col: dates_around(stats["dates"], self.settings.redelivery_days)}
+            if n_valid:
                 with delta.idempotent_dml(spark, app, batch_id):
                     delta.merge_insert_new(spark, lay.to_silver(checked), self._path(lay.silver), lay.keys,
                                            merge_prune)
             lap("merge")
             gold_info: dict = {}
-            if self.gold is not None and n_deduped:
+            if self.gold is not None and n_valid:
                 if lay.kind == "events":
                     gold_info = self.gold.after_events(spark, app, batch_id, prune.get("event_date", []))
                 else:
@@ -369,10 +375,10 @@ class IngestBatch:
             date_filter = None
             for col, values in prune.items():
                 date_filter = F.col(col).isin(values)
-            inserted = written(lay.silver, "numTargetRowsInserted", date_filter) if n_deduped else 0
+            inserted = written(lay.silver, "numTargetRowsInserted", date_filter) if n_valid else 0
+            n_deduped = self._deduplicated(valid, batch_id) if n_valid else 0
             lap("count")
-            valid = int(stats["valid"] or 0)
-            dup_in_batch = valid - n_deduped
+            dup_in_batch = n_valid - n_deduped
             dup_existing = n_deduped - inserted
             duplicates = dup_in_batch + dup_existing
             reconciled = (records_in == int(stats["rows"])

@@ -102,6 +102,10 @@ def test_a_redelivery_with_a_moved_time_is_a_duplicate_within_the_redelivery_day
     streaming.run_streams(spark, wide, once=True, kinds=("events",))
     ids = [r.event_id for r in table(spark, wide, "silver_transactions").collect()]
     assert sorted(ids) == ["e000001", "e000002", "e000003", "e000004"]
+    # A batch of duplicates only: its MERGE commits nothing, and its distinct keys are counted anew.
+    dq = [(r["records_in"], r["inserted"], r["duplicates_existing"], r["duplicates_in_batch"], r["reconciled"])
+          for r in dq_rows(spark, wide)]
+    assert dq == [(3, 3, 0, 0, True), (4, 1, 2, 1, True), (1, 0, 1, 0, True)]
 
 
 def test_bad_input_gets_a_clear_outcome(spark, settings):
