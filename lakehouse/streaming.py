@@ -263,13 +263,12 @@ class IngestBatch:
     def _path(self, name: str) -> str:
         return str(self.settings.table_path(name))
 
-    def _deduplicated(self, valid: DataFrame, batch_id: int) -> int:
+    def _deduplicated(self, valid: DataFrame, merged: dict[str, int] | None) -> int:
         """How many distinct keys the batch's ``valid`` rows hold: the source rows of its silver MERGE
-        (one per key), from that commit's metrics; counted again when the MERGE committed nothing
-        (every row was in silver already) or its commit is too far back in the history to find."""
-        metrics = delta.commit_metrics(self._path(self.layer.silver), self.app_id, batch_id) or {}
-        if "numSourceRows" in metrics:
-            return metrics["numSourceRows"]
+        (one per key), from that commit's metrics ``merged``; counted again when the MERGE committed
+        nothing (every row was in silver already) or its commit is too far back in the history to find."""
+        if merged is not None and "numSourceRows" in merged:
+            return merged["numSourceRows"]
         return int(valid.agg(F.count_distinct(*self.layer.keys)).first()[0])
 
     def __call__(self, lines: DataFrame, batch_id: int) -> None:
@@ -362,10 +361,11 @@ class IngestBatch:
             # Counts measured from the tables: the metrics of the commit this batch made (in this
             # attempt or an earlier one), or, if that commit is too far back in history, a count of
             # the rows carrying this batch id.
-            def written(table: str, metric: str, extra=None) -> int:
-                n = delta.rows_committed(self._path(table), app, batch_id, metric)
-                if n is not None:
-                    return n
+            def written(table: str, metric: str, extra=None, metrics: dict[str, int] | None = None) -> int:
+                """``metrics``: that commit's, when the caller has read them already."""
+                metrics = metrics if metrics is not None else delta.commit_metrics(self._path(table), app, batch_id)
+                if metrics is not None:
+                    return metrics.get(metric, 0)
                 df = delta.read(spark, self._path(table)).where(F.col("batch_id") == batch_id)
                 return (df.where(extra) if extra is not None else df).count()
 
@@ -375,8 +375,11 @@ class IngestBatch:
             date_filter = None
             for col, values in prune.items():
                 date_filter = F.col(col).isin(values)
-            inserted = written(lay.silver, "numTargetRowsInserted", date_filter) if n_valid else 0
-            n_deduped = self._deduplicated(valid, batch_id) if n_valid else 0
+            inserted = n_deduped = 0
+            if n_valid:  # the silver MERGE's commit, read once for both counts
+                merged = delta.commit_metrics(self._path(lay.silver), app, batch_id)
+                inserted = written(lay.silver, "numTargetRowsInserted", date_filter, merged)
+                n_deduped = self._deduplicated(valid, merged)
             lap("count")
             dup_in_batch = n_valid - n_deduped
             dup_existing = n_deduped - inserted

@@ -12,7 +12,7 @@ One call of :func:`upsert_batch` applies one batch in **one Postgres transaction
    and 4; should a key repeat among the rows, that COPY is rolled back to a savepoint and the rows take
    the path below. A large first load (``BULK_LOAD_ROWS`` rows or more) drops the target's primary key
    and indexes inside that savepoint and builds them after the COPY: one sort per index instead of
-   millions of single inserts (4.8M window rows: 41 s -> 23 s). It needs the table's exclusive lock,
+   millions of single inserts (4.8M window rows: 41 s -> 27 s). It needs the table's exclusive lock,
    which it waits ``BULK_LOCK_TIMEOUT`` for (readers of an empty table hold it briefly); without it
    the rows are copied with the indexes in place.
 4. ``INSERT INTO target SELECT DISTINCT ON (key) ... ORDER BY key, ordinal DESC`` (the last row of a key
@@ -449,6 +449,7 @@ def _drop_indexes(cur, schema: str, table: MirrorTable) -> list[sql.Composable] 
     dropped, when the table's exclusive lock is not granted within ``BULK_LOCK_TIMEOUT`` or something
     depends on an index (say a foreign key referencing the primary key)."""
     target = _qualified(schema, table.name)
+    regclass = target.as_string(cur)
     cur.execute("SELECT current_setting('lock_timeout')")
     timeout = cur.fetchone()[0]
     cur.execute("SAVEPOINT lakehouse_mirror_indexes")
@@ -458,11 +459,11 @@ def _drop_indexes(cur, schema: str, table: MirrorTable) -> list[sql.Composable] 
         cur.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
         cur.execute("SELECT c.conname, pg_get_constraintdef(c.oid), c.conindid FROM pg_constraint c "
                     "WHERE c.conrelid = %s::regclass AND c.contype IN ('p', 'u') ORDER BY c.contype",
-                    (target.as_string(cur),))
+                    (regclass,))
         constraints = cur.fetchall()
         cur.execute("SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
                     "WHERE i.indrelid = %s::regclass AND i.indexrelid <> ALL(%s) ORDER BY 1",
-                    (target.as_string(cur), [c[2] for c in constraints]))
+                    (regclass, [c[2] for c in constraints]))
         indexes = cur.fetchall()
         rebuild: list[sql.Composable] = []
         for name, definition, _ in constraints:
@@ -473,8 +474,7 @@ def _drop_indexes(cur, schema: str, table: MirrorTable) -> list[sql.Composable] 
             cur.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))  # regclass text: schema-qualified, quoted
             rebuild.append(sql.SQL(definition))
     except (psycopg2.errors.LockNotAvailable, psycopg2.errors.DependentObjectsStillExist) as exc:
-        cur.execute("ROLLBACK TO SAVEPOINT lakehouse_mirror_indexes")
-        cur.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+        cur.execute("ROLLBACK TO SAVEPOINT lakehouse_mirror_indexes")  # lock_timeout's SET LOCAL too
         log.info("%s.%s: first load with its indexes in place (%s)", schema, table.name,
                  str(exc).strip().splitlines()[0])
         return None
