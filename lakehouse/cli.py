@@ -88,7 +88,7 @@ def reset_stream(settings: Settings) -> list[str]:
 
 
 def cmd_stream(args, settings: Settings) -> int:
-    from lakehouse import streaming, summary
+    from lakehouse import quality, streaming, summary
     from lakehouse.spark import build_spark
 
     if args.reset:
@@ -100,6 +100,7 @@ def cmd_stream(args, settings: Settings) -> int:
         settings = settings.replace(max_files_per_trigger=args.max_files)
     kinds = tuple(args.only) if args.only else QUERIES
     console.print(f"[bold]starting Spark[/] ({settings.spark_master}) ...")
+    quality.preload()  # the checks' import runs while the JVM starts
     spark = build_spark(settings, app_name="lakehouse-stream")
     started = time.time()
     totals = {"records_in": 0, "inserted": 0}
@@ -283,7 +284,7 @@ def cmd_demo(args, settings: Settings) -> int:
     Postgres, build the dbt marts, and print a summary."""
     from datetime import datetime as _dt, timedelta
 
-    from lakehouse import marts, mirror, streaming, summary
+    from lakehouse import marts, mirror, quality, streaming, summary
     from lakehouse.generator import GeneratorConfig, generate_backlog
     from lakehouse.io import postgres
     from lakehouse.ml import dataset, evaluate, scorer, train
@@ -302,6 +303,7 @@ def cmd_demo(args, settings: Settings) -> int:
     say(f"{gen['lines_written']:,} event lines in {gen['files']} files, {gen['labels_written']:,} labels "
         f"({time.time() - t0:.1f}s)")
     console.print(f"[3/{steps}] streaming the inboxes: bronze, silver, gold per micro-batch (availableNow) ...")
+    quality.preload()
     spark = build_spark(settings, app_name="lakehouse-demo")
     t0 = time.time()
 

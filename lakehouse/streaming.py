@@ -134,10 +134,14 @@ def _schema_of(spark: SparkSession, lay: Layer, settings: Settings) -> dict[str,
 
 
 def ensure_tables(spark: SparkSession, settings: Settings, kinds=("events", "labels")) -> None:
-    """Create every bronze/silver table the streams write, if missing."""
+    """Create every bronze/silver table the streams write, if missing. A restart finds them all: their
+    schemas are derived (from the transforms' plans, about 2 s a stream) only when one is missing."""
     cdf = {"delta.enableChangeDataFeed": "true"}
     for kind in kinds:
         lay = layer(settings, kind)
+        if all(delta.table_version(settings.table_path(name)) is not None
+               for name in (lay.bronze, lay.silver, "silver_quarantine")):
+            continue
         schemas = _schema_of(spark, lay, settings)
         delta.ensure_table(spark, settings.table_path(lay.bronze), schemas["bronze"])
         delta.ensure_table(spark, settings.table_path(lay.silver), schemas["silver"],
@@ -253,6 +257,7 @@ class IngestBatch:
         self.express = express
         self.layer = layer(settings, kind)
         self.checks = quality.checks_for(kind, settings)
+        self._compiled: tuple[list, quality.CompiledChecks] | None = None  # (for these checks, compiled)
         self.app_id = app_id
         self.on_batch = on_batch
         self.cached_columns = {
@@ -293,7 +298,9 @@ class IngestBatch:
         # One cached frame serves every step: the inbox files are read and parsed once, and only
         # the columns some table needs are kept in the cache.
         bronze = bronze_t.to_bronze(lines, batch_id, ingested_at)
-        checked = quality.apply_checks(lay.validation_frame(bronze), self.checks)
+        if self._compiled is None or self._compiled[0] is not self.checks:  # once, not per batch
+            self._compiled = (self.checks, quality.compile_checks(self.checks))
+        checked = quality.apply_checks(lay.validation_frame(bronze), self._compiled[1])
         keep = [c for c in checked.columns if c in self.cached_columns]
         checked = checked.select(*keep).persist(StorageLevel.MEMORY_AND_DISK)
         try:

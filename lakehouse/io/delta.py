@@ -39,8 +39,12 @@ def ensure_table(
     partition_by: Sequence[str] = (),
     properties: dict[str, str] | None = None,
 ) -> None:
-    """Create the Delta table at ``path`` with ``schema`` unless it exists already."""
+    """Create the Delta table at ``path`` with ``schema`` unless it exists already (a table with a
+    commit is left as it is, without a Spark call)."""
     from delta.tables import DeltaTable
+
+    if table_version(path) is not None:
+        return
 
     builder = DeltaTable.createIfNotExists(spark).location(str(path)).addColumns(schema)
     if partition_by:

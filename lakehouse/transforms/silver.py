@@ -43,19 +43,18 @@ def _parse(bronze: DataFrame, schema, fields: tuple[str, ...]) -> DataFrame:
          # strict JSON: Spark's parser accepts single-quoted strings unless told otherwise
          "allowSingleQuotes": "false"}
     )
-    out = bronze.withColumn("_p", parsed)
     valid_json = F.col("_p").isNotNull() & F.col(f"_p.{CORRUPT_COLUMN}").isNull()
     known = F.lit(False)
     for name in fields:
         known = known | F.col(f"_p.{name}").isNotNull()
-    return (
-        out.withColumn("is_valid_json", valid_json)
+    return bronze.withColumn("_p", parsed).withColumns({
+        "is_valid_json": valid_json,
         # Only asked of valid JSON, so a broken line fails one check, not two.
-        .withColumn("has_known_fields", F.when(valid_json, known))
+        "has_known_fields": F.when(valid_json, known),
         # The text source decodes undecodable bytes to U+FFFD (and other readers may hand over raw
         # bytes unchecked); a UTF-8 JSON feed never sends either.
-        .withColumn("is_valid_utf8", F.expr("is_valid_utf8(raw)") & ~F.col("raw").contains("\ufffd"))
-    )
+        "is_valid_utf8": F.expr("is_valid_utf8(raw)") & ~F.col("raw").contains("\ufffd"),
+    })
 
 
 def _iso_timestamp(raw: Column) -> Column:
@@ -70,42 +69,55 @@ def _arrival_lag(ts_col: str) -> Column:
 
 
 def event_validation_frame(bronze: DataFrame) -> DataFrame:
-    """Bronze event rows with every column the event checks need, fields typed with try_cast."""
+    """Bronze event rows with every column the event checks need, fields typed with try_cast.
+
+    Built as three projections, each column from those of the one before (one ``withColumns`` each,
+    not a ``withColumn`` per column: every call analyses the whole plan again, and a micro-batch
+    builds this plan anew)."""
     fx = F.create_map(*[x for code, rate in sorted(FX_TO_USD.items()) for x in (F.lit(code), F.lit(rate))])
     p = _parse(bronze, RAW_EVENT_SCHEMA, EVENT_FIELDS)
     return (
-        p.withColumn("event_id", _clean(F.col("_p.event_id")))
-        .withColumn("user_id", _clean(F.col("_p.user_id")))
-        .withColumn("merchant_id", _clean(F.col("_p.merchant_id")))
-        .withColumn("amount_raw", _clean(F.col("_p.amount")))
-        .withColumn("amount", F.expr("try_cast(amount_raw AS double)"))
-        .withColumn(
-            "amount_is_number",
-            F.when(F.col("amount_raw").isNull(), None).otherwise(F.col("amount").isNotNull()),
-        )
-        .withColumn("currency", F.upper(_clean(F.col("_p.currency"))))
-        .withColumn("amount_base", F.round(F.col("amount") * F.element_at(fx, F.col("currency")), 6))
-        .withColumn("country", F.upper(_clean(F.col("_p.country"))))
-        .withColumn("event_time_raw", _clean(F.col("_p.event_time")))
-        .withColumn("event_time", _iso_timestamp(F.col("event_time_raw")))
-        .withColumn("arrival_lag_seconds", _arrival_lag("event_time"))
-        .withColumn("record_key", F.col("event_id"))
+        p.withColumns({
+            "event_id": _clean(F.col("_p.event_id")),
+            "user_id": _clean(F.col("_p.user_id")),
+            "merchant_id": _clean(F.col("_p.merchant_id")),
+            "amount_raw": _clean(F.col("_p.amount")),
+            "currency": F.upper(_clean(F.col("_p.currency"))),
+            "country": F.upper(_clean(F.col("_p.country"))),
+            "event_time_raw": _clean(F.col("_p.event_time")),
+        })
+        .withColumns({
+            "amount": F.expr("try_cast(amount_raw AS double)"),
+            "event_time": _iso_timestamp(F.col("event_time_raw")),
+        })
+        .withColumns({
+            "amount_is_number": F.when(F.col("amount_raw").isNull(), None).otherwise(F.col("amount").isNotNull()),
+            "amount_base": F.round(F.col("amount") * F.element_at(fx, F.col("currency")), 6),
+            "arrival_lag_seconds": _arrival_lag("event_time"),
+            "record_key": F.col("event_id"),
+        })
         .drop("_p")
     )
 
 
 def label_validation_frame(bronze: DataFrame) -> DataFrame:
-    """Bronze label rows with every column the label checks need."""
+    """Bronze label rows with every column the label checks need (projections as for events)."""
     p = _parse(bronze, RAW_LABEL_SCHEMA, LABEL_FIELDS)
     return (
-        p.withColumn("event_id", _clean(F.col("_p.event_id")))
-        .withColumn("is_fraud_raw", F.lower(_clean(F.col("_p.is_fraud"))))
-        .withColumn("is_fraud", F.col("is_fraud_raw") == "true")
-        .withColumn("scenario", F.lower(_clean(F.col("_p.scenario"))))
-        .withColumn("reported_at_raw", _clean(F.col("_p.reported_at")))
-        .withColumn("reported_at", _iso_timestamp(F.col("reported_at_raw")))
-        .withColumn("arrival_lag_seconds", _arrival_lag("reported_at"))
-        .withColumn("record_key", F.col("event_id"))
+        p.withColumns({
+            "event_id": _clean(F.col("_p.event_id")),
+            "is_fraud_raw": F.lower(_clean(F.col("_p.is_fraud"))),
+            "scenario": F.lower(_clean(F.col("_p.scenario"))),
+            "reported_at_raw": _clean(F.col("_p.reported_at")),
+        })
+        .withColumns({
+            "is_fraud": F.col("is_fraud_raw") == "true",
+            "reported_at": _iso_timestamp(F.col("reported_at_raw")),
+        })
+        .withColumns({
+            "arrival_lag_seconds": _arrival_lag("reported_at"),
+            "record_key": F.col("event_id"),
+        })
         .drop("_p")
     )
 

@@ -69,6 +69,18 @@ def test_each_bad_record_fails_exactly_its_check(spark, settings):
     assert got == {line: expected for line, expected in CASES}
 
 
+def test_checks_compiled_once_serve_every_batch_as_built_anew(spark, settings):
+    # A stream compiles its suite once and applies it to each micro-batch's new frame.
+    compiled = quality.compile_checks(quality.event_checks(settings))
+    for batch, cases in enumerate((CASES[:9], CASES[9:])):
+        df = spark.createDataFrame([(line, "f", ARRIVAL) for line, _ in cases], LINES_SCHEMA)
+        frame = event_validation_frame(to_bronze(df, batch, ARRIVAL))
+        got = quality.apply_checks(frame, compiled).select("raw", "failed_checks", "warned_checks", "failed_fatal")
+        anew = quality.apply_checks(frame, quality.event_checks(settings)).select(got.columns)
+        assert {r["raw"]: sorted(r["failed_checks"]) for r in got.collect()} == dict(cases)
+        assertDataFrameEqual(got, anew)
+
+
 def test_invalid_utf8_bytes_are_quarantined(spark, settings):
     # The text source hands over the file's bytes unchecked; build such a row the same way.
     raw = event(user_id="J\u00fcrgen").encode("latin-1")
