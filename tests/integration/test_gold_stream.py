@@ -84,6 +84,8 @@ def test_the_watermark_survives_a_restart_and_an_older_batch(spark, settings):
     late = _table(spark, settings, "gold_too_late_events")
     assert list(late["event_id"]) == ["e000004"]
     assert late["watermark"].iloc[0] == pd.Timestamp("2026-11-20 12:30:00")
+    # The restart took the gold schemas from the tables, not from the transforms' plans: the same.
+    assert gold._schemas_of(spark, settings) == gold._derived_schemas(spark, settings)
 
 
 def test_a_row_taken_for_new_but_already_in_gold_is_still_upserted(spark, settings, monkeypatch):
