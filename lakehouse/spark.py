@@ -222,6 +222,9 @@ def build_spark(settings: Settings, app_name: str = "lakehouse"):
         # The ingest MERGE's source (a deduplicated, cached micro-batch) is deterministic, so Delta
         # need not copy it aside before merging.
         "spark.databricks.delta.merge.materializeSource": "none",
+        # A cached micro-batch is read back two or three times and then dropped: building it
+        # uncompressed costs less than compressing it (1M validated lines: 9.5 -> 7.1 s, 2 cores).
+        "spark.sql.inMemoryColumnarStorage.compressed": "false",
     }
     builder = SparkSession.builder.appName(app_name)
     if not under_spark_submit():
