@@ -368,24 +368,26 @@ class IngestBatch:
             # Counts measured from the tables: the metrics of the commit this batch made (in this
             # attempt or an earlier one), or, if that commit is too far back in history, a count of
             # the rows carrying this batch id.
-            def written(table: str, metric: str, extra=None, metrics: dict[str, int] | None = None) -> int:
-                """``metrics``: that commit's, when the caller has read them already."""
-                metrics = metrics if metrics is not None else delta.commit_metrics(self._path(table), app, batch_id)
+            def commit(table: str) -> dict[str, int] | None:
+                return delta.commit_metrics(self._path(table), app, batch_id)
+
+            def written(table: str, metric: str, metrics: dict[str, int] | None, extra=None) -> int:
+                """``metric`` of the batch's commit to ``table`` (its ``metrics``: :func:`commit`)."""
                 if metrics is not None:
                     return metrics.get(metric, 0)
                 df = delta.read(spark, self._path(table)).where(F.col("batch_id") == batch_id)
                 return (df.where(extra) if extra is not None else df).count()
 
-            records_in = written(lay.bronze, "numOutputRows")
-            quarantined = (written("silver_quarantine", "numOutputRows", F.col("kind") == lay.kind)
-                           if n_quarantine else 0)
+            records_in = written(lay.bronze, "numOutputRows", commit(lay.bronze))
+            quarantined = (written("silver_quarantine", "numOutputRows", commit("silver_quarantine"),
+                                   F.col("kind") == lay.kind) if n_quarantine else 0)
             date_filter = None
             for col, values in prune.items():
                 date_filter = F.col(col).isin(values)
             inserted = n_deduped = 0
-            if n_valid:  # the silver MERGE's commit, read once for both counts
-                merged = delta.commit_metrics(self._path(lay.silver), app, batch_id)
-                inserted = written(lay.silver, "numTargetRowsInserted", date_filter, merged)
+            if n_valid:  # the silver MERGE's commit, read once for both counts (None: not found)
+                merged = commit(lay.silver)
+                inserted = written(lay.silver, "numTargetRowsInserted", merged, date_filter)
                 n_deduped = self._deduplicated(valid, merged)
             lap("count")
             dup_in_batch = n_valid - n_deduped
