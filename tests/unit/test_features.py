@@ -10,7 +10,7 @@ import pytest
 
 from pyspark.sql import Row
 from pyspark.sql import functions as F
-from pyspark.testing import assertDataFrameEqual
+from pyspark.testing import assertDataFrameEqual, assertSchemaEqual
 
 from lakehouse.transforms.features import (
     FEATURE_COLUMNS,
@@ -41,13 +41,25 @@ def labels_frame(spark, rows=()):
     return spark.createDataFrame([(e, f, "card_testing" if f else "none", r) for e, f, r in rows], LABEL_SCHEMA)
 
 
-def features(spark, rows, labels=(), cols=None):
+def evaluated(df):
+    """A DataFrame's schema and rows, run once: a feature plan takes seconds to run even on four rows,
+    and comparing two DataFrames would run each again."""
+    return df.schema, df.collect()
+
+
+def assert_same(got, want):
+    """Two :func:`evaluated` results: the same schema (nullability aside) and rows, to the bit."""
+    assertSchemaEqual(got[0], want[0])
+    assertDataFrameEqual(got[1], want[1], rtol=0, atol=0)
+
+
+def features(spark, rows, labels=()):
     """Every row's features, evaluated sorted, sliced and in the driver (which must agree to the bit)."""
     tx, lab = tx_frame(spark, rows), labels_frame(spark, labels)
-    out = transaction_features(tx, tx, lab, mode="sorted")
+    out = evaluated(transaction_features(tx, tx, lab, mode="sorted"))
     for mode in ("sliced", "driver"):
-        assertDataFrameEqual(transaction_features(tx, tx, lab, mode=mode), out, rtol=0, atol=0)
-    return {r["event_id"]: r for r in out.select("event_id", *(cols or FEATURE_COLUMNS)).collect()}
+        assert_same(evaluated(transaction_features(tx, tx, lab, mode=mode)), out)
+    return {r["event_id"]: r for r in out[1]}
 
 
 def test_user_windows_5m_half_open_edges(spark):
@@ -165,13 +177,13 @@ def test_micro_batch_equals_backfill(spark):
                                   ("o1", True, at(-44)), ("e2", False, at(0))])
     history = tx_frame(spark, rows)
     targets = history.where("event_id in ('e5', 'e6', 'e7')")
-    expected = transaction_features(history, history, labels).where("event_id in ('e5', 'e6', 'e7')")
-    got = transaction_features(targets, history, labels)
-    assertDataFrameEqual(got, expected, rtol=0, atol=0)
+    expected = evaluated(transaction_features(history, history, labels).where("event_id in ('e5', 'e6', 'e7')"))
+    got = evaluated(transaction_features(targets, history, labels))
+    assert_same(got, expected)
     # A history trimmed to the look-back gives the same values too, to the bit.
     narrow = history.where("event_id != 'o1'")
-    assertDataFrameEqual(transaction_features(targets, narrow, labels), expected, rtol=0, atol=0)
-    row = {r["event_id"]: r for r in got.collect()}
+    assert_same(evaluated(transaction_features(targets, narrow, labels)), expected)
+    row = {r["event_id"]: r for r in got[1]}
     assert row["e6"]["merchant_fraud_rate_30d"] == 0.25  # e1 of e1, e3, e4, e6 (e3 not reported at 01:04)
     assert row["e7"]["merchant_fraud_rate_30d"] == 0.4                   # e3 reported at 01:30 now counts
 
@@ -215,14 +227,14 @@ def test_sliced_equals_sorted_on_random_edges_ties_and_labels(spark, seed):
         labels.append((e, rng.random() < 0.8, reported))
     history, lab = tx_frame(spark, rows), labels_frame(spark, labels)
     targets = history.where(f"event_id <= 'e{n_targets:03d}'")
-    sliced = transaction_features(targets, history, lab, mode="sliced")
-    assert sliced.count() == n_targets
-    assertDataFrameEqual(sliced, transaction_features(targets, history, lab, mode="sorted"), rtol=0, atol=0)
-    assertDataFrameEqual(transaction_features(targets, history, lab, mode="driver"), sliced, rtol=0, atol=0)
+    sliced = evaluated(transaction_features(targets, history, lab, mode="sliced"))
+    assert len(sliced[1]) == n_targets
+    assert_same(sliced, evaluated(transaction_features(targets, history, lab, mode="sorted")))
+    assert_same(evaluated(transaction_features(targets, history, lab, mode="driver")), sliced)
     # And both equal the backfill's rows (targets == history, sorted as its span is long).
     backfill = transaction_features(history, history, lab).where(f"event_id <= 'e{n_targets:03d}'")
-    assertDataFrameEqual(sliced, backfill, rtol=0, atol=0)
-    assert sum(r["merchant_fraud_rate_30d"] > 0 for r in sliced.collect()) > 0  # labels do reach the targets
+    assert_same(sliced, evaluated(backfill))
+    assert sum(r["merchant_fraud_rate_30d"] > 0 for r in sliced[1]) > 0  # labels do reach the targets
 
 
 @pytest.mark.parametrize("mode", ["sorted", "sliced", "driver"])
@@ -247,15 +259,15 @@ def test_late_events_are_seen_only_by_late_targets(spark, mode):
     late_ids = spark.createDataFrame([(e,) for e in sorted(late)], "event_id string")
     late_targets = targets.join(late_ids, "event_id", "left_semi")
 
-    got = transaction_features(targets, history, lab, mode=mode, late_ids=late_ids)
-    assert got.count() == n_targets
+    got = evaluated(transaction_features(targets, history, lab, mode=mode, late_ids=late_ids))
+    assert len(got[1]) == n_targets
     on_time = transaction_features(targets.join(late_ids, "event_id", "left_anti"),
                                    history.join(late_ids, "event_id", "left_anti"), lab, mode=mode)
     expected = on_time.unionByName(transaction_features(late_targets, history, lab, mode=mode))
-    assertDataFrameEqual(got, expected, rtol=0, atol=0)
+    assert_same(got, evaluated(expected))
     # The late events do change what the two kinds of target see (else the test proves nothing).
     blind = {r["event_id"]: r for r in transaction_features(targets, history, lab, mode=mode).collect()}
-    mine = {r["event_id"]: r for r in got.collect()}
+    mine = {r["event_id"]: r for r in got[1]}
     assert any(mine[e]["country_tx_count_30d"] != blind[e]["country_tx_count_30d"] for e in mine if e not in late)
     assert all(mine[e] == blind[e] for e in late & set(mine))
 
