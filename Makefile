@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv, install the pinned
-# dependencies (pyproject.toml + constraints.txt), resolve the Delta jars into .cache/ivy once, and
+# dependencies (pyproject.toml + constraints.txt), resolve the Delta jars into .cache/ivy once (and
+# archive the classes a Spark session loads into .cache/cds, for faster starts), and
 # reuse all of it on later runs.
 
 PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
@@ -43,7 +44,7 @@ $(DEV_STAMP): $(RUNTIME_STAMP)
 	@touch $@
 
 $(JARS_STAMP): $(RUNTIME_STAMP) | check-java
-	@echo ">> resolving the Delta jars from Maven Central into .cache/ivy (first run only)"
+	@echo ">> resolving the Delta jars from Maven Central into .cache/ivy and archiving Spark's classes into .cache/cds (first run only)"
 	$(BIN)/python -m lakehouse.spark
 	@touch $@
 

@@ -14,12 +14,21 @@ folder behind for good. A session started here gets a folder of its own under
 folders whose lock is free: those of processes that are gone. ``SPARK_LOCAL_DIRS`` (Spark's own
 setting, which wins over ``spark.local.dir``) turns this off; so does running under ``spark-submit``,
 whose cluster manager owns the scratch space.
+
+Class-data sharing. A fresh driver JVM loads about 23,000 classes (Spark, Scala, Hadoop, Delta) before
+its first Delta read, and loading them took 8-9 s of its first 20 s on 2 cores. ``python -m
+lakehouse.spark`` (run once by ``make install``/``make dev``) runs a small Delta workload with the
+JVM's ``-XX:ArchiveClassesAtExit`` and keeps the archive under ``<cache>/cds/``, named after the
+pyspark, Delta and Java it was made with; every later session started here maps it
+(``-XX:SharedArchiveFile``) and loads most of those classes from it (:func:`cds_archive`).
+``LAKEHOUSE_CDS=0`` turns it off; under ``spark-submit`` the cluster's JVMs are left as they are.
 """
 
 from __future__ import annotations
 
 import atexit
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -62,8 +71,8 @@ def delta_package() -> str:
 
 
 @lru_cache(maxsize=1)
-def java_version() -> int:
-    """Major version of the Java that Spark will launch; raises JavaMissing with the fix."""
+def _java() -> tuple[str, str]:
+    """The Java that Spark will launch and what its ``-version`` prints; raises JavaMissing with the fix."""
     java_home = os.environ.get("JAVA_HOME")
     java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
     if not java or not os.path.exists(java):
@@ -77,6 +86,12 @@ def java_version() -> int:
         out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise JavaMissing(f"`{java} -version` failed ({exc}); install Java 17+ or fix JAVA_HOME.") from None
+    return java, out
+
+
+def java_version() -> int:
+    """Major version of the Java that Spark will launch; raises JavaMissing with the fix."""
+    java, out = _java()
     match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
     if not match:
         raise JavaMissing(f"could not read the Java version from `{java} -version`: {out.strip()[:200]}")
@@ -89,6 +104,47 @@ def java_version() -> int:
             "point JAVA_HOME at it."
         )
     return major
+
+
+def cds_archive(settings: Settings) -> Path:
+    """Where the class-data sharing archive of this pyspark, Delta and Java is (or would be) kept.
+
+    An archive only fits the JVM build and the class path it was made with (a JVM given another
+    one ignores it), so its name carries the pyspark and delta-spark versions and a digest of the
+    Java binary and its version."""
+    from importlib.metadata import version
+
+    import pyspark
+
+    java, out = _java()
+    digest = hashlib.sha1(f"{os.path.realpath(java)}\n{out}".encode()).hexdigest()[:12]
+    return settings.cache_dir / "cds" / f"spark-{pyspark.__version__}-delta-{version('delta-spark')}-{digest}.jsa"
+
+
+def cds_enabled() -> bool:
+    return os.environ.get("LAKEHOUSE_CDS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def install_cds_archive(dumped: Path, archive: Path) -> bool:
+    """Keep the archive a JVM ``dumped`` at exit as ``archive``, if a JVM can start with it: a
+    truncated archive (a dump cut short by a full disk or a kill) crashes every JVM given it, so it
+    is checked before it takes the name later sessions use. Returns whether it was kept."""
+    java, _ = _java()
+    try:
+        ok = dumped.is_file() and dumped.stat().st_size > 0 and subprocess.run(
+            [java, f"-XX:SharedArchiveFile={dumped}", "-Xlog:cds*=off", f"-XX:ErrorFile={os.devnull}",
+             "-XX:-CreateCoredumpOnCrash", "-version"],
+            capture_output=True, timeout=60).returncode == 0  # a crash leaves no hs_err_pid*.log behind
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if not ok:
+        dumped.unlink(missing_ok=True)
+        return False
+    for old in archive.parent.glob("*.jsa"):  # archives of other versions: no session maps them again
+        if old != archive:
+            old.unlink(missing_ok=True)
+    os.replace(dumped, archive)
+    return True
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -197,13 +253,15 @@ def scratch_dir(root: Path | None = None) -> Path:
     return folder
 
 
-def build_spark(settings: Settings, app_name: str = "lakehouse"):
+def build_spark(settings: Settings, app_name: str = "lakehouse", cds_dump: Path | None = None):
     """Create (or return) the SparkSession configured for Delta and this machine.
 
     Args:
         settings: resolved Settings; its ``spark_master``, ``shuffle_partitions`` and ``ivy_dir``
             are used when the session is created here (not under spark-submit).
         app_name: shown in the Spark UI and logs.
+        cds_dump: the JVM writes the classes it loaded to this file when it exits (a class-data
+            sharing archive; see the module doc), instead of mapping the kept one.
     """
     from pyspark.sql import SparkSession
 
@@ -258,6 +316,12 @@ def build_spark(settings: Settings, app_name: str = "lakehouse"):
             # Spark's local dirs default to the JVM's temporary folder (spark.local.dir itself would
             # log, on every start, that a cluster manager overrides it).
             java_options.append(f'"-Djava.io.tmpdir={scratch_dir()}"')
+        # Quiet: the dump lists every class it skips, and a JVM that cannot use the archive (say, the
+        # class path changed) starts without it.
+        if cds_dump is not None:
+            java_options += [f'"-XX:ArchiveClassesAtExit={cds_dump}"', '"-Xlog:cds*=off"']
+        elif cds_enabled() and cds_archive(settings).is_file():
+            java_options += [f'"-XX:SharedArchiveFile={cds_archive(settings)}"', '"-Xlog:cds*=off"']
         builder = builder.config("spark.driver.extraJavaOptions", " ".join(java_options))
     for key, value in sql_conf.items():
         builder = builder.config(key, value)
@@ -268,12 +332,67 @@ def build_spark(settings: Settings, app_name: str = "lakehouse"):
     return spark
 
 
-if __name__ == "__main__":  # `python -m lakehouse.spark`: resolve and cache the Delta jars
+def _warm_up(spark, folder: Path) -> None:
+    """A small run of what the jobs do: JSON read, Delta write, MERGE, change feed and time travel,
+    a foreachBatch stream, Arrow collects; so that the classes they need are loaded (and archived)."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    inbox, path = folder / "inbox", str(folder / "table")
+    inbox.mkdir(parents=True)
+    (inbox / "a.jsonl").write_text('{"id": 1, "k": "a", "t": "2026-01-01T00:00:00Z", "x": 1.5}\n'
+                                   '{"id": 2, "k": "b", "t": "2026-01-01T00:01:00Z", "x": 2.5}\n')
+    rows = spark.read.json(str(inbox)).withColumn("t", F.to_timestamp("t")).withColumn("d", F.to_date("t"))
+    rows.write.format("delta").partitionBy("d").save(path)
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.enableChangeDataFeed' = 'true')")
+    (DeltaTable.forPath(spark, path).alias("t").merge(rows.withColumn("x", F.col("x") * 2).alias("s"), "t.id = s.id")
+     .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+    spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 1).load(path).toArrow()
+    spark.read.format("delta").option("versionAsOf", 0).load(path).groupBy("k").agg(F.sum("x")).toPandas()
+    DeltaTable.forPath(spark, path).history().collect()
+    (spark.readStream.text(str(inbox)).writeStream.option("checkpointLocation", str(folder / "checkpoint"))
+     .foreachBatch(lambda df, batch_id: df.count()).trigger(availableNow=True).start().awaitTermination())
+
+
+def _main() -> int:
+    """`python -m lakehouse.spark`: resolve and cache the Delta jars, and archive the classes a
+    session loads (class-data sharing, see the module doc) unless that archive exists already."""
+    from pyspark import SparkContext
+
+    settings = Settings.from_env()
     try:
-        session = build_spark(Settings.from_env(), app_name="lakehouse-warmup")
+        archive = cds_archive(settings) if cds_enabled() else None
+        dump = None
+        if archive is not None and not archive.is_file():
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            dump = archive.with_name(f"{archive.stem}.{os.getpid()}.tmp")
+        session = build_spark(settings, app_name="lakehouse-warmup", cds_dump=dump)
     except JavaMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    session.range(1).count()
-    print(f"Spark {session.version} with {delta_package()} is ready")
-    session.stop()
+        return 2
+    if dump is None:
+        session.range(1).count()
+        print(f"Spark {session.version} with {delta_package()} is ready")
+        session.stop()
+        return 0
+    print("running a small Delta workload to archive the classes Spark loads (once; faster starts) ...")
+    folder = Path(tempfile.mkdtemp(prefix="lakehouse-warmup-"))
+    try:
+        _warm_up(session, folder)
+    finally:
+        version = session.version
+        gateway = getattr(SparkContext._gateway, "proc", None)
+        session.stop()
+        if gateway is not None:  # the JVM exits when its stdin closes, and writes the archive then
+            gateway.stdin.close()
+            gateway.wait(timeout=600)
+        shutil.rmtree(folder, ignore_errors=True)
+    kept = install_cds_archive(dump, archive)
+    print(f"Spark {version} with {delta_package()} is ready; class-data sharing archive "
+          + (f"kept: {archive} ({archive.stat().st_size / 1e6:.0f} MB)" if kept else
+             "not kept (the JVM could not start with it); sessions start without one"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -68,3 +68,54 @@ def test_a_killed_start_leaves_its_scratch_which_the_next_start_removes(tmp_path
         assert notice not in done.stderr, done.stderr
     assert not scratch.exists()
     assert list(scratch.parent.iterdir()) == []  # and the normal exit removed its own folder
+
+
+def _jvm_counters(pid: int) -> dict[str, str]:
+    from lakehouse.spark import _java
+
+    jcmd = Path(_java()[0]).resolve().parent / "jcmd"
+    if not jcmd.exists():
+        pytest.skip(f"no jcmd beside {_java()[0]} (a JRE without the JDK tools)")
+    out = subprocess.run([str(jcmd), str(pid), "PerfCounter.print"], capture_output=True, text=True, timeout=60).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_a_session_loads_most_of_its_classes_from_the_archive(spark):
+    """`python -m lakehouse.spark` (make jars) archived the classes a session loads; a session started
+    here maps that archive and takes most of its classes from it instead of loading them one by one."""
+    from lakehouse.config import Settings
+    from lakehouse.spark import cds_archive, cds_enabled
+
+    if not cds_enabled():
+        pytest.skip("LAKEHOUSE_CDS=0: class-data sharing is off")
+    archive = cds_archive(Settings.from_env({}))
+    assert archive.is_file(), f"no class-data sharing archive at {archive}: `python -m lakehouse.spark` writes it"
+    jvm = spark.sparkContext._jvm
+    assert f"-XX:SharedArchiveFile={archive}" in list(
+        jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
+    counters = _jvm_counters(jvm.java.lang.ProcessHandle.current().pid())
+    shared, own = int(counters["java.cls.sharedLoadedClasses"]), int(counters["java.cls.loadedClasses"])
+    assert shared > 5000 and shared > own, counters
+
+
+def test_an_archive_cut_short_is_never_kept(tmp_path):
+    """A JVM given a truncated archive crashes at start, so a dump is checked before it takes the
+    name sessions map; a good one replaces the archives of other versions."""
+    from lakehouse.spark import _java, install_cds_archive
+
+    java = _java()[0]
+    good, cut = tmp_path / "good.tmp", tmp_path / "cut.tmp"
+    subprocess.run([java, f"-XX:ArchiveClassesAtExit={good}", "-Xlog:cds*=off", "-version"], check=True,
+                   capture_output=True, timeout=120)
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    crashed = subprocess.run([java, f"-XX:SharedArchiveFile={cut}", "-Xlog:cds*=off", "-version"],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert crashed.returncode != 0, "a JVM started with half an archive"
+    archive = tmp_path / "cds" / "spark-new.jsa"
+    archive.parent.mkdir()
+    (archive.parent / "spark-old.jsa").write_bytes(b"an archive of other versions")
+
+    assert not install_cds_archive(cut, archive)
+    assert not archive.exists() and not cut.exists() and (archive.parent / "spark-old.jsa").exists()
+    assert install_cds_archive(good, archive)
+    assert archive.is_file() and not good.exists() and list(archive.parent.iterdir()) == [archive]
