@@ -93,9 +93,11 @@ def test_a_session_loads_most_of_its_classes_from_the_archive(spark):
     jvm = spark.sparkContext._jvm
     assert f"-XX:SharedArchiveFile={archive}" in list(
         jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
+    # A start maps about 9,800 classes from it; without it only the JDK's own archive is shared (about
+    # 1,200 classes). The session has run other tests since, so the classes it loaded itself (generated
+    # code among them) may outnumber the shared ones by now.
     counters = _jvm_counters(jvm.java.lang.ProcessHandle.current().pid())
-    shared, own = int(counters["java.cls.sharedLoadedClasses"]), int(counters["java.cls.loadedClasses"])
-    assert shared > 5000 and shared > own, counters
+    assert int(counters["java.cls.sharedLoadedClasses"]) > 5000, counters
 
 
 def test_an_archive_cut_short_is_never_kept(tmp_path):
