@@ -354,11 +354,20 @@ def _warm_up(spark, folder: Path) -> None:
      .foreachBatch(lambda df, batch_id: df.count()).trigger(availableNow=True).start().awaitTermination())
 
 
-def _main() -> int:
+def _main(argv: list[str] | None = None) -> int:
     """`python -m lakehouse.spark`: resolve and cache the Delta jars, and archive the classes a
     session loads (class-data sharing, see the module doc) unless that archive exists already."""
+    import argparse
+
     from pyspark import SparkContext
 
+    argparse.ArgumentParser(
+        prog="python -m lakehouse.spark",
+        description="Start Spark once from Python: resolve the Delta jars into the Ivy cache "
+                    "($LAKEHOUSE_CACHE/ivy, Maven Central on the first run only) and, unless it exists or "
+                    "LAKEHOUSE_CDS=0, archive the classes a session loads ($LAKEHOUSE_CACHE/cds, about 200 MB, "
+                    "about a minute) so that later sessions start faster. `make install` and `make dev` run it.",
+    ).parse_args(argv)
     settings = Settings.from_env()
     try:
         archive = cds_archive(settings) if cds_enabled() else None
