@@ -113,6 +113,9 @@ class Settings:
     #: Whether `lakehouse stream --mirror` runs the express lane beside the live stream: provisional
     #: features in Postgres a moment after a file lands, replaced by gold's (lakehouse.express).
     express: bool = True
+    #: Whether Spark sessions started from Python map the class-data sharing archive of
+    #: ``<cache_dir>/cds`` (lakehouse.spark), and ``python -m lakehouse.spark`` makes one.
+    class_data_sharing: bool = True
     mlflow_tracking_uri: str = ""
 
     # ---- construction -------------------------------------------------------------------------
@@ -143,6 +146,7 @@ class Settings:
             stream_gold=_env_flag(env, "LAKEHOUSE_STREAM_GOLD", True),
             stream_scoring=_env_flag(env, "LAKEHOUSE_STREAM_SCORING", True),
             express=_env_flag(env, "LAKEHOUSE_EXPRESS", True),
+            class_data_sharing=_env_flag(env, "LAKEHOUSE_CDS", True),
             mlflow_tracking_uri=mlflow_uri,
         )
 

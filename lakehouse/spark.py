@@ -121,10 +121,6 @@ def cds_archive(settings: Settings) -> Path:
     return settings.cache_dir / "cds" / f"spark-{pyspark.__version__}-delta-{version('delta-spark')}-{digest}.jsa"
 
 
-def cds_enabled() -> bool:
-    return os.environ.get("LAKEHOUSE_CDS", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 def install_cds_archive(dumped: Path, archive: Path) -> bool:
     """Keep the archive a JVM ``dumped`` at exit as ``archive``, if a JVM can start with it: a
     truncated archive (a dump cut short by a full disk or a kill) crashes every JVM given it, so it
@@ -320,8 +316,8 @@ def build_spark(settings: Settings, app_name: str = "lakehouse", cds_dump: Path 
         # class path changed) starts without it.
         if cds_dump is not None:
             java_options += [f'"-XX:ArchiveClassesAtExit={cds_dump}"', '"-Xlog:cds*=off"']
-        elif cds_enabled() and cds_archive(settings).is_file():
-            java_options += [f'"-XX:SharedArchiveFile={cds_archive(settings)}"', '"-Xlog:cds*=off"']
+        elif settings.class_data_sharing and (archive := cds_archive(settings)).is_file():
+            java_options += [f'"-XX:SharedArchiveFile={archive}"', '"-Xlog:cds*=off"']
         builder = builder.config("spark.driver.extraJavaOptions", " ".join(java_options))
     for key, value in sql_conf.items():
         builder = builder.config(key, value)
@@ -368,15 +364,15 @@ def _main(argv: list[str] | None = None) -> int:
                     "LAKEHOUSE_CDS=0, archive the classes a session loads ($LAKEHOUSE_CACHE/cds, about 200 MB, "
                     "about a minute) so that later sessions start faster. `make install` and `make dev` run it.",
     ).parse_args(argv)
-    settings = Settings.from_env()
     try:
-        archive = cds_archive(settings) if cds_enabled() else None
+        settings = Settings.from_env()
+        archive = cds_archive(settings) if settings.class_data_sharing else None
         dump = None
         if archive is not None and not archive.is_file():
             archive.parent.mkdir(parents=True, exist_ok=True)
             dump = archive.with_name(f"{archive.stem}.{os.getpid()}.tmp")
         session = build_spark(settings, app_name="lakehouse-warmup", cds_dump=dump)
-    except JavaMissing as exc:
+    except (JavaMissing, ValueError) as exc:  # ValueError: a malformed LAKEHOUSE_* setting
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if dump is None:

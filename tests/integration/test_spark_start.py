@@ -84,9 +84,9 @@ def test_a_session_loads_most_of_its_classes_from_the_archive(spark):
     """`python -m lakehouse.spark` (make jars) archived the classes a session loads; a session started
     here maps that archive and takes most of its classes from it instead of loading them one by one."""
     from lakehouse.config import Settings
-    from lakehouse.spark import cds_archive, cds_enabled
+    from lakehouse.spark import cds_archive
 
-    if not cds_enabled():
+    if not Settings.from_env().class_data_sharing:
         pytest.skip("LAKEHOUSE_CDS=0: class-data sharing is off")
     archive = cds_archive(Settings.from_env({}))
     assert archive.is_file(), f"no class-data sharing archive at {archive}: `python -m lakehouse.spark` writes it"
