@@ -13,14 +13,23 @@ import pytest
 from lakehouse.config import Settings
 
 
+#: How this machine starts Spark (where the jars and the class-data sharing archive are kept, whether
+#: the archive is mapped): the tests' session honours them, as every job's does.
+SPARK_START_ENV = ("LAKEHOUSE_CACHE", "LAKEHOUSE_CDS")
+
+
+def spark_settings(root: Path) -> Settings:
+    """The settings the test process's SparkSession is built with, its data under ``root``."""
+    env = {k: os.environ[k] for k in SPARK_START_ENV if k in os.environ}
+    env.update(LAKEHOUSE_DATA=str(root), LAKEHOUSE_SPARK_MASTER="local[2]", LAKEHOUSE_SHUFFLE_PARTITIONS="2")
+    return Settings.from_env(env)
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from lakehouse.spark import build_spark
 
-    root = tmp_path_factory.mktemp("spark-session")
-    settings = Settings.from_env({"LAKEHOUSE_DATA": str(root), "LAKEHOUSE_SPARK_MASTER": "local[2]",
-                                  "LAKEHOUSE_SHUFFLE_PARTITIONS": "2"})
-    session = build_spark(settings, app_name="lakehouse-tests")
+    session = build_spark(spark_settings(tmp_path_factory.mktemp("spark-session")), app_name="lakehouse-tests")
     yield session
     session.stop()
 

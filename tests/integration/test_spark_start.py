@@ -80,15 +80,16 @@ def _jvm_counters(pid: int) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def test_a_session_loads_most_of_its_classes_from_the_archive(spark):
+def test_a_session_loads_most_of_its_classes_from_the_archive(spark, tmp_path):
     """`python -m lakehouse.spark` (make jars) archived the classes a session loads; a session started
     here maps that archive and takes most of its classes from it instead of loading them one by one."""
-    from lakehouse.config import Settings
     from lakehouse.spark import cds_archive
+    from tests.conftest import spark_settings
 
-    if not Settings.from_env().class_data_sharing:
+    settings = spark_settings(tmp_path)  # those the test process's session was built with
+    if not settings.class_data_sharing:
         pytest.skip("LAKEHOUSE_CDS=0: class-data sharing is off")
-    archive = cds_archive(Settings.from_env({}))
+    archive = cds_archive(settings)
     assert archive.is_file(), f"no class-data sharing archive at {archive}: `python -m lakehouse.spark` writes it"
     jvm = spark.sparkContext._jvm
     assert f"-XX:SharedArchiveFile={archive}" in list(
