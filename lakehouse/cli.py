@@ -722,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    settings = None
     try:
         try:
             settings = Settings.from_env()
@@ -732,16 +733,25 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]interrupted[/]")
         return 130
     except Exception as exc:
-        if _is_user_error(exc):
-            console.print(f"[bold red]error:[/] {exc}")
+        told = _user_error(exc, settings)
+        if told is not None:
+            console.print(f"[bold red]error:[/] {told}")
             return 2
         raise
 
 
-def _is_user_error(exc: Exception) -> bool:
+def _user_error(exc: Exception, settings: Settings | None) -> Exception | None:
+    """``exc`` when it is an error the user can fix with what its message says; a failure caused by a
+    damaged Delta table as :class:`lakehouse.damage.DamagedTable`; else None (a bug: the trace)."""
     names = {"JavaMissing", "CheckpointError", "PostgresUnavailable", "UserError", "ExpectationFailed",
-             "DbtUnavailable"}
-    return type(exc).__name__ in names
+             "DbtUnavailable", "DamagedTable"}
+    if type(exc).__name__ in names:
+        return exc
+    if settings is None:
+        return None
+    from lakehouse import damage
+
+    return damage.explain(exc, settings)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import (ArrayType, BooleanType, DateType, DoubleType, FloatType, IntegerType,
                                LongType, MapType, StringType, StructType, TimestampType)
 
+from lakehouse import damage
 from lakehouse.config import TABLES, Settings
 from lakehouse.gold import GOLD_TABLES
 from lakehouse.io import delta, pg_mirror, postgres
@@ -217,7 +218,8 @@ class MirrorLoop(threading.Thread):
                 self.last_error, delay = None, self.interval
             except Exception as exc:  # noqa: BLE001 -- the stream must go on; the ledger makes a retry safe
                 if self.last_error is None:
-                    self.report(f"mirror: {brief(exc)}; "
+                    told = damage.explain(exc, self.settings)
+                    self.report(f"mirror: {told if told is not None else brief(exc)}; "
                                 "the stream goes on, retrying with back-off")
                 self.last_error, delay = exc, min(self.max_backoff, max(delay * 2, 1.0))
             self._halt.wait(delay)

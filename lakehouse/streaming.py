@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -37,7 +38,7 @@ from pyspark.sql.types import (
     BooleanType, IntegerType, LongType, MapType, StringType, StructField, StructType, TimestampType,
 )
 
-from lakehouse import quality
+from lakehouse import damage, quality
 from lakehouse.config import Settings
 from lakehouse.express import ExpressLane
 from lakehouse.gold import GoldStream
@@ -158,7 +159,7 @@ APP_FILE = "lakehouse_app.json"
 def _corrupt(path: Path, why: str) -> CheckpointError:
     return CheckpointError(
         f"The checkpoint at {path} is corrupt or belongs to another query ({why}). Fix: run "
-        f"`lakehouse stream --reset` to rebuild bronze and silver from the inbox files (they are kept), "
+        f"`lakehouse stream --reset` to rebuild bronze, silver and gold from the inbox files (they are kept), "
         f"or restore the folder from a backup."
     )
 
@@ -182,11 +183,30 @@ def check_checkpoint(path: Path, kind: str, inbox: Path) -> None:
             json.loads(metadata.read_text().splitlines()[0])
         except (ValueError, IndexError):
             raise _corrupt(path, "its metadata file is unreadable") from None
-    for log in ("offsets", "commits"):
-        for f in sorted((path / log).glob("[0-9]*")) if (path / log).is_dir() else []:
-            head = f.read_bytes()[:3]
-            if not head.startswith(b"v"):
-                raise _corrupt(path, f"{log}/{f.name} is not a Spark log entry")
+    logs = [path / "offsets", path / "commits", *sorted((path / "sources").glob("*"))]
+    for log in (d for d in logs if d.is_dir()):
+        for f in sorted(log.glob("[0-9]*")):
+            why = _log_entry_problem(f.read_bytes())
+            if why:
+                raise _corrupt(path, f"{f.relative_to(path)} {why}")
+
+
+def _log_entry_problem(data: bytes) -> str | None:
+    """What makes ``data`` no entry of Spark's metadata logs (offsets, commits, a file source's list
+    of files): a version line ``v<N>``, then a JSON value per line (``-`` for a source without an
+    offset yet). None when it is one. Spark writes each entry whole (a temporary file, renamed), so
+    this finds entries damaged afterwards: cut short, overwritten, emptied."""
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if not lines or not re.fullmatch(r"v\d+", lines[0].strip()):
+        return "is not a Spark log entry (no version line)"
+    for n, line in enumerate(lines[1:], start=2):
+        if line.strip() in ("", "-"):
+            continue
+        try:
+            json.loads(line)
+        except ValueError:
+            return f"is cut short or damaged (line {n} is not JSON)"
+    return None
 
 
 def app_id_for(path: Path, kind: str, inbox: Path) -> str:
@@ -496,13 +516,13 @@ def run_streams(
     try:
         if once:
             for q in queries:
-                _await(q, settings.checkpoint(q.name.removeprefix("ingest_")))
+                _await(q, settings)
         else:
             stop_event = stop_event or threading.Event()
             while not stop_event.is_set():
                 ended = [q for q in queries if not q.isActive]
                 for q in ended:
-                    _await(q, settings.checkpoint(q.name.removeprefix("ingest_")))
+                    _await(q, settings)
                 if ended:
                     break
                 if gold is not None:  # a daily risk owed by earlier batches, once it is due
@@ -547,15 +567,23 @@ def _stop_between_batches(query, timeout: float = 120.0) -> None:
         query.stop()
 
 
-def _await(query, checkpoint: Path) -> None:
+def _await(query, settings: Settings) -> None:
+    """Wait for ``query`` to end; its failure as one clear error when it is a damaged table
+    (:mod:`lakehouse.damage`) or a damaged checkpoint."""
+    checkpoint = settings.checkpoint(query.name.removeprefix("ingest_"))
     try:
         query.awaitTermination()
     except Exception as exc:
+        damaged = damage.explain(exc, settings)
+        if damaged is not None:
+            raise damaged from exc
         text = str(exc)
-        lowered = text.lower()
-        if ("checkpoint" in lowered or "offsets" in lowered or "metadata" in lowered) and (
-            "corrupt" in lowered or "parse" in lowered or "invalid" in lowered or "malformed" in lowered
-            or "unsupported" in lowered or "log file" in lowered
-        ):
-            raise _corrupt(checkpoint, text.splitlines()[0][:300]) from exc
+        # Spark's own words for a checkpoint it cannot resume from, on the failure's first line; a
+        # failure inside the batch function (our code, Delta) is never the checkpoint's.
+        first = (text.splitlines() or [""])[0]
+        lowered = first.lower()
+        if ("FOREACH_BATCH_USER_FUNCTION_ERROR" not in first
+                and any(w in lowered for w in ("checkpoint", "offsets", "metadata"))
+                and any(w in lowered for w in ("corrupt", "parse", "invalid", "malformed", "unsupported", "log file"))):
+            raise _corrupt(checkpoint, first[:300]) from exc
         raise

@@ -211,11 +211,36 @@ def test_mismatched_checkpoint_is_refused_with_the_fix(spark, settings):
     shutil.copytree(settings.checkpoint("events"), settings.checkpoint("labels"))
     with pytest.raises(streaming.CheckpointError, match="lakehouse stream --reset"):
         streaming.run_streams(spark, settings, once=True, kinds=("labels",))
-    # A corrupt offset log is refused too.
+    # A corrupt offset log is refused too: garbage, or an entry cut short after its version line.
     offsets = sorted((settings.checkpoint("events") / "offsets").glob("[0-9]*"))
+    entry = offsets[-1].read_bytes()
     offsets[-1].write_bytes(b"\x00garbage")
     with pytest.raises(streaming.CheckpointError, match="corrupt"):
         streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    offsets[-1].write_bytes(entry[:entry.index(b"\n") + 20])
+    with pytest.raises(streaming.CheckpointError, match=rf"offsets/{offsets[-1].name} is cut short"):
+        streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    offsets[-1].write_bytes(entry)
+
+
+def test_a_damaged_table_is_one_error_naming_its_file_and_the_fix(spark, settings):
+    """A data file of silver gone (a disk fault, a hand-made clean-up): the next batch that reads it
+    fails with the table, the file and how to rebuild it, not a Java trace blaming the checkpoint."""
+    from lakehouse.damage import DamagedTable
+
+    write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(20)], mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    silver = settings.table_path("silver_transactions")
+    gone = sorted(silver.glob("event_date=*/*.parquet"))
+    for f in gone:
+        f.unlink()
+    # A re-delivery: the silver MERGE must read the files of its date to find it there.
+    write_lines(settings.events_inbox, "b.jsonl", [event_line(i) for i in range(20)], mtime=FILE_MTIME + 1)
+    with pytest.raises(DamagedTable) as told:
+        streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert told.value.table == "silver_transactions" and told.value.reason == "it is missing"
+    assert told.value.file in {str(f.relative_to(silver)) for f in gone}
+    assert "lakehouse stream --reset" in str(told.value)
 
 
 def test_generated_feed_reconciles_with_the_generator_ground_truth(spark, settings):

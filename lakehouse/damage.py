@@ -1,0 +1,142 @@
+"""A damaged Delta table, told as one error: which table, which file, what is wrong, how to get it back.
+
+When a file of a table's log (``_delta_log/<version>.json``, a checkpoint) or one of its data files
+is missing, cut short or overwritten, Spark fails the job with a long Java trace, and a streaming
+query that hits it fails with a trace tens of kilobytes long. :func:`explain` reads such an error's
+text, finds the table the file belongs to (by its path under the data root; for a gap in the log,
+whose error names no file, by looking for the gap in each table's log) and turns it into a
+:class:`DamagedTable` whose message names the file and the fix for that table's layer:
+
+* bronze, silver and ``gold_too_late_events`` are built from the inbox files, which the stream
+  keeps: ``lakehouse stream --reset`` rebuilds them (and gold after them);
+* the other gold tables are computed from silver: remove the table's folder and ``lakehouse
+  backfill`` the days it held (``lakehouse mirror`` then reloads its Postgres copy, which notices the
+  new table);
+* ``risk_scores``: remove the folder and ``lakehouse score`` the days again.
+
+A backup of the folder is the first fix in every case. Nothing here repairs a table: a log entry
+cut short may have lost rows that only a rebuild brings back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from lakehouse.config import TABLES, Settings
+
+#: Error texts that mean a file of a table cannot be read (Spark's and Delta's error classes, and the
+#: Java exceptions under them), each with the words the message gives the user.
+_REASONS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), why) for p, why in (
+    (r"ChecksumException", "its checksum does not match its content: it was changed or cut short"),
+    (r"JsonEOFException|Unexpected end-of-input", "it is cut short (its JSON ends mid-record)"),
+    (r"MALFORMED_RECORD_IN_PARSING|JsonParseException|JsonMappingException", "it is not valid JSON"),
+    (r"is not a Parquet file|ParquetDecodingException|CorruptedParquet", "it is not a readable Parquet file"),
+    (r"DELTA_TRUNCATED_TRANSACTION_LOG", "the log's first commits are gone and no checkpoint stands in for them"),
+    (r"FILE_NOT_EXIST|FileNotFoundException|DELTA_FILE_NOT_FOUND|DELTA_LOG_FILE_NOT_FOUND|does not exist",
+     "it is missing"),
+    (r"FAILED_READ_FILE", "it cannot be read"),
+))
+#: Damage whose error names no file: the table is found by its log (:func:`log_gap`).
+_GAP = re.compile(r"DELTA_VERSIONS_NOT_CONTIGUOUS|Versions \(.*\) are not contiguous")
+#: Where a file's path ends in an error text.
+_END = r"[^\s'\"`\],;:)]*"
+
+
+class DamagedTable(RuntimeError):
+    """A Delta table's log or data files cannot be read; the message names the table, the file and the fix."""
+
+    def __init__(self, table: str, path: Path, file: str | None, reason: str):
+        self.table, self.path, self.file, self.reason = table, path, file, reason
+        what = f"{file}: {reason}" if file else reason
+        super().__init__(f"The Delta table {table} at {path} is damaged: {what}. Fix: {fix_for(table)}")
+
+
+def fix_for(table: str) -> str:
+    """How to get ``table`` back, by what it is built from."""
+    backup = "restore the table's folder from a backup"
+    if table == "risk_scores":
+        return (f"{backup}, or remove the folder and score the days it held again with `lakehouse score "
+                f"--from DAY --to DAY` (then `lakehouse mirror`).")
+    layer = TABLES[table][0]
+    if layer == "gold" and table != "gold_too_late_events":
+        return (f"{backup}, or remove the folder and recompute it from silver with `lakehouse backfill "
+                f"--from DAY --to DAY` over the days it held (then `lakehouse mirror` reloads its Postgres copy).")
+    return (f"{backup}, or rebuild bronze, silver and gold from the inbox files (the stream keeps them) "
+            f"with `lakehouse stream --reset`.")
+
+
+def _reason(text: str) -> str | None:
+    return next((why for pattern, why in _REASONS if pattern.search(text)), None)
+
+
+def find(text: str, tables: dict[str, Path]) -> DamagedTable | None:
+    """The damaged table an error ``text`` is about, or None when it is not about a damaged table. Pure.
+
+    Args:
+        text: the error's text, Java causes and all.
+        tables: every table's folder, by name (``Settings.table_path``).
+    """
+    reason = _reason(text)
+    if reason is None:
+        return None
+    hits = []  # (where in the text, -len(folder), table, folder, file)
+    for name, path in tables.items():
+        folder = str(path).rstrip("/")
+        for quoted in {folder, folder.replace(" ", "%20")}:
+            for m in re.finditer(re.escape(quoted) + "/" + _END, text):
+                file = m.group(0)[len(quoted) + 1:].rstrip(".").replace("%20", " ")
+                hits.append((m.start(), -len(folder), name, Path(folder), file))
+    if not hits:
+        return None
+    _, _, name, folder, file = min(hits)  # the first file named; of nested folders, the deepest
+    return DamagedTable(name, folder, file or None, reason)
+
+
+def log_gap(path: Path) -> tuple[int, int] | None:
+    """The first gap ``(after, before)`` among the commit files a reader of ``path`` needs: those after the
+    last checkpoint (all of them without one). None when they are contiguous or there is no log."""
+    log_dir = Path(path) / "_delta_log"
+    try:
+        names = os.listdir(log_dir)
+    except OSError:
+        return None
+    versions = sorted(int(n[:20]) for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit())
+    checkpoints = [int(n[:20]) for n in names if ".checkpoint" in n and n[:20].isdigit()]
+    start = max(checkpoints, default=-1)
+    needed = [v for v in versions if v > start]
+    expected = start + 1
+    for v in needed:
+        if v != expected:
+            return expected - 1, v
+        expected = v + 1
+    return None
+
+
+def _text(exc: BaseException) -> str:
+    """The error's whole text: its own, then its causes' (a query's failure wraps the batch's)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def explain(exc: BaseException, settings: Settings) -> DamagedTable | None:
+    """``exc`` as a :class:`DamagedTable` when a file of one of the project's tables caused it, else None."""
+    if isinstance(exc, DamagedTable):
+        return exc
+    text = _text(exc)
+    tables = {name: Path(os.path.realpath(settings.table_path(name))) for name in TABLES}
+    found = find(text, tables) or find(text, {n: settings.table_path(n) for n in TABLES})
+    if found is not None or not _GAP.search(text):
+        return found
+    for name, path in tables.items():
+        gap = log_gap(path)
+        if gap is not None:
+            after, before = gap
+            missing = f"version {after + 1}" if before == after + 2 else f"versions {after + 1} to {before - 1}"
+            return DamagedTable(name, path, None, f"its log lacks the commit files of {missing}")
+    return None

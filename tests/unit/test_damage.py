@@ -1,0 +1,160 @@
+"""A damaged Delta table told as one error (lakehouse.damage), on the texts Spark 4.2 and Delta 4.4 gave
+for each kind of damage, made by hand on a real table (a log entry cut short with and without its
+Hadoop checksum, a data file gone or overwritten, the log's first commit gone, a commit in the middle
+gone); and the checkpoint's own log entries (streaming._log_entry_problem)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lakehouse import cli, damage
+from lakehouse.config import TABLES, Settings
+from lakehouse.streaming import _log_entry_problem
+
+ROOT = Path("/data/lake")
+TABLE_PATHS = {name: ROOT / "delta" / layer / folder for name, (layer, folder) in TABLES.items()}
+
+CHECKSUM = (
+    "py4j.protocol.Py4JJavaError: An error occurred while calling o1592.execute.\n"
+    ": org.apache.spark.SparkException: [FAILED_READ_FILE.NO_HINT] Encountered error while reading file "
+    "file:///data/lake/delta/silver/transactions/_delta_log/00000000000000000001.json.  SQLSTATE: KD001\n"
+    "\tat org.apache.spark.sql.errors.QueryExecutionErrors$.cannotReadFilesError(QueryExecutionErrors.scala:940)\n"
+    "Caused by: org.apache.hadoop.fs.ChecksumException: Checksum error: "
+    "file:/data/lake/delta/silver/transactions/_delta_log/00000000000000000001.json at 0 exp: -1170308654 "
+    "got: -600133061\n")
+CUT_JSON = (
+    ": org.apache.spark.SparkException: [FAILED_READ_FILE.NO_HINT] Encountered error while reading file "
+    "file:///data/lake/delta/gold/user_features_5m/_delta_log/00000000000000000007.json.  SQLSTATE: KD001\n"
+    "Caused by: org.apache.spark.SparkException: [MALFORMED_RECORD_IN_PARSING.WITHOUT_SUGGESTION] Malformed "
+    "records are detected in record parsing: [null,null,null].\n"
+    "Caused by: com.fasterxml.jackson.core.io.JsonEOFException: Unexpected end-of-input: expected close "
+    "marker for Object (start marker at [Source: REDACTED; line: 1, column: 15])\n")
+DATA_GONE = (
+    ": org.apache.spark.SparkException: [FAILED_READ_FILE.FILE_NOT_EXIST] Encountered error while reading file "
+    "file:/data/lake/delta/gold/transaction_features/event_date=2026-11-20/part-00000-59ebfd6b.c000.snappy."
+    "parquet. File does not exist. It is possible the underlying files have been updated.\n"
+    "Caused by: java.io.FileNotFoundException: File file:/data/lake/delta/gold/transaction_features/"
+    "event_date=2026-11-20/part-00000-59ebfd6b.c000.snappy.parquet does not exist\n")
+DATA_OVERWRITTEN = (
+    ": org.apache.spark.SparkException: [FAILED_READ_FILE.NO_HINT] Encountered error while reading file "
+    "file:/data/lake/delta/bronze/events/part-00003-aa.c000.snappy.parquet.  SQLSTATE: KD001\n"
+    "Caused by: java.lang.RuntimeException: file:/data/lake/delta/bronze/events/part-00003-aa.c000.snappy.parquet "
+    "is not a Parquet file. Expected magic number at tail, but found [98, 97, 103, 101]\n")
+FIRST_COMMIT_GONE = (
+    ": org.apache.spark.sql.delta.DeltaFileNotFoundException: [DELTA_TRUNCATED_TRANSACTION_LOG] "
+    "file:/data/lake/delta/gold/risk_scores/_delta_log/00000000000000000000.json: Unable to reconstruct state "
+    "at version 2 as the transaction log has been truncated due to manual deletion or the log retention policy\n")
+GAP = (
+    ": org.apache.spark.sql.delta.DeltaIllegalStateException: [DELTA_VERSIONS_NOT_CONTIGUOUS] Versions (0, 2) "
+    "are not contiguous.\nA gap in the delta log between versions 0 and 2 was detected while trying to load "
+    "version -1.\n")
+
+
+@pytest.mark.parametrize("text, table, file, reason", [
+    (CHECKSUM, "silver_transactions", "_delta_log/00000000000000000001.json", "checksum does not match"),
+    (CUT_JSON, "gold_user_features_5m", "_delta_log/00000000000000000007.json", "cut short"),
+    (DATA_GONE, "gold_transaction_features", "event_date=2026-11-20/part-00000-59ebfd6b.c000.snappy.parquet",
+     "it is missing"),
+    (DATA_OVERWRITTEN, "bronze_events", "part-00003-aa.c000.snappy.parquet", "not a readable Parquet file"),
+    (FIRST_COMMIT_GONE, "risk_scores", "_delta_log/00000000000000000000.json", "first commits are gone"),
+])
+def test_the_error_names_the_table_the_file_and_what_is_wrong(text, table, file, reason):
+    found = damage.find(text, TABLE_PATHS)
+    assert found is not None
+    assert (found.table, found.file) == (table, file)
+    assert reason in found.reason
+    message = str(found)
+    assert message.startswith(f"The Delta table {table} at {TABLE_PATHS[table]} is damaged: {file}: ")
+    assert "Fix: restore the table's folder from a backup" in message
+
+
+def test_the_fix_is_the_one_of_the_table_layer():
+    assert "lakehouse stream --reset" in damage.fix_for("silver_transactions")
+    assert "lakehouse stream --reset" in damage.fix_for("bronze_labels")
+    # too-late records come from the order events arrived in: only a replay of the inbox rebuilds them
+    assert "lakehouse stream --reset" in damage.fix_for("gold_too_late_events")
+    assert "lakehouse backfill" in damage.fix_for("gold_merchant_risk_daily")
+    assert "lakehouse backfill" not in damage.fix_for("silver_labels")
+    assert "lakehouse score" in damage.fix_for("risk_scores")
+
+
+@pytest.mark.parametrize("text", [
+    # an inbox file that cannot be read is the stream's input, not a table
+    "[FAILED_READ_FILE.NO_HINT] Encountered error while reading file file:/data/lake/inbox/events/a.jsonl.",
+    # a table's path in an error that is not about its files
+    "[DELTA_CONCURRENT_APPEND] ConcurrentAppendException: Files were added to /data/lake/delta/gold/"
+    "transaction_features/event_date=2026-11-20 by a concurrent update.",
+    # a table folder that does not exist yet is not a damaged table
+    "[PATH_NOT_FOUND] Path does not exist: file:/data/lake/delta/gold/risk_scores.",
+    "psycopg.OperationalError: connection failed: Connection refused",
+])
+def test_other_errors_are_not_a_damaged_table(text):
+    assert damage.find(text, TABLE_PATHS) is None
+
+
+def test_a_folder_with_a_space_is_found_too():
+    paths = {name: Path("/my data/lake") / p.relative_to(ROOT) for name, p in TABLE_PATHS.items()}
+    found = damage.find(DATA_GONE.replace("/data/lake", "/my%20data/lake"), paths)
+    assert found is not None and found.table == "gold_transaction_features"
+    assert found.file == "event_date=2026-11-20/part-00000-59ebfd6b.c000.snappy.parquet"
+
+
+def _log(folder: Path, commits, checkpoint: int | None = None) -> Path:
+    log = folder / "_delta_log"
+    log.mkdir(parents=True)
+    for v in commits:
+        (log / f"{v:020d}.json").write_text("{}\n")
+    if checkpoint is not None:
+        (log / f"{checkpoint:020d}.checkpoint.parquet").write_bytes(b"")
+    return folder
+
+
+def test_log_gap_looks_only_at_the_commits_a_reader_needs(tmp_path):
+    assert damage.log_gap(_log(tmp_path / "a", [0, 1, 3, 4])) == (1, 3)
+    assert damage.log_gap(_log(tmp_path / "b", [0, 1, 2])) is None
+    # before the checkpoint, commits may be gone (log clean-up): a reader starts from the checkpoint
+    assert damage.log_gap(_log(tmp_path / "c", [4, 7, 8, 10, 11, 12], checkpoint=10)) is None
+    assert damage.log_gap(_log(tmp_path / "d", [10, 11, 13], checkpoint=10)) == (11, 13)
+    assert damage.log_gap(tmp_path / "none") is None
+
+
+def test_a_gap_error_names_no_file_so_the_table_is_found_by_its_log(tmp_path):
+    settings = Settings.from_env({"LAKEHOUSE_DATA": str(tmp_path)})
+    for name in ("bronze_events", "silver_transactions", "silver_labels"):
+        _log(settings.table_path(name), [0, 1, 2] if name != "silver_labels" else [0, 3])
+    found = damage.explain(RuntimeError(GAP), settings)
+    assert found is not None and found.table == "silver_labels" and found.file is None
+    assert "its log lacks the commit files of versions 1 to 2" in str(found)
+    # the same error with no gap to be found: not told as a damaged table
+    assert damage.explain(RuntimeError(GAP), Settings.from_env({"LAKEHOUSE_DATA": str(tmp_path / "x")})) is None
+
+
+def test_the_cli_tells_a_damaged_table_as_its_one_error_line():
+    settings = Settings.from_env({"LAKEHOUSE_DATA": "/data/lake"})
+    try:
+        try:
+            raise RuntimeError(DATA_GONE)  # a Py4J error under the query's failure
+        except RuntimeError as inner:
+            raise RuntimeError("[STREAM_FAILED] Query terminated with exception") from inner
+    except RuntimeError as exc:
+        told = cli._user_error(exc, settings)
+    assert isinstance(told, damage.DamagedTable) and told.table == "gold_transaction_features"
+    assert cli._user_error(RuntimeError("a bug"), settings) is None
+    assert cli._user_error(RuntimeError(DATA_GONE), None) is None  # no settings, nothing to map it to
+
+
+@pytest.mark.parametrize("data, problem", [
+    (b'v1\n{"batchWatermarkMs":0,"batchTimestampMs":1}\n{"logOffset":0}\n', None),
+    (b'v1\n{"batchWatermarkMs":0}\n-\n', None),  # a source with no offset yet
+    (b'v1\n{"nextBatchWatermarkMs":0}', None),  # a commit, no trailing newline
+    (b'v1\n{"batchWatermarkMs":0,"batchTi', "line 2 is not JSON"),  # cut short
+    (b'v1\n{"batchWatermarkMs":0}\n{"logOff', "line 3 is not JSON"),
+    (b"", "no version line"),  # emptied
+    (b"\x00garbage", "no version line"),
+    (b'{"logOffset":0}\n', "no version line"),
+])
+def test_a_checkpoint_log_entry_is_checked_line_by_line(data, problem):
+    found = _log_entry_problem(data)
+    assert found is None if problem is None else problem in found
