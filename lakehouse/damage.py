@@ -20,6 +20,7 @@ cut short may have lost rows that only a rebuild brings back.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -112,6 +113,69 @@ def log_gap(path: Path) -> tuple[int, int] | None:
             return expected - 1, v
         expected = v + 1
     return None
+
+
+#: An empty log file: written and renamed, its content lost (ext4 and others can leave such a file
+#: after a power loss, as neither Hadoop's local file system nor Delta syncs it to disk).
+EMPTY = ("it is empty: its content never reached the disk (the machine lost power or crashed right after it "
+         "was written)")
+#: ... and for a commit, what Delta would make of it.
+EMPTY_COMMIT = f"{EMPTY}; Delta would read it as a commit of nothing and lose its rows without a word"
+
+
+def check_log(name: str, path: Path, since: int | None = None, until: int | None = None) -> DamagedTable | None:
+    """The first damage in the commit files a reader of table ``name`` needs, found in Python before
+    Spark reads them; None when there is none (or no table).
+
+    Delta reads an empty commit file as a commit that changed nothing: after a power loss, a file
+    renamed into the log but never written to disk (ext4 and others can leave it empty) loses that
+    commit's rows without an error, and the Postgres mirror, reading the change data feed, would
+    record the version as applied. So every commit file from ``since`` (default: the last checkpoint,
+    where a snapshot starts) to ``until`` (default: the latest) must be there, not empty, and JSON on
+    every line; so must the last checkpoint's file be there and not empty. Spark finds the rest
+    (:func:`find`).
+    """
+    from lakehouse.io import delta
+
+    log_dir = Path(path) / "_delta_log"
+    latest = delta.table_version(path) if until is None else until
+    if latest is None:
+        return None
+    checkpoint = delta.last_checkpoint_version(log_dir)
+    if checkpoint is not None and since is None:
+        parts = [e for e in os.scandir(log_dir) if e.name.startswith(f"{checkpoint:020d}.checkpoint")]
+        if not parts:
+            return DamagedTable(name, Path(path), "_delta_log/_last_checkpoint",
+                                f"it names the checkpoint of version {checkpoint}, which is missing")
+        for e in parts:
+            if e.stat().st_size == 0:
+                return DamagedTable(name, Path(path), f"_delta_log/{e.name}", EMPTY)
+    start = since if since is not None else (checkpoint + 1 if checkpoint is not None else 0)
+    for version in range(max(start, 0), latest + 1):
+        file = log_dir / f"{version:020d}.json"
+        try:
+            data = file.read_bytes()
+        except FileNotFoundError:
+            return DamagedTable(name, Path(path), f"_delta_log/{file.name}", "it is missing")
+        if not data.strip():
+            return DamagedTable(name, Path(path), f"_delta_log/{file.name}", EMPTY_COMMIT)
+        for n, line in enumerate(data.splitlines(), start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError:
+                    return DamagedTable(name, Path(path), f"_delta_log/{file.name}",
+                                        f"it is cut short or overwritten (line {n} is not JSON)")
+    return None
+
+
+def check_tables(settings: Settings, names=None) -> None:
+    """:func:`check_log` on every table of ``names`` (default: all) that exists; raises the first
+    :class:`DamagedTable`."""
+    for name in names or TABLES:
+        damaged = check_log(name, settings.table_path(name))
+        if damaged is not None:
+            raise damaged
 
 
 def _text(exc: BaseException) -> str:

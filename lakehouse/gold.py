@@ -59,6 +59,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType, TimestampType, DateType
 
+from lakehouse import damage
 from lakehouse.config import Settings
 from lakehouse.io import delta
 from lakehouse.io import maintenance as mio
@@ -374,6 +375,7 @@ def backfill(spark: SparkSession, settings: Settings, date_from: date, date_to: 
     silver_path = settings.table_path("silver_transactions")
     if not delta.is_delta_table(silver_path):
         raise FileNotFoundError(f"no silver table at {silver_path}: run `lakehouse stream --once` first")
+    damage.check_tables(settings, ("silver_transactions", "silver_labels", "gold_too_late_events"))
     ensure_gold_tables(spark, settings, _schemas_of(spark, settings))
     silver = delta.read(spark, silver_path)
     late = too_late_ids(spark, settings).persist()

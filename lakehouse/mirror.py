@@ -113,6 +113,11 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
         if applied is not None:
             applied[name] = version
         return {"table": name, "version": version, "applied": done, "rows": 0}
+    # The commits this read takes in, checked before Delta reads an emptied one as a commit of nothing
+    # and the ledger records its version as applied.
+    damaged = damage.check_log(name, path, since=None if done is None or recreated else done + 1, until=version)
+    if damaged is not None:
+        raise damaged
     if done is None or recreated:
         upserts, deletes = snapshot, None
     else:

@@ -501,6 +501,7 @@ def run_streams(
     ``express``: an :class:`lakehouse.express.ExpressLane` to run beside a continuous stream with gold
     (started and stopped here), serving provisional features of newly landed files.
     """
+    damage.check_tables(settings)  # a commit emptied by a power loss, before Delta reads it as nothing
     ensure_tables(spark, settings, kinds)
     if on_features is None and settings.stream_gold and settings.stream_scoring:
         on_features = scoring_hook(spark, settings)

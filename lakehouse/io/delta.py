@@ -243,7 +243,7 @@ def table_version(path: Path | str) -> int | None:
     commit gone) the folder is listed. Log clean-up removes old commit files only, never the latest.
     """
     log_dir = Path(path) / "_delta_log"
-    version = _last_checkpoint_version(log_dir)
+    version = last_checkpoint_version(log_dir)
     if version is not None and (log_dir / _commit_name(version)).exists():
         while (log_dir / _commit_name(version + 1)).exists():
             version += 1
@@ -256,7 +256,7 @@ def table_version(path: Path | str) -> int | None:
     return max(versions, default=None)
 
 
-def _last_checkpoint_version(log_dir: Path) -> int | None:
+def last_checkpoint_version(log_dir: Path) -> int | None:
     """The version ``_delta_log/_last_checkpoint`` names, or None (no checkpoint yet, unreadable)."""
     try:
         return int(json.loads((log_dir / "_last_checkpoint").read_text())["version"])

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from lakehouse import gold, mirror, streaming
-from lakehouse.io import delta, postgres
+from lakehouse.damage import DamagedTable
+from lakehouse.io import delta, pg_mirror, postgres
 from tests.conftest import pg_rows, stop_postgres, write_lines
 from tests.integration.inbox_data import FILE_MTIME, event_line, label_line
 
@@ -74,6 +75,26 @@ def test_backfill_is_idempotent_and_mirror_converges(spark, pg):
     # Reported on the 21st at 00:00-00:05: invisible to the payments of the 20th, visible after.
     assert feats[feats.event_date.astype(str) == "2026-11-20"]["merchant_fraud_rate_30d"].max() == 0
     assert feats[feats.event_date.astype(str) == "2026-11-21"]["merchant_fraud_rate_30d"].min() > 0
+
+    # A power loss empties gold's newest commit file: the mirror refuses it, naming it, and applies
+    # nothing (Delta's change feed would read it as no change and the ledger would skip it for good).
+    path = settings.table_path("gold_transaction_features")
+    applied = {r["table"]: r for r in mirror.mirror_all(spark, settings)}["gold_transaction_features"]["version"]
+    gold.backfill(spark, settings, DAY, DAY)
+    newest = path / "_delta_log" / f"{delta.table_version(path):020d}.json"
+    content = newest.read_bytes()
+    newest.write_bytes(b"")
+    with pytest.raises(DamagedTable, match=rf"gold_transaction_features .*{newest.name}: it is empty"):
+        mirror.mirror_all(spark, settings)
+    conn = postgres.connect(settings)
+    try:
+        assert pg_mirror.applied_version(conn, settings.pg_schema, "delta:gold_transaction_features",
+                                         "gold_transaction_features") == applied
+    finally:
+        conn.close()
+    newest.write_bytes(content)  # restored from a backup
+    mirror.mirror_all(spark, settings)
+    _assert_pg_equals_gold(spark, settings)
 
 
 def test_mirror_waits_for_postgres_and_catches_up(spark, pg):

@@ -9,6 +9,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from lakehouse import streaming, summary
+from lakehouse.damage import EMPTY_COMMIT, DamagedTable
 from lakehouse.io import delta
 from tests.conftest import write_lines
 from tests.integration.inbox_data import FILE_MTIME, event_line, label_line, write_feed
@@ -226,8 +227,6 @@ def test_mismatched_checkpoint_is_refused_with_the_fix(spark, settings):
 def test_a_damaged_table_is_one_error_naming_its_file_and_the_fix(spark, settings):
     """A data file of silver gone (a disk fault, a hand-made clean-up): the next batch that reads it
     fails with the table, the file and how to rebuild it, not a Java trace blaming the checkpoint."""
-    from lakehouse.damage import DamagedTable
-
     write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(20)], mtime=FILE_MTIME)
     streaming.run_streams(spark, settings, once=True, kinds=("events",))
     silver = settings.table_path("silver_transactions")
@@ -241,6 +240,28 @@ def test_a_damaged_table_is_one_error_naming_its_file_and_the_fix(spark, setting
     assert told.value.table == "silver_transactions" and told.value.reason == "it is missing"
     assert told.value.file in {str(f.relative_to(silver)) for f in gone}
     assert "lakehouse stream --reset" in str(told.value)
+
+
+def test_a_commit_emptied_by_a_power_loss_is_refused_before_delta_reads_it_as_nothing(spark, settings):
+    """After a power loss a commit file can be left empty (renamed, never written to disk): Delta reads it
+    as a commit of nothing and the rows it added vanish without an error. The stream refuses to start."""
+    write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(10)], mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    write_lines(settings.events_inbox, "b.jsonl", [event_line(i) for i in range(10, 30)], mtime=FILE_MTIME + 1)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    bronze = settings.table_path("bronze_events")
+    latest = bronze / "_delta_log" / f"{delta.table_version(bronze):020d}.json"
+    latest.write_bytes(b"")
+    (latest.parent / f".{latest.name}.crc").unlink(missing_ok=True)  # as the power loss leaves it
+    spark._jvm.org.apache.spark.sql.delta.DeltaLog.clearCache()  # as a new process finds the log
+    assert delta.read(spark, bronze).count() == 10  # Delta's reading: 20 rows gone, no error
+    write_lines(settings.events_inbox, "c.jsonl", [event_line(30)], mtime=FILE_MTIME + 2)
+    versions = {n: delta.table_version(settings.table_path(n)) for n in ("silver_transactions", "silver_dq_batches")}
+    with pytest.raises(DamagedTable) as told:
+        streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert (told.value.table, told.value.file, told.value.reason) == ("bronze_events", f"_delta_log/{latest.name}",
+                                                                     EMPTY_COMMIT)
+    assert {n: delta.table_version(settings.table_path(n)) for n in versions} == versions  # nothing ran
 
 
 def test_generated_feed_reconciles_with_the_generator_ground_truth(spark, settings):

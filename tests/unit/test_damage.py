@@ -158,3 +158,62 @@ def test_the_cli_tells_a_damaged_table_as_its_one_error_line():
 def test_a_checkpoint_log_entry_is_checked_line_by_line(data, problem):
     found = _log_entry_problem(data)
     assert found is None if problem is None else problem in found
+
+
+def _commits(folder: Path, versions, checkpoint: int | None = None) -> Path:
+    """A table folder whose log holds a JSON commit per version (and a checkpoint file, named by
+    ``_last_checkpoint``)."""
+    log = folder / "_delta_log"
+    log.mkdir(parents=True)
+    for v in versions:
+        (log / f"{v:020d}.json").write_text('{"commitInfo":{"operation":"WRITE"}}\n{"add":{"path":"a.parquet"}}\n')
+    if checkpoint is not None:
+        (log / f"{checkpoint:020d}.checkpoint.parquet").write_bytes(b"PAR1...PAR1")
+        (log / "_last_checkpoint").write_text(f'{{"version":{checkpoint},"size":3}}')
+    return folder
+
+
+def test_check_log_finds_an_emptied_or_cut_commit_before_delta_reads_it(tmp_path):
+    assert damage.check_log("silver_labels", _commits(tmp_path / "ok", range(4))) is None
+    assert damage.check_log("silver_labels", tmp_path / "no_table") is None
+
+    empty = _commits(tmp_path / "empty", range(4))
+    (empty / "_delta_log" / f"{3:020d}.json").write_bytes(b"")
+    found = damage.check_log("silver_labels", empty)
+    assert found is not None and found.file == f"_delta_log/{3:020d}.json" and found.reason == damage.EMPTY_COMMIT
+    assert "lakehouse stream --reset" in str(found)
+    # a reader whose range ends before it (the mirror, up to the version it read) is not concerned
+    assert damage.check_log("silver_labels", empty, since=1, until=2) is None
+
+    cut = _commits(tmp_path / "cut", range(3))
+    (cut / "_delta_log" / f"{1:020d}.json").write_text('{"commitInfo":{}}\n{"add":{"pa')
+    found = damage.check_log("gold_user_features_5m", cut)
+    assert found is not None and found.file == f"_delta_log/{1:020d}.json" and "line 2 is not JSON" in found.reason
+
+
+def test_check_log_starts_at_the_last_checkpoint_and_checks_its_file(tmp_path):
+    # commits before the checkpoint may be cleaned up (or damaged): a snapshot never reads them
+    table = _commits(tmp_path / "t", [10, 11, 12], checkpoint=10)
+    (table / "_delta_log" / f"{9:020d}.json").write_bytes(b"")
+    assert damage.check_log("bronze_events", table) is None
+    (table / "_delta_log" / f"{10:020d}.checkpoint.parquet").write_bytes(b"")
+    found = damage.check_log("bronze_events", table)
+    assert found is not None and found.file == f"_delta_log/{10:020d}.checkpoint.parquet"
+    assert found.reason == damage.EMPTY
+    (table / "_delta_log" / f"{10:020d}.checkpoint.parquet").unlink()
+    found = damage.check_log("bronze_events", table)
+    assert found is not None and found.file == "_delta_log/_last_checkpoint" and "version 10" in found.reason
+    # a range past the checkpoint (the mirror's change feed) reads only its own commits
+    assert damage.check_log("bronze_events", table, since=11) is None
+
+
+def test_check_tables_raises_for_the_first_damaged_table(tmp_path):
+    settings = Settings.from_env({"LAKEHOUSE_DATA": str(tmp_path)})
+    _commits(settings.table_path("bronze_events"), range(2))
+    _commits(settings.table_path("gold_country_risk_daily"), range(3))
+    damage.check_tables(settings)  # missing tables are not damaged ones
+    (settings.table_path("gold_country_risk_daily") / "_delta_log" / f"{2:020d}.json").write_bytes(b"\n")
+    with pytest.raises(damage.DamagedTable, match="gold_country_risk_daily .* is empty") as told:
+        damage.check_tables(settings)
+    assert "lakehouse backfill" in str(told.value)
+    damage.check_tables(settings, ("bronze_events",))
