@@ -14,6 +14,10 @@ whose error names no file, by looking for the gap in each table's log) and turns
   new table);
 * ``risk_scores``: remove the folder and ``lakehouse score`` the days again.
 
+One damage Spark does not report: a commit file left empty by a power loss, which Delta reads as a
+commit of nothing. :func:`check_log` looks for it (and for commit files cut short or missing) in Python,
+before a reader starts: the stream, the backfill and the mirror call it.
+
 A backup of the folder is the first fix in every case. Nothing here repairs a table: a log entry
 cut short may have lost rows that only a rebuild brings back.
 """
