@@ -134,10 +134,10 @@ def check_log(name: str, path: Path, since: int | None = None, until: int | None
     Delta reads an empty commit file as a commit that changed nothing: after a power loss, a file
     renamed into the log but never written to disk (ext4 and others can leave it empty) loses that
     commit's rows without an error, and the Postgres mirror, reading the change data feed, would
-    record the version as applied. So every commit file from ``since`` (default: the last checkpoint,
-    where a snapshot starts) to ``until`` (default: the latest) must be there, not empty, and JSON on
-    every line; so must the last checkpoint's file be there and not empty. Spark finds the rest
-    (:func:`find`).
+    record the version as applied. So every commit file from ``since`` (default: the checkpoint a
+    snapshot of ``until`` starts from, the last one at or before it) to ``until`` (default: the latest)
+    must be there, not empty, and JSON on every line; so must that checkpoint's file be there and not
+    empty. Spark finds the rest (:func:`find`).
     """
     from lakehouse.io import delta
 
@@ -146,6 +146,10 @@ def check_log(name: str, path: Path, since: int | None = None, until: int | None
     if latest is None:
         return None
     checkpoint = delta.last_checkpoint_version(log_dir)
+    if checkpoint is not None and until is not None and checkpoint > until:  # time travel: the one before
+        older = [int(e.name[:20]) for e in os.scandir(log_dir)
+                 if ".checkpoint" in e.name and e.name[:20].isdigit() and int(e.name[:20]) <= until]
+        checkpoint = max(older, default=None)
     if checkpoint is not None and since is None:
         parts = [e for e in os.scandir(log_dir) if e.name.startswith(f"{checkpoint:020d}.checkpoint")]
         if not parts:

@@ -42,6 +42,7 @@ import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from lakehouse import damage
 from lakehouse.config import Settings
 from lakehouse.io import delta
 from lakehouse.spark import as_utc
@@ -190,6 +191,12 @@ def choose_windows(first_date: date, latest_date: date, cfg: SplitConfig) -> Win
 
 def build(spark: SparkSession, settings: Settings, cfg: SplitConfig, snapshot: Snapshot) -> TrainingSet:
     """Read the snapshot, split it and collect train, test and latest-day frames (see module doc)."""
+    for name, version in (("gold_transaction_features", snapshot.features_version),
+                          ("silver_labels", snapshot.labels_version)):
+        if version is not None:  # an emptied commit would drop rows from the snapshot without a word
+            damaged = damage.check_log(name, settings.table_path(name), until=version)
+            if damaged is not None:
+                raise damaged
     feats = delta.read(spark, settings.table_path("gold_transaction_features"), version=snapshot.features_version)
     if snapshot.labels_version is None:
         labels = spark.createDataFrame([], "event_id string, scenario string, reported_at timestamp")

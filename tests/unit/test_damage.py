@@ -217,3 +217,16 @@ def test_check_tables_raises_for_the_first_damaged_table(tmp_path):
         damage.check_tables(settings)
     assert "lakehouse backfill" in str(told.value)
     damage.check_tables(settings, ("bronze_events",))
+
+
+def test_a_snapshot_of_an_older_version_is_checked_from_the_checkpoint_before_it(tmp_path):
+    table = _commits(tmp_path / "t", range(13), checkpoint=10)  # the last checkpoint is after version 7
+    (table / "_delta_log" / f"{0:020d}.checkpoint.parquet").write_bytes(b"PAR1...PAR1")
+    assert damage.check_log("silver_labels", table, until=7) is None
+    (table / "_delta_log" / f"{5:020d}.json").write_bytes(b"")
+    found = damage.check_log("silver_labels", table, until=7)  # read from checkpoint 0: 1..7
+    assert found is not None and found.file == f"_delta_log/{5:020d}.json"
+    assert damage.check_log("silver_labels", table, until=4) is None
+    assert damage.check_log("silver_labels", table) is None  # the latest starts at checkpoint 10
+    (table / "_delta_log" / f"{5:020d}.checkpoint.parquet").write_bytes(b"PAR1...PAR1")
+    assert damage.check_log("silver_labels", table, until=7) is None  # now from checkpoint 5
