@@ -744,7 +744,7 @@ def _user_error(exc: Exception, settings: Settings | None) -> Exception | None:
     """``exc`` when it is an error the user can fix with what its message says; a failure caused by a
     damaged Delta table as :class:`lakehouse.damage.DamagedTable`; else None (a bug: the trace)."""
     names = {"JavaMissing", "CheckpointError", "PostgresUnavailable", "UserError", "ExpectationFailed",
-             "DbtUnavailable", "DamagedTable"}
+             "DbtUnavailable", "DamagedTable", "InboxFileGone"}
     if type(exc).__name__ in names:
         return exc
     if settings is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
+from urllib.parse import unquote, urlparse
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -266,6 +268,36 @@ def stopped_mid_batch(exc: BaseException) -> bool:
     return any(name in text for name in _INTERRUPTIONS) or ("SPARK_JOB_CANCELLED" in text and "was stopped" in text)
 
 
+class InboxFileGone(RuntimeError):
+    """Files a micro-batch was planned with left the inbox before the batch read them."""
+
+
+def planned_files(checkpoint: Path, batch_id: int) -> list[str] | None:
+    """The inbox files Spark's file source took into micro-batch ``batch_id``, as local paths: its
+    entry in the checkpoint (``sources/0/<id>``, or ``<id>.compact``, which every tenth batch holds
+    the entries of all batches so far in). None when there is no such entry."""
+    folder = checkpoint / "sources" / "0"
+    for name in (str(batch_id), f"{batch_id}.compact"):
+        try:
+            text = (folder / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        tag = f'"batchId":{batch_id}'
+        entries = (json.loads(line) for line in text.splitlines()[1:] if tag in line)
+        return [local_path(e["path"]) for e in entries if e.get("batchId") == batch_id]
+    return None
+
+
+def local_path(uri: str) -> str:
+    """``file:///a/b%20c`` (Spark's form of a path) as ``/a/b c``."""
+    return unquote(urlparse(uri).path) if "://" in uri or uri.startswith("file:") else uri
+
+
+#: The error a batch function raised, by checkpoint, when it is one the user can act on: the query's
+#: failure wraps it in a Java trace, and :func:`_await` raises it again as itself.
+_TOLD: dict[str, Exception] = {}
+
+
 class IngestBatch:
     """The foreachBatch function of one inbox stream."""
 
@@ -296,10 +328,31 @@ class IngestBatch:
             return merged["numSourceRows"]
         return int(valid.agg(F.count_distinct(*self.layer.keys)).first()[0])
 
+    def _check_files(self, batch_id: int, read: list[str]) -> None:
+        """Stop the batch, before it writes, if a file it was planned with is gone from the inbox.
+
+        Spark's file source plans a batch from a listing (kept in the checkpoint), then reads the
+        files; one removed in between, or before a replay of the batch after a crash, it skips without
+        a word. Files planned but not read are fine when they are there (an empty file has no line)."""
+        planned = planned_files(self.settings.checkpoint(self.layer.kind), batch_id)
+        read_paths = {local_path(f) for f in read}
+        gone = [f for f in planned or [] if f not in read_paths and not os.path.exists(f)]
+        if gone:
+            names = ", ".join(os.path.basename(f) for f in gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5
+                                                                        else "")
+            raise InboxFileGone(
+                f"{len(gone)} file(s) of {self.layer.kind} micro-batch {batch_id} left {self.layer.inbox} before "
+                f"the batch read them: {names}. The checkpoint lists them, and Spark would go on without their "
+                f"lines and without a word. Fix: put them back under the same names and start the stream again "
+                f"(the batch is replayed with them); to go on without their lines, put an empty file under each "
+                f"name. Remove inbox files only once bronze holds them (bronze_{self.layer.kind}.source_file).")
+
     def __call__(self, lines: DataFrame, batch_id: int) -> None:
         try:
             self._batch(lines, batch_id)
         except Exception as exc:
+            if isinstance(exc, (InboxFileGone, quality.ExpectationFailed)):
+                _TOLD[str(self.settings.checkpoint(self.layer.kind))] = exc
             if not stopped_mid_batch(exc):
                 raise
             log.warning("%s batch %d interrupted: the query was stopped; a restart replays the batch",
@@ -337,6 +390,7 @@ class IngestBatch:
                                | F.array_contains("warned_checks", c.name), 1).otherwise(0)).alias(c.name)
                   for c in self.checks],
             ).first()
+            self._check_files(batch_id, stats["files"] or [])
             lap("validate")
 
             def write_bronze() -> None:
@@ -465,6 +519,7 @@ def start_query(spark: SparkSession, settings: Settings, kind: str, once: bool,
     lay = layer(settings, kind)
     checkpoint = settings.checkpoint(kind)
     app_id = app_id_for(checkpoint, kind, lay.inbox)
+    _TOLD.pop(str(checkpoint), None)  # an earlier run's, never raised
     writer = (
         inbox_lines(spark, lay.inbox, settings.max_files_per_trigger)
         .writeStream.queryName(f"ingest_{kind}")
@@ -575,6 +630,9 @@ def _await(query, settings: Settings) -> None:
     try:
         query.awaitTermination()
     except Exception as exc:
+        told = _TOLD.pop(str(checkpoint), None)
+        if told is not None:
+            raise told from exc
         damaged = damage.explain(exc, settings)
         if damaged is not None:
             raise damaged from exc

@@ -242,6 +242,29 @@ def test_a_damaged_table_is_one_error_naming_its_file_and_the_fix(spark, setting
     assert "lakehouse stream --reset" in str(told.value)
 
 
+def test_a_file_gone_before_its_batch_read_it_stops_the_stream_instead_of_vanishing(spark, settings):
+    """The stream crashed after planning a batch; meanwhile a clean-up removed one of its files. Spark's
+    replay would skip the file without a word (the batch reconciles with the lines it read); the batch
+    stops before it writes, names the file, and completes once the file is back."""
+    a = write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(10)], mtime=FILE_MTIME)
+    write_lines(settings.events_inbox, "b.jsonl", [event_line(i) for i in range(10, 25)], mtime=FILE_MTIME + 1)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert sorted(streaming.planned_files(settings.checkpoint("events"), 0)) == [str(a), str(a.with_name("b.jsonl"))]
+    commits = settings.checkpoint("events") / "commits"
+    for f in (commits / "0", commits / ".0.crc"):  # as a crash before the batch's commit leaves it
+        f.unlink(missing_ok=True)
+    kept = a.read_bytes()
+    a.unlink()
+    with pytest.raises(streaming.InboxFileGone, match=r"1 file\(s\) of events micro-batch 0 .*: a\.jsonl\. ") as told:
+        streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert "put them back under the same names" in str(told.value)
+    a.write_bytes(kept)  # back, as it was
+    os.utime(a, (FILE_MTIME, FILE_MTIME))
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert table(spark, settings, "silver_transactions").count() == 25
+    assert [(r["batch_id"], r["records_in"], r["reconciled"]) for r in dq_rows(spark, settings)] == [(0, 25, True)]
+
+
 def test_a_commit_emptied_by_a_power_loss_is_refused_before_delta_reads_it_as_nothing(spark, settings):
     """After a power loss a commit file can be left empty (renamed, never written to disk): Delta reads it
     as a commit of nothing and the rows it added vanish without an error. The stream refuses to start."""
