@@ -101,29 +101,32 @@ def test_a_folder_with_a_space_is_found_too():
     assert found.file == "event_date=2026-11-20/part-00000-59ebfd6b.c000.snappy.parquet"
 
 
-def _log(folder: Path, commits, checkpoint: int | None = None) -> Path:
+def _commits(folder: Path, versions, checkpoint: int | None = None) -> Path:
+    """A table folder whose log holds a JSON commit per version (and a checkpoint file, named by
+    ``_last_checkpoint``)."""
     log = folder / "_delta_log"
     log.mkdir(parents=True)
-    for v in commits:
-        (log / f"{v:020d}.json").write_text("{}\n")
+    for v in versions:
+        (log / f"{v:020d}.json").write_text('{"commitInfo":{"operation":"WRITE"}}\n{"add":{"path":"a.parquet"}}\n')
     if checkpoint is not None:
-        (log / f"{checkpoint:020d}.checkpoint.parquet").write_bytes(b"")
+        (log / f"{checkpoint:020d}.checkpoint.parquet").write_bytes(b"PAR1...PAR1")
+        (log / "_last_checkpoint").write_text(f'{{"version":{checkpoint},"size":3}}')
     return folder
 
 
 def test_log_gap_looks_only_at_the_commits_a_reader_needs(tmp_path):
-    assert damage.log_gap(_log(tmp_path / "a", [0, 1, 3, 4])) == (1, 3)
-    assert damage.log_gap(_log(tmp_path / "b", [0, 1, 2])) is None
+    assert damage.log_gap(_commits(tmp_path / "a", [0, 1, 3, 4])) == (1, 3)
+    assert damage.log_gap(_commits(tmp_path / "b", [0, 1, 2])) is None
     # before the checkpoint, commits may be gone (log clean-up): a reader starts from the checkpoint
-    assert damage.log_gap(_log(tmp_path / "c", [4, 7, 8, 10, 11, 12], checkpoint=10)) is None
-    assert damage.log_gap(_log(tmp_path / "d", [10, 11, 13], checkpoint=10)) == (11, 13)
+    assert damage.log_gap(_commits(tmp_path / "c", [4, 7, 8, 10, 11, 12], checkpoint=10)) is None
+    assert damage.log_gap(_commits(tmp_path / "d", [10, 11, 13], checkpoint=10)) == (11, 13)
     assert damage.log_gap(tmp_path / "none") is None
 
 
 def test_a_gap_error_names_no_file_so_the_table_is_found_by_its_log(tmp_path):
     settings = Settings.from_env({"LAKEHOUSE_DATA": str(tmp_path)})
     for name in ("bronze_events", "silver_transactions", "silver_labels"):
-        _log(settings.table_path(name), [0, 1, 2] if name != "silver_labels" else [0, 3])
+        _commits(settings.table_path(name), [0, 1, 2] if name != "silver_labels" else [0, 3])
     found = damage.explain(RuntimeError(GAP), settings)
     assert found is not None and found.table == "silver_labels" and found.file is None
     assert "its log lacks the commit files of versions 1 to 2" in str(found)
@@ -158,19 +161,6 @@ def test_the_cli_tells_a_damaged_table_as_its_one_error_line():
 def test_a_checkpoint_log_entry_is_checked_line_by_line(data, problem):
     found = _log_entry_problem(data)
     assert found is None if problem is None else problem in found
-
-
-def _commits(folder: Path, versions, checkpoint: int | None = None) -> Path:
-    """A table folder whose log holds a JSON commit per version (and a checkpoint file, named by
-    ``_last_checkpoint``)."""
-    log = folder / "_delta_log"
-    log.mkdir(parents=True)
-    for v in versions:
-        (log / f"{v:020d}.json").write_text('{"commitInfo":{"operation":"WRITE"}}\n{"add":{"path":"a.parquet"}}\n')
-    if checkpoint is not None:
-        (log / f"{checkpoint:020d}.checkpoint.parquet").write_bytes(b"PAR1...PAR1")
-        (log / "_last_checkpoint").write_text(f'{{"version":{checkpoint},"size":3}}')
-    return folder
 
 
 def test_check_log_finds_an_emptied_or_cut_commit_before_delta_reads_it(tmp_path):
