@@ -624,8 +624,9 @@ def _stop_between_batches(query, timeout: float = 120.0) -> None:
 
 
 def _await(query, settings: Settings) -> None:
-    """Wait for ``query`` to end; its failure as one clear error when it is a damaged table
-    (:mod:`lakehouse.damage`) or a damaged checkpoint."""
+    """Wait for ``query`` to end. Its failure is raised as one clear error when it is one: the error the
+    batch function raised for the user (:class:`InboxFileGone`, a check of severity ``fail``), a
+    damaged table (:mod:`lakehouse.damage`) or a damaged checkpoint; else as Spark raised it."""
     checkpoint = settings.checkpoint(query.name.removeprefix("ingest_"))
     try:
         query.awaitTermination()
