@@ -494,16 +494,26 @@ class IngestBatch:
 
 # ---- queries --------------------------------------------------------------------------------------
 
+#: Spark's file source ignores a new file whose modification time is older than the newest file's it
+#: has seen by more than ``maxFileAge`` (a week by default), without a word: a late delivery copied
+#: with its original time (``rsync -a``, ``cp -p``) would never be read. Ten years instead: the source
+#: then remembers every file it has seen (about 150 bytes each in the driver; its checkpoint log
+#: lists them all anyway).
+INBOX_MAX_FILE_AGE = "3650d"
+
+
 def inbox_lines(spark: SparkSession, inbox: Path, max_files: int) -> DataFrame:
     """The inbox as a stream of text lines with their file's path and modification time.
 
     Files whose names start with '.' or '_' are ignored by Spark: writers use such a temporary name
-    and rename the finished file, so a half-written file is never read.
+    and rename the finished file, so a half-written file is never read. A file is read whatever its
+    modification time (:data:`INBOX_MAX_FILE_AGE`).
     """
     inbox.mkdir(parents=True, exist_ok=True)
     return (
         spark.readStream.format("text")
         .option("maxFilesPerTrigger", max_files)
+        .option("maxFileAge", INBOX_MAX_FILE_AGE)
         .load(str(inbox))
         .select(
             F.col("value"),

@@ -265,6 +265,20 @@ def test_a_file_gone_before_its_batch_read_it_stops_the_stream_instead_of_vanish
     assert [(r["batch_id"], r["records_in"], r["reconciled"]) for r in dq_rows(spark, settings)] == [(0, 25, True)]
 
 
+def test_a_late_file_with_an_old_modification_time_is_still_read(spark, settings):
+    """A delivery copied with its original time (rsync -a) lands after newer files: Spark's file source
+    would ignore a file more than a week older than the newest it has seen, without a word."""
+    write_lines(settings.events_inbox, "new.jsonl", [event_line(i) for i in range(5)], mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    # sent a month before (its events older still: not in the future of their file's arrival)
+    write_lines(settings.events_inbox, "old.jsonl",
+                [event_line(i, event_time=f"2026-10-23T12:{i:02d}:00Z") for i in range(5, 12)],
+                mtime=FILE_MTIME - 30 * 86_400)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert table(spark, settings, "silver_transactions").count() == 12
+    assert [r["records_in"] for r in dq_rows(spark, settings)] == [5, 7]
+
+
 def test_a_commit_emptied_by_a_power_loss_is_refused_before_delta_reads_it_as_nothing(spark, settings):
     """After a power loss a commit file can be left empty (renamed, never written to disk): Delta reads it
     as a commit of nothing and the rows it added vanish without an error. The stream refuses to start."""
