@@ -167,13 +167,25 @@ def check_log(name: str, path: Path, since: int | None = None, until: int | None
             return DamagedTable(name, Path(path), f"_delta_log/{file.name}", "it is missing")
         if not data.strip():
             return DamagedTable(name, Path(path), f"_delta_log/{file.name}", EMPTY_COMMIT)
-        for n, line in enumerate(data.splitlines(), start=1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except ValueError:
-                    return DamagedTable(name, Path(path), f"_delta_log/{file.name}",
-                                        f"it is cut short or overwritten (line {n} is not JSON)")
+        n = first_line_not_json(data.splitlines())
+        if n is not None:
+            return DamagedTable(name, Path(path), f"_delta_log/{file.name}",
+                                f"it is cut short or overwritten (line {n} is not JSON)")
+    return None
+
+
+def first_line_not_json(lines, start: int = 1, skip: tuple[str, ...] = ()) -> int | None:
+    """The number (counted from ``start``) of the first of ``lines`` (str or bytes) that is not a JSON
+    value, blank lines and those in ``skip`` left aside; None when every one is. The logs of Delta and
+    of Spark's checkpoints hold a JSON value per line."""
+    for n, line in enumerate(lines, start=start):
+        text = line.decode("utf-8", errors="replace").strip() if isinstance(line, bytes) else line.strip()
+        if not text or text in skip:
+            continue
+        try:
+            json.loads(line)
+        except ValueError:
+            return n
     return None
 
 

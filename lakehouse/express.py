@@ -191,9 +191,15 @@ def silver_rows(rows: list[dict]) -> pa.Table:
     })
 
 
+def local_path(uri: str) -> str:
+    """``file:///a/b%20c`` (Spark's form of a path: ``_metadata.file_path``, a checkpoint's file list)
+    as ``/a/b c``; a plain path as it is."""
+    return unquote(urlparse(uri).path) if "://" in uri or uri.startswith("file:") else uri
+
+
 def file_name(path: str) -> str:
     """An inbox file's name from Spark's ``_metadata.file_path`` (a URI) or a plain path."""
-    return Path(unquote(urlparse(path).path) if "://" in path or path.startswith("file:") else path).name
+    return Path(local_path(path)).name
 
 
 def _silver_ids(spark, settings: Settings, ids: list[str]) -> set[str]:

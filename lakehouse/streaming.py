@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
-from urllib.parse import unquote, urlparse
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -42,7 +41,7 @@ from pyspark.sql.types import (
 
 from lakehouse import damage, quality
 from lakehouse.config import Settings
-from lakehouse.express import ExpressLane
+from lakehouse.express import ExpressLane, local_path
 from lakehouse.gold import GoldStream
 from lakehouse.io import delta
 from lakehouse.laps import Laps
@@ -201,14 +200,8 @@ def _log_entry_problem(data: bytes) -> str | None:
     lines = data.decode("utf-8", errors="replace").splitlines()
     if not lines or not re.fullmatch(r"v\d+", lines[0].strip()):
         return "is not a Spark log entry (no version line)"
-    for n, line in enumerate(lines[1:], start=2):
-        if line.strip() in ("", "-"):
-            continue
-        try:
-            json.loads(line)
-        except ValueError:
-            return f"is cut short or damaged (line {n} is not JSON)"
-    return None
+    n = damage.first_line_not_json(lines[1:], start=2, skip=("-",))
+    return None if n is None else f"is cut short or damaged (line {n} is not JSON)"
 
 
 def app_id_for(path: Path, kind: str, inbox: Path) -> str:
@@ -286,11 +279,6 @@ def planned_files(checkpoint: Path, batch_id: int) -> list[str] | None:
         entries = (json.loads(line) for line in text.splitlines()[1:] if tag in line)
         return [local_path(e["path"]) for e in entries if e.get("batchId") == batch_id]
     return None
-
-
-def local_path(uri: str) -> str:
-    """``file:///a/b%20c`` (Spark's form of a path) as ``/a/b c``."""
-    return unquote(urlparse(uri).path) if "://" in uri or uri.startswith("file:") else uri
 
 
 #: The error a batch function raised, by checkpoint, when it is one the user can act on: the query's
