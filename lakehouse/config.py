@@ -116,6 +116,9 @@ class Settings:
     #: Whether Spark sessions started from Python map the class-data sharing archive of
     #: ``<cache_dir>/cds`` (lakehouse.spark), and ``python -m lakehouse.spark`` makes one.
     class_data_sharing: bool = True
+    #: Extra options for the driver JVM of sessions started from Python (shell-quoted, as
+    #: ``spark.driver.extraJavaOptions`` takes them); under spark-submit, ``--driver-java-options``.
+    java_options: str = ""
     mlflow_tracking_uri: str = ""
 
     # ---- construction -------------------------------------------------------------------------
@@ -147,6 +150,7 @@ class Settings:
             stream_scoring=_env_flag(env, "LAKEHOUSE_STREAM_SCORING", True),
             express=_env_flag(env, "LAKEHOUSE_EXPRESS", True),
             class_data_sharing=_env_flag(env, "LAKEHOUSE_CDS", True),
+            java_options=env.get("LAKEHOUSE_JAVA_OPTIONS") or "",
             mlflow_tracking_uri=mlflow_uri,
         )
 

@@ -32,6 +32,7 @@ import hashlib
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,26 @@ def java_version() -> int:
             "point JAVA_HOME at it."
         )
     return major
+
+
+@lru_cache(maxsize=8)
+def check_java_options(options: str) -> list[str]:
+    """``options`` (``LAKEHOUSE_JAVA_OPTIONS``) as Spark's ``extraJavaOptions`` takes them, once the
+    JVM has started with them: a JVM that refuses an option would otherwise end Spark's start in a
+    gateway error that names neither the option nor the setting."""
+    try:
+        words = shlex.split(options)
+    except ValueError as exc:
+        raise JavaMissing(f"LAKEHOUSE_JAVA_OPTIONS={options!r} is not shell-quoted correctly ({exc}); "
+                          "fix the quoting or unset it.") from None
+    java, _ = _java()
+    res = subprocess.run([java, *words, "-version"], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        said = next((line for line in (res.stderr + res.stdout).splitlines()
+                     if line.strip() and not line.startswith("NOTE: Picked up")), "no output")
+        raise JavaMissing(f"LAKEHOUSE_JAVA_OPTIONS={options!r}: Java does not start with these options "
+                          f"({said.strip()}); fix or unset it.")
+    return [shlex.quote(word) for word in words]  # Spark splits them as a POSIX shell would
 
 
 def cds_archive(settings: Settings) -> Path:
@@ -318,6 +339,8 @@ def build_spark(settings: Settings, app_name: str = "lakehouse", cds_dump: Path 
             java_options += [f'"-XX:ArchiveClassesAtExit={cds_dump}"', '"-Xlog:cds*=off"']
         elif settings.class_data_sharing and (archive := cds_archive(settings)).is_file():
             java_options += [f'"-XX:SharedArchiveFile={archive}"', '"-Xlog:cds*=off"']
+        if settings.java_options:
+            java_options += check_java_options(settings.java_options)
         builder = builder.config("spark.driver.extraJavaOptions", " ".join(java_options))
     for key, value in sql_conf.items():
         builder = builder.config(key, value)

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Starts Spark, runs a shuffle, prints its scratch folder and what Spark put there, then waits.
+# Starts Spark, runs a shuffle, prints its scratch folder and what Spark put there, and a system
+# property LAKEHOUSE_JAVA_OPTIONS set, then waits.
 DRIVER = """
 import os, sys, time
 from pathlib import Path
@@ -30,8 +31,8 @@ assert spark.range(20000).repartition(3).distinct().count() == 20000
 jvm = spark.sparkContext._jvm
 local = jvm.org.apache.spark.util.Utils.getLocalDir(spark.sparkContext._jsc.sc().conf())
 tmp = jvm.java.lang.System.getProperty("java.io.tmpdir")
-print(Path(local).parent, tmp, ",".join(sorted(p.name.split("-")[0] for p in Path(tmp).iterdir())), sep="|",
-      flush=True)
+print(Path(local).parent, tmp, ",".join(sorted(p.name.split("-")[0] for p in Path(tmp).iterdir())),
+      jvm.java.lang.System.getProperty("lakehouse.probe"), sep="|", flush=True)
 time.sleep(600)
 """
 
@@ -41,7 +42,8 @@ def test_a_killed_start_leaves_its_scratch_which_the_next_start_removes(tmp_path
     temp.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_") and k != "SPARK_LOCAL_DIRS"}
     env.update(TMPDIR=str(temp), LAKEHOUSE_DATA=str(data), LAKEHOUSE_SPARK_MASTER="local[2]",
-               LAKEHOUSE_SHUFFLE_PARTITIONS="2", PYTHONPATH=str(ROOT))
+               LAKEHOUSE_SHUFFLE_PARTITIONS="2", PYTHONPATH=str(ROOT),
+               LAKEHOUSE_JAVA_OPTIONS="-XX:TieredStopAtLevel=1 '-Dlakehouse.probe=a \"b\" c'")
     proc = subprocess.Popen([sys.executable, "-c", DRIVER], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
@@ -50,7 +52,8 @@ def test_a_killed_start_leaves_its_scratch_which_the_next_start_removes(tmp_path
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its JVM: no shutdown hook runs
         proc.wait()
     assert line, "the Spark driver printed nothing"
-    local, java_tmp, kinds = line.split("|")
+    local, java_tmp, kinds, probe = line.split("|")
+    assert probe == 'a "b" c'  # LAKEHOUSE_JAVA_OPTIONS reached the JVM, quoted as the shell would
     scratch = Path(local)
     assert scratch.parent == temp / f"lakehouse-spark-{os.getuid()}" and java_tmp == local
     assert {"blockmgr", "spark", SCRATCH_LOCK} <= set(kinds.split(","))
@@ -68,6 +71,16 @@ def test_a_killed_start_leaves_its_scratch_which_the_next_start_removes(tmp_path
         assert notice not in done.stderr, done.stderr
     assert not scratch.exists()
     assert list(scratch.parent.iterdir()) == []  # and the normal exit removed its own folder
+
+
+def test_java_options_java_refuses_are_named_with_the_setting():
+    from lakehouse.spark import JavaMissing, check_java_options
+
+    assert check_java_options("-XX:TieredStopAtLevel=1  -Dx=1") == ["-XX:TieredStopAtLevel=1", "-Dx=1"]
+    with pytest.raises(JavaMissing, match=r"LAKEHOUSE_JAVA_OPTIONS='-XX:\+NoSuchFlag'.*Unrecognized VM option"):
+        check_java_options("-XX:+NoSuchFlag")
+    with pytest.raises(JavaMissing, match="not shell-quoted correctly"):
+        check_java_options("'-Dx=unclosed")
 
 
 def _jvm_counters(pid: int) -> dict[str, str]:
