@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -265,10 +266,11 @@ class InboxFileGone(RuntimeError):
     """Files a micro-batch was planned with left the inbox before the batch read them."""
 
 
-def planned_files(checkpoint: Path, batch_id: int) -> list[str] | None:
-    """The inbox files Spark's file source took into micro-batch ``batch_id``, as local paths: its
-    entry in the checkpoint (``sources/0/<id>``, or ``<id>.compact``, which every tenth batch holds
-    the entries of all batches so far in). None when there is no such entry."""
+def source_entries(checkpoint: Path, batch_id: int) -> list[tuple[str, int]] | None:
+    """The inbox files Spark's file source took into micro-batch ``batch_id``, as (local path,
+    modification time in ms when listed): its entry in the checkpoint (``sources/0/<id>``, or
+    ``<id>.compact``, which every tenth batch holds the entries of all batches so far in). None when
+    there is no such entry."""
     folder = checkpoint / "sources" / "0"
     for name in (str(batch_id), f"{batch_id}.compact"):
         try:
@@ -277,8 +279,93 @@ def planned_files(checkpoint: Path, batch_id: int) -> list[str] | None:
             continue
         tag = f'"batchId":{batch_id}'
         entries = (json.loads(line) for line in text.splitlines()[1:] if tag in line)
-        return [local_path(e["path"]) for e in entries if e.get("batchId") == batch_id]
+        return [(local_path(e["path"]), int(e.get("timestamp", -1))) for e in entries if e.get("batchId") == batch_id]
     return None
+
+
+def planned_files(checkpoint: Path, batch_id: int) -> list[str] | None:
+    """The inbox files (local paths) of micro-batch ``batch_id``, as :func:`source_entries` finds them."""
+    entries = source_entries(checkpoint, batch_id)
+    return None if entries is None else [path for path, _ in entries]
+
+
+def requeue_copy(path: Path, mtime_ms: int) -> tuple[Path, bool]:
+    """Copy inbox file ``path`` whole, as it is now, to ``<stem>.changed-<mtime_ms><suffix>`` beside it
+    (written under a hidden name and renamed, so the file source never reads it half-written).
+    Returns the copy and whether it was made now (False: an earlier attempt made it)."""
+    copy = path.with_name(f"{path.stem}.changed-{mtime_ms}{path.suffix}")
+    if copy.exists():
+        return copy, False
+    temp = path.with_name(f".{copy.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        shutil.copyfile(path, temp)
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, copy)
+    finally:
+        temp.unlink(missing_ok=True)
+    return copy, True
+
+
+class InboxWatch:
+    """The inbox files of recent micro-batches, watched for a change after they were read.
+
+    Spark's file source reads a file once, by its name: lines a writer adds to it after its
+    micro-batch was planned (a writer that appends, instead of writing a temporary name and renaming
+    the finished file) would never be read, and nothing would say so. A watched file whose
+    modification time is no longer the one its micro-batch was planned with is copied whole into the
+    inbox under a new name (:func:`requeue_copy`), which a later micro-batch reads: its lines already
+    ingested come again as re-deliveries of the same records (the silver MERGE keeps one; the batch's
+    data-quality row counts them as duplicates), and the new lines are ingested. A watched file that
+    is removed is dropped from the watch (removing files once read is fine).
+
+    The watch holds the files of the micro-batches of this run, and at a start those of the last
+    ``seed_batches`` the checkpoint lists; at most ``limit`` files, the latest read.
+    """
+
+    def __init__(self, checkpoint: Path, kind: str, limit: int = 10_000, seed_batches: int = 10):
+        self.checkpoint, self.kind, self.limit, self.seed_batches = checkpoint, kind, limit, seed_batches
+        self.files: dict[str, int] = {}
+        self.requeued = 0
+
+    def add(self, entries: list[tuple[str, int]]) -> None:
+        for path, mtime_ms in entries:
+            self.files.pop(path, None)
+            self.files[path] = mtime_ms
+        while len(self.files) > self.limit:
+            del self.files[next(iter(self.files))]
+
+    def seed(self) -> None:
+        """Watch the files of the last ``seed_batches`` micro-batches the checkpoint lists."""
+        folder = self.checkpoint / "sources" / "0"
+        names = os.listdir(folder) if folder.is_dir() else []
+        ids = sorted({int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()})
+        for batch_id in ids[-self.seed_batches:]:
+            self.add(source_entries(self.checkpoint, batch_id) or [])
+
+    def requeue_changed(self) -> list[Path]:
+        """Copy every watched file that changed since it was listed; returns the copies made."""
+        made = []
+        for path, listed_ms in list(self.files.items()):
+            try:
+                now_ms = os.stat(path).st_mtime_ns // 1_000_000
+            except FileNotFoundError:
+                del self.files[path]
+                continue
+            if now_ms == listed_ms:
+                continue
+            copy, new = requeue_copy(Path(path), now_ms)
+            self.files[path] = now_ms
+            if new:
+                made.append(copy)
+                self.requeued += 1
+                log.warning(
+                    "%s inbox file %s changed after a micro-batch was planned with it (a writer appended to or "
+                    "rewrote it): copied whole as %s, which a later micro-batch reads (the next run, under "
+                    "--once); its lines already ingested count as re-deliveries. Writers should write a "
+                    "temporary name starting with '.' and rename the finished file.",
+                    self.kind, os.path.basename(path), copy.name)
+        return made
 
 
 #: The error a batch function raised, by checkpoint, when it is one the user can act on: the query's
@@ -300,6 +387,7 @@ class IngestBatch:
         self._compiled: tuple[list, quality.CompiledChecks] | None = None  # (for these checks, compiled)
         self.app_id = app_id
         self.on_batch = on_batch
+        self.watch = InboxWatch(settings.checkpoint(kind), kind)
         self.cached_columns = {
             *bronze_t.BRONZE_COLUMNS, *silver_t.SILVER_EVENT_COLUMNS, *silver_t.SILVER_LABEL_COLUMNS,
             *silver_t.QUARANTINE_COLUMNS, "failed_checks", "warned_checks", "failed_fatal",
@@ -316,15 +404,14 @@ class IngestBatch:
             return merged["numSourceRows"]
         return int(valid.agg(F.count_distinct(*self.layer.keys)).first()[0])
 
-    def _check_files(self, batch_id: int, read: list[str]) -> None:
+    def _check_files(self, batch_id: int, planned: list[tuple[str, int]] | None, read: list[str]) -> None:
         """Stop the batch, before it writes, if a file it was planned with is gone from the inbox.
 
         Spark's file source plans a batch from a listing (kept in the checkpoint), then reads the
         files; one removed in between, or before a replay of the batch after a crash, it skips without
         a word. Files planned but not read are fine when they are there (an empty file has no line)."""
-        planned = planned_files(self.settings.checkpoint(self.layer.kind), batch_id)
         read_paths = {local_path(f) for f in read}
-        gone = [f for f in planned or [] if f not in read_paths and not os.path.exists(f)]
+        gone = [f for f, _ in planned or [] if f not in read_paths and not os.path.exists(f)]
         if gone:
             names = ", ".join(os.path.basename(f) for f in gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5
                                                                         else "")
@@ -378,7 +465,10 @@ class IngestBatch:
                                | F.array_contains("warned_checks", c.name), 1).otherwise(0)).alias(c.name)
                   for c in self.checks],
             ).first()
-            self._check_files(batch_id, stats["files"] or [])
+            planned = source_entries(self.settings.checkpoint(lay.kind), batch_id)
+            self._check_files(batch_id, planned, stats["files"] or [])
+            self.watch.requeue_changed()  # files of earlier batches written to since
+            self.watch.add(planned or [])
             lap("validate")
 
             def write_bronze() -> None:
@@ -518,11 +608,14 @@ def start_query(spark: SparkSession, settings: Settings, kind: str, once: bool,
     checkpoint = settings.checkpoint(kind)
     app_id = app_id_for(checkpoint, kind, lay.inbox)
     _TOLD.pop(str(checkpoint), None)  # an earlier run's, never raised
+    ingest = IngestBatch(settings, kind, app_id, on_batch, gold, express if kind == "events" else None)
+    ingest.watch.seed()
+    ingest.watch.requeue_changed()  # before the query lists the inbox: written to while no stream ran
     writer = (
         inbox_lines(spark, lay.inbox, settings.max_files_per_trigger)
         .writeStream.queryName(f"ingest_{kind}")
         .option("checkpointLocation", str(checkpoint))
-        .foreachBatch(IngestBatch(settings, kind, app_id, on_batch, gold, express if kind == "events" else None))
+        .foreachBatch(ingest)
     )
     writer = writer.trigger(availableNow=True) if once else writer.trigger(
         processingTime=f"{settings.trigger_seconds} seconds")

@@ -68,10 +68,10 @@ def write_lines(folder: Path, name: str, lines: list[str | bytes], mtime: float 
     tmp = folder / f".{name}.tmp"
     data = b"".join((l if isinstance(l, bytes) else l.encode()) + b"\n" for l in lines)
     tmp.write_bytes(data)
+    if mtime is not None:  # before the rename: a stream running beside never lists it with another
+        os.utime(tmp, (mtime, mtime))
     final = folder / name
     os.replace(tmp, final)
-    if mtime is not None:
-        os.utime(final, (mtime, mtime))
     return final
 
 

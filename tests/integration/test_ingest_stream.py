@@ -279,6 +279,43 @@ def test_a_late_file_with_an_old_modification_time_is_still_read(spark, settings
     assert [r["records_in"] for r in dq_rows(spark, settings)] == [5, 7]
 
 
+def test_lines_appended_to_a_file_after_its_batch_read_it_are_read_again_not_lost(spark, settings):
+    """A writer that appends to an inbox file instead of renaming a finished one: Spark's file source
+    reads a file once, by name, so the lines added after its batch would never be read, without a word.
+    The changed file is copied whole under a new name, whose lines read before are re-deliveries."""
+    settings = settings.replace(max_files_per_trigger=1)
+    a = write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(3)], mtime=FILE_MTIME)
+    b = write_lines(settings.events_inbox, "b.jsonl", [event_line(i) for i in range(10, 12)], mtime=FILE_MTIME + 1)
+
+    def append(path, ids, mtime):
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(event_line(i) + "\n" for i in ids)
+        os.utime(path, (mtime, mtime))
+
+    def on_batch(result):  # once batch 0 has read a.jsonl, its writer adds two lines to it
+        if result.batch_id == 0:
+            append(a, [3, 4], FILE_MTIME + 5)
+
+    streaming.run_streams(spark, settings, once=True, kinds=("events",), on_batch=on_batch)
+    copy = a.with_name(f"a.changed-{int((FILE_MTIME + 5) * 1000)}.jsonl")
+    assert copy.read_bytes() == a.read_bytes()  # made by batch 1; under --once the next run reads it
+    assert sorted(p.name for p in settings.events_inbox.iterdir()) == sorted(["a.jsonl", copy.name, "b.jsonl"])
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    ids = sorted(r["event_id"] for r in table(spark, settings, "silver_transactions").collect())
+    assert ids == [f"e{i:06d}" for i in (0, 1, 2, 3, 4, 10, 11)]
+    assert [(r["records_in"], r["inserted"], r["duplicates"], r["reconciled"]) for r in dq_rows(spark, settings)] \
+        == [(3, 3, 0, True), (2, 2, 0, True), (5, 2, 3, True)]
+
+    # Lines added while no stream ran are found at the start; files unchanged are never copied again.
+    append(b, [12], FILE_MTIME + 9)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert table(spark, settings, "silver_transactions").count() == 8
+    assert [(r["records_in"], r["inserted"], r["duplicates"]) for r in dq_rows(spark, settings)][3:] == [(3, 1, 2)]
+    assert len(list(settings.events_inbox.iterdir())) == 4
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert len(dq_rows(spark, settings)) == 4 and len(list(settings.events_inbox.iterdir())) == 4
+
+
 def test_a_commit_emptied_by_a_power_loss_is_refused_before_delta_reads_it_as_nothing(spark, settings):
     """After a power loss a commit file can be left empty (renamed, never written to disk): Delta reads it
     as a commit of nothing and the rows it added vanish without an error. The stream refuses to start."""

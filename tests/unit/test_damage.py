@@ -5,6 +5,7 @@ gone); and the checkpoint's own log entries (streaming._log_entry_problem)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,41 @@ def test_planned_files_reads_the_batch_entry_of_the_file_source_log(tmp_path):
     assert planned_files(tmp_path, 11) is None
     assert local_path("file:/in/x.jsonl") == local_path("file:///in/x.jsonl") == "/in/x.jsonl"
     assert local_path("/in/x.jsonl") == "/in/x.jsonl"
+
+
+def test_the_inbox_watch_copies_a_file_changed_after_it_was_listed_once_and_forgets_removed_ones(tmp_path):
+    import os
+
+    from lakehouse.streaming import InboxWatch
+
+    inbox, checkpoint = tmp_path / "in box", tmp_path / "checkpoint"
+    inbox.mkdir()
+    folder = checkpoint / "sources" / "0"
+    folder.mkdir(parents=True)
+    files = {}
+    for b in range(12):  # batch b read f<b>.jsonl, listed at its modification time
+        f = inbox / f"f{b}.jsonl"
+        f.write_text(f'{{"n": {b}}}\n')
+        os.utime(f, (1_700_000_000 + b, 1_700_000_000 + b))
+        files[b] = f
+        entry = {"path": f.as_uri(), "timestamp": (1_700_000_000 + b) * 1000, "batchId": b}
+        (folder / str(b)).write_text("v1\n" + json.dumps(entry, separators=(",", ":")))  # as Spark writes it
+    watch = InboxWatch(checkpoint, "events", limit=5, seed_batches=10)
+    watch.seed()
+    assert list(watch.files) == [str(files[b]) for b in range(7, 12)]  # the last ten batches, at most five files
+    assert watch.requeue_changed() == []  # nothing changed: nothing copied
+
+    with open(files[9], "a") as f:  # a writer appends to a file already read
+        f.write('{"n": 99}\n')
+    os.utime(files[9], (1_700_000_100, 1_700_000_100))
+    files[8].unlink()  # a clean-up removes a file already read: fine, and no longer watched
+    copy = inbox / "f9.changed-1700000100000.jsonl"
+    assert watch.requeue_changed() == [copy]
+    assert copy.read_text() == '{"n": 9}\n{"n": 99}\n' and watch.requeued == 1
+    assert str(files[8]) not in watch.files and watch.files[str(files[9])] == 1_700_000_100_000
+    assert watch.requeue_changed() == []  # once per change
+    assert sorted(p.name for p in inbox.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+    again = InboxWatch(checkpoint, "events")  # a restart before the copy was read: not copied twice
+    again.seed()
+    assert again.requeue_changed() == [] and copy.exists()
