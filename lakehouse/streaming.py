@@ -343,8 +343,10 @@ class InboxWatch:
         for batch_id in ids[-self.seed_batches:]:
             self.add(source_entries(self.checkpoint, batch_id) or [])
 
-    def requeue_changed(self) -> list[Path]:
-        """Copy every watched file that changed since it was listed; returns the copies made."""
+    def requeue_changed(self, at_start: bool = False) -> list[Path]:
+        """Copy every watched file that changed since it was listed; returns the copies made. Copies
+        made ``at_start`` (before the query lists the inbox) are read by this run."""
+        reader = "this run reads" if at_start else "a later micro-batch reads (under --once, the next run)"
         made = []
         for path, listed_ms in list(self.files.items()):
             try:
@@ -361,10 +363,9 @@ class InboxWatch:
                 self.requeued += 1
                 log.warning(
                     "%s inbox file %s changed after a micro-batch was planned with it (a writer appended to or "
-                    "rewrote it): copied whole as %s, which a later micro-batch reads (the next run, under "
-                    "--once); its lines already ingested count as re-deliveries. Writers should write a "
-                    "temporary name starting with '.' and rename the finished file.",
-                    self.kind, os.path.basename(path), copy.name)
+                    "rewrote it): copied whole as %s, which %s; its lines already ingested count as "
+                    "re-deliveries. Writers should write a temporary name starting with '.' and rename the "
+                    "finished file.", self.kind, os.path.basename(path), copy.name, reader)
         return made
 
 
@@ -610,7 +611,7 @@ def start_query(spark: SparkSession, settings: Settings, kind: str, once: bool,
     _TOLD.pop(str(checkpoint), None)  # an earlier run's, never raised
     ingest = IngestBatch(settings, kind, app_id, on_batch, gold, express if kind == "events" else None)
     ingest.watch.seed()
-    ingest.watch.requeue_changed()  # before the query lists the inbox: written to while no stream ran
+    ingest.watch.requeue_changed(at_start=True)  # before the query lists the inbox: written to while no stream ran
     writer = (
         inbox_lines(spark, lay.inbox, settings.max_files_per_trigger)
         .writeStream.queryName(f"ingest_{kind}")
