@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 import uuid
@@ -291,20 +290,14 @@ def planned_files(checkpoint: Path, batch_id: int) -> list[str] | None:
 
 def requeue_copy(path: Path, mtime_ms: int) -> tuple[Path, bool]:
     """Copy inbox file ``path`` whole, as it is now, to ``<stem>.changed-<mtime_ms><suffix>`` beside it
-    (written under a hidden name and renamed, so the file source never reads it half-written).
+    (written as the generator lands its files, so the file source never reads it half-written).
     Returns the copy and whether it was made now (False: an earlier attempt made it)."""
+    from lakehouse.generator.writer import write_atomic
+
     copy = path.with_name(f"{path.stem}.changed-{mtime_ms}{path.suffix}")
     if copy.exists():
         return copy, False
-    temp = path.with_name(f".{copy.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        shutil.copyfile(path, temp)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, copy)
-    finally:
-        temp.unlink(missing_ok=True)
-    return copy, True
+    return write_atomic(path.parent, copy.name, path.read_bytes()), True
 
 
 class InboxWatch:
