@@ -282,12 +282,6 @@ def source_entries(checkpoint: Path, batch_id: int) -> list[tuple[str, int]] | N
     return None
 
 
-def planned_files(checkpoint: Path, batch_id: int) -> list[str] | None:
-    """The inbox files (local paths) of micro-batch ``batch_id``, as :func:`source_entries` finds them."""
-    entries = source_entries(checkpoint, batch_id)
-    return None if entries is None else [path for path, _ in entries]
-
-
 def requeue_copy(path: Path, mtime_ms: int) -> tuple[Path, bool]:
     """Copy inbox file ``path`` whole, as it is now, to ``<stem>.changed-<mtime_ms><suffix>`` beside it
     (written as the generator lands its files, so the file source never reads it half-written).

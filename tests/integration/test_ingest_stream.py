@@ -249,7 +249,8 @@ def test_a_file_gone_before_its_batch_read_it_stops_the_stream_instead_of_vanish
     a = write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(10)], mtime=FILE_MTIME)
     write_lines(settings.events_inbox, "b.jsonl", [event_line(i) for i in range(10, 25)], mtime=FILE_MTIME + 1)
     streaming.run_streams(spark, settings, once=True, kinds=("events",))
-    assert sorted(streaming.planned_files(settings.checkpoint("events"), 0)) == [str(a), str(a.with_name("b.jsonl"))]
+    assert sorted(streaming.source_entries(settings.checkpoint("events"), 0)) \
+        == [(str(a), int(FILE_MTIME * 1000)), (str(a.with_name("b.jsonl")), int((FILE_MTIME + 1) * 1000))]
     commits = settings.checkpoint("events") / "commits"
     for f in (commits / "0", commits / ".0.crc"):  # as a crash before the batch's commit leaves it
         f.unlink(missing_ok=True)

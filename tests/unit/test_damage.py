@@ -223,8 +223,8 @@ def test_a_snapshot_of_an_older_version_is_checked_from_the_checkpoint_before_it
     assert damage.check_log("silver_labels", table, until=7) is None  # now from checkpoint 5
 
 
-def test_planned_files_reads_the_batch_entry_of_the_file_source_log(tmp_path):
-    from lakehouse.streaming import local_path, planned_files
+def test_source_entries_reads_the_batch_entry_of_the_file_source_log(tmp_path):
+    from lakehouse.streaming import local_path, source_entries
 
     folder = tmp_path / "sources" / "0"
     folder.mkdir(parents=True)
@@ -233,10 +233,11 @@ def test_planned_files_reads_the_batch_entry_of_the_file_source_log(tmp_path):
     # every tenth batch's entry is a compaction of all entries so far: batch 10 is not batch 1
     (folder / "9.compact").write_text("v1\n" + "\n".join(entry.format(name=f"f{b}.jsonl", b=b) for b in range(10)))
     (folder / "10").write_text("v1\n" + entry.format(name="g.jsonl", b=10))
-    assert planned_files(tmp_path, 1) == ["/in/a b.jsonl", "/in/c.jsonl"]
-    assert planned_files(tmp_path, 9) == ["/in/f9.jsonl"]
-    assert planned_files(tmp_path, 10) == ["/in/g.jsonl"]
-    assert planned_files(tmp_path, 11) is None
+    listed = 1796296205939  # each file's modification time (ms) when the source listed it
+    assert source_entries(tmp_path, 1) == [("/in/a b.jsonl", listed), ("/in/c.jsonl", listed)]
+    assert source_entries(tmp_path, 9) == [("/in/f9.jsonl", listed)]
+    assert source_entries(tmp_path, 10) == [("/in/g.jsonl", listed)]
+    assert source_entries(tmp_path, 11) is None
     assert local_path("file:/in/x.jsonl") == local_path("file:///in/x.jsonl") == "/in/x.jsonl"
     assert local_path("/in/x.jsonl") == "/in/x.jsonl"
 
