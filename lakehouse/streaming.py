@@ -286,12 +286,18 @@ def requeue_copy(path: Path, mtime_ms: int) -> tuple[Path, bool]:
     """Copy inbox file ``path`` whole, as it is now, to ``<stem>.changed-<mtime_ms><suffix>`` beside it
     (written as the generator lands its files, so the file source never reads it half-written).
     Returns the copy and whether it was made now (False: an earlier attempt made it)."""
-    from lakehouse.generator.writer import write_atomic
+    from lakehouse.generator.writer import fsync_dir, write_atomic
 
     copy = path.with_name(f"{path.stem}.changed-{mtime_ms}{path.suffix}")
     if copy.exists():
         return copy, False
-    return write_atomic(path.parent, copy.name, path.read_bytes()), True
+    write_atomic(path.parent, copy.name, path.read_bytes())
+    fsync_dir(path.parent)  # the rename survives a power loss (a lost one is made again at the start)
+    return copy, True
+
+
+#: How often a continuous stream checks its :class:`InboxWatch` between micro-batches (seconds).
+WATCH_IDLE_SECONDS = 5.0
 
 
 class InboxWatch:
@@ -307,20 +313,28 @@ class InboxWatch:
     is removed is dropped from the watch (removing files once read is fine).
 
     The watch holds the files of the micro-batches of this run, and at a start those of the last
-    ``seed_batches`` the checkpoint lists; at most ``limit`` files, the latest read.
+    ``seed_batches`` the checkpoint lists; at most ``limit`` files, the latest read. It is checked at a
+    start, in every micro-batch, and by a continuous stream every few seconds between batches (Spark
+    runs no batch while no new file lands, and the copy is one).
     """
+
+    #: Who reads a copy, by when it was made (for the warning).
+    READERS = {"start": "this run reads", "batch": "a later micro-batch reads (under --once, the next run)",
+               "idle": "the next micro-batch reads"}
 
     def __init__(self, checkpoint: Path, kind: str, limit: int = 10_000, seed_batches: int = 10):
         self.checkpoint, self.kind, self.limit, self.seed_batches = checkpoint, kind, limit, seed_batches
         self.files: dict[str, int] = {}
         self.requeued = 0
+        self._lock = threading.Lock()  # the batch function's thread and the stream loop's check it
 
     def add(self, entries: list[tuple[str, int]]) -> None:
-        for path, mtime_ms in entries:
-            self.files.pop(path, None)
-            self.files[path] = mtime_ms
-        while len(self.files) > self.limit:
-            del self.files[next(iter(self.files))]
+        with self._lock:
+            for path, mtime_ms in entries:
+                self.files.pop(path, None)
+                self.files[path] = mtime_ms
+            while len(self.files) > self.limit:
+                del self.files[next(iter(self.files))]
 
     def seed(self) -> None:
         """Watch the files of the last ``seed_batches`` micro-batches the checkpoint lists."""
@@ -330,10 +344,15 @@ class InboxWatch:
         for batch_id in ids[-self.seed_batches:]:
             self.add(source_entries(self.checkpoint, batch_id) or [])
 
-    def requeue_changed(self, at_start: bool = False) -> list[Path]:
-        """Copy every watched file that changed since it was listed; returns the copies made. Copies
-        made ``at_start`` (before the query lists the inbox) are read by this run."""
-        reader = "this run reads" if at_start else "a later micro-batch reads (under --once, the next run)"
+    def requeue_changed(self, when: str = "batch") -> list[Path]:
+        """Copy every watched file that changed since it was listed; returns the copies made.
+
+        ``when``: ``"start"`` (before the query lists the inbox: this run reads the copies),
+        ``"batch"`` (in a micro-batch) or ``"idle"`` (a continuous stream, between batches)."""
+        with self._lock:
+            return self._requeue_changed(self.READERS[when])
+
+    def _requeue_changed(self, reader: str) -> list[Path]:
         made = []
         for path, listed_ms in list(self.files.items()):
             try:
@@ -366,7 +385,7 @@ class IngestBatch:
 
     def __init__(self, settings: Settings, kind: str, app_id: str,
                  on_batch: Callable[[BatchResult], None] | None = None, gold: GoldStream | None = None,
-                 express: ExpressLane | None = None):
+                 express: ExpressLane | None = None, watch: InboxWatch | None = None):
         self.settings = settings
         self.gold = gold
         self.express = express
@@ -375,7 +394,7 @@ class IngestBatch:
         self._compiled: tuple[list, quality.CompiledChecks] | None = None  # (for these checks, compiled)
         self.app_id = app_id
         self.on_batch = on_batch
-        self.watch = InboxWatch(settings.checkpoint(kind), kind)
+        self.watch = watch or InboxWatch(settings.checkpoint(kind), kind)
         self.cached_columns = {
             *bronze_t.BRONZE_COLUMNS, *silver_t.SILVER_EVENT_COLUMNS, *silver_t.SILVER_LABEL_COLUMNS,
             *silver_t.QUARANTINE_COLUMNS, "failed_checks", "warned_checks", "failed_fatal",
@@ -591,14 +610,16 @@ def inbox_lines(spark: SparkSession, inbox: Path, max_files: int) -> DataFrame:
 
 def start_query(spark: SparkSession, settings: Settings, kind: str, once: bool,
                 on_batch: Callable[[BatchResult], None] | None = None, gold: GoldStream | None = None,
-                express: ExpressLane | None = None):
+                express: ExpressLane | None = None, watch: InboxWatch | None = None):
+    """Start the ingestion query of ``kind``. ``watch``: its :class:`InboxWatch`, when the caller checks
+    it between batches too (:func:`run_streams` does, in continuous mode)."""
     lay = layer(settings, kind)
     checkpoint = settings.checkpoint(kind)
     app_id = app_id_for(checkpoint, kind, lay.inbox)
     _TOLD.pop(str(checkpoint), None)  # an earlier run's, never raised
-    ingest = IngestBatch(settings, kind, app_id, on_batch, gold, express if kind == "events" else None)
+    ingest = IngestBatch(settings, kind, app_id, on_batch, gold, express if kind == "events" else None, watch)
     ingest.watch.seed()
-    ingest.watch.requeue_changed(at_start=True)  # before the query lists the inbox: written to while no stream ran
+    ingest.watch.requeue_changed("start")  # before the query lists the inbox: written to while no stream ran
     writer = (
         inbox_lines(spark, lay.inbox, settings.max_files_per_trigger)
         .writeStream.queryName(f"ingest_{kind}")
@@ -645,7 +666,9 @@ def run_streams(
     if express is not None:
         express.bind(spark, gold)
         express.prime()  # its look-back collected before the first batch, not beside it
-    queries = [start_query(spark, settings, kind, once, on_batch, gold, express) for kind in kinds]
+    watches = [InboxWatch(settings.checkpoint(kind), kind) for kind in kinds]
+    queries = [start_query(spark, settings, kind, once, on_batch, gold, express, watch)
+               for kind, watch in zip(kinds, watches)]
     if express is not None:
         express.start()
     try:
@@ -654,6 +677,7 @@ def run_streams(
                 _await(q, settings)
         else:
             stop_event = stop_event or threading.Event()
+            watched_at = time.monotonic()
             while not stop_event.is_set():
                 ended = [q for q in queries if not q.isActive]
                 for q in ended:
@@ -662,6 +686,12 @@ def run_streams(
                     break
                 if gold is not None:  # a daily risk owed by earlier batches, once it is due
                     gold.flush_risk(spark, force=False)
+                if time.monotonic() - watched_at >= WATCH_IDLE_SECONDS:
+                    # Lines appended to a file already read, while no new file lands: Spark runs no
+                    # batch, so the copy is made here (and its landing triggers one).
+                    for watch in watches:
+                        watch.requeue_changed("idle")
+                    watched_at = time.monotonic()
                 stop_event.wait(0.5)
     finally:
         for q in queries:

@@ -360,7 +360,9 @@ def test_generated_feed_reconciles_with_the_generator_ground_truth(spark, settin
     assert labels.join(silver, "event_id", "left_anti").count() == 0
 
 
-def test_continuous_mode_picks_up_new_files_until_stopped(spark, settings):
+def test_continuous_mode_picks_up_new_files_and_appended_lines_until_stopped(spark, settings):
+    """A continuous stream reads each new file; and lines appended to a file already read, while no
+    new file lands (so Spark plans no batch), are copied by the stream's check between batches."""
     import threading
     import time
 
@@ -378,21 +380,33 @@ def test_continuous_mode_picks_up_new_files_until_stopped(spark, settings):
     streaming.ensure_tables(spark, fast, ("events",))
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    def wait_for(rows):
+        deadline = time.time() + 120
+        while time.time() < deadline and not errors:
+            if delta.read(spark, settings.table_path("silver_transactions")).count() == rows:
+                break
+            time.sleep(1)
+        assert not errors, errors
+        assert delta.read(spark, settings.table_path("silver_transactions")).count() == rows
+
     try:
         for n, name in enumerate(["first.jsonl", "second.jsonl"]):
             write_lines(settings.events_inbox, name, [event_line(100 * n + i) for i in range(5)], mtime=FILE_MTIME)
-            deadline = time.time() + 120
-            while time.time() < deadline and not errors:
-                if delta.read(spark, settings.table_path("silver_transactions")).count() == 5 * (n + 1):
-                    break
-                time.sleep(1)
-            assert not errors, errors
-            assert delta.read(spark, settings.table_path("silver_transactions")).count() == 5 * (n + 1)
+            wait_for(5 * (n + 1))
+        second = settings.events_inbox / "second.jsonl"
+        with open(second, "a", encoding="utf-8") as f:  # no new file lands after this
+            f.writelines(event_line(100 + i) + "\n" for i in (5, 6))
+        os.utime(second, (FILE_MTIME + 5, FILE_MTIME + 5))
+        wait_for(12)
     finally:
         stop.set()
         thread.join(timeout=60)
     assert not thread.is_alive()
-    assert summary.reconciliation(spark, settings)["events"]["inserted"] == 10
+    assert (settings.events_inbox / f"second.changed-{int((FILE_MTIME + 5) * 1000)}.jsonl").read_bytes() \
+        == second.read_bytes()
+    assert summary.reconciliation(spark, settings)["events"]["inserted"] == 12
+    assert [(r["records_in"], r["inserted"], r["duplicates"], r["reconciled"]) for r in dq_rows(spark, settings)] \
+        == [(5, 5, 0, True), (5, 5, 0, True), (7, 2, 5, True)]
 
 
 def test_a_stop_during_a_batch_is_clean_and_the_restart_completes_it(spark, settings, monkeypatch):
