@@ -353,12 +353,21 @@ def _schemas_of(spark: SparkSession, settings: Settings) -> dict[str, StructType
     return _derived_schemas(spark, settings)
 
 
+#: Gold schemas derived in this process, by the JSON of the silver schema they were derived from.
+_DERIVED_SCHEMAS: dict[str, dict[str, StructType]] = {}
+
+
 def _derived_schemas(spark: SparkSession, settings: Settings) -> dict[str, StructType]:
-    """Gold schemas, derived from the transforms on empty inputs."""
+    """Gold schemas, derived from the transforms on empty inputs. :func:`gold_frames` is pure and its
+    other inputs are constants, so the derivation is done once per process and silver schema."""
     silver = delta.read(spark, settings.table_path("silver_transactions")).limit(0)
-    frames = gold_frames(silver, spark.createDataFrame([], _EMPTY_LABELS),
-                         spark.createDataFrame([], "event_id string"), date(2000, 1, 1), date(2000, 1, 1))
-    return {name: df.schema for name, df in frames.items()} | {"gold_too_late_events": TOO_LATE_SCHEMA}
+    key = silver.schema.json()
+    if key not in _DERIVED_SCHEMAS:
+        frames = gold_frames(silver, spark.createDataFrame([], _EMPTY_LABELS),
+                             spark.createDataFrame([], "event_id string"), date(2000, 1, 1), date(2000, 1, 1))
+        _DERIVED_SCHEMAS[key] = ({name: df.schema for name, df in frames.items()}
+                                 | {"gold_too_late_events": TOO_LATE_SCHEMA})
+    return dict(_DERIVED_SCHEMAS[key])
 
 
 # ---- batch backfill ---------------------------------------------------------------------------------

@@ -123,16 +123,26 @@ def dates_around(dates, days: int) -> list[str]:
 
 # ---- tables ---------------------------------------------------------------------------------------
 
+#: Schemas derived by :func:`_schema_of` in this process, by stream and checks (the derivation is pure).
+_DERIVED_SCHEMAS: dict[tuple, dict[str, StructType]] = {}
+
+
 def _schema_of(spark: SparkSession, lay: Layer, settings: Settings) -> dict[str, StructType]:
-    """Table schemas derived from the transforms themselves, so they cannot drift apart."""
-    lines = spark.createDataFrame([], LINES_SCHEMA)
-    b = bronze_t.to_bronze(lines, 0, datetime(2000, 1, 1, tzinfo=timezone.utc))
-    checked = quality.apply_checks(lay.validation_frame(b), quality.checks_for(lay.kind, settings))
-    return {
-        "bronze": b.schema,
-        "silver": lay.to_silver(checked).schema,
-        "quarantine": silver_t.quarantine_rows(checked, lay.kind).schema,
-    }
+    """Table schemas derived from the transforms themselves, so they cannot drift apart. The plans
+    are built once per process for a stream and its checks: their inputs are constants, and building
+    them costs a few thousand Python-to-JVM calls (about 2 s)."""
+    checks = quality.checks_for(lay.kind, settings)
+    key = (lay.kind, tuple((c.name, c.severity) for c in checks))
+    if key not in _DERIVED_SCHEMAS:
+        lines = spark.createDataFrame([], LINES_SCHEMA)
+        b = bronze_t.to_bronze(lines, 0, datetime(2000, 1, 1, tzinfo=timezone.utc))
+        checked = quality.apply_checks(lay.validation_frame(b), checks)
+        _DERIVED_SCHEMAS[key] = {
+            "bronze": b.schema,
+            "silver": lay.to_silver(checked).schema,
+            "quarantine": silver_t.quarantine_rows(checked, lay.kind).schema,
+        }
+    return dict(_DERIVED_SCHEMAS[key])
 
 
 def ensure_tables(spark: SparkSession, settings: Settings, kinds=("events", "labels")) -> None:
