@@ -372,7 +372,18 @@ class InboxWatch:
                 continue
             if now_ms == listed_ms:
                 continue
-            copy, new = requeue_copy(Path(path), now_ms)
+            try:
+                copy, new = requeue_copy(Path(path), now_ms)
+            except FileNotFoundError:  # removed between the stat and the copy
+                del self.files[path]
+                continue
+            except OSError as exc:  # a full disk, say: the stream goes on, and the next check tries again
+                log.error(
+                    "%s inbox file %s changed after a micro-batch was planned with it, but copying it failed (%s): "
+                    "its new lines are not read until a copy succeeds. Tried again at the next micro-batch, every "
+                    "%g s in continuous mode and at the next start.", self.kind, os.path.basename(path), exc,
+                    WATCH_IDLE_SECONDS)
+                continue
             self.files[path] = now_ms
             if new:
                 made.append(copy)

@@ -278,3 +278,27 @@ def test_the_inbox_watch_copies_a_file_changed_after_it_was_listed_once_and_forg
     again = InboxWatch(checkpoint, "events")  # a restart before the copy was read: not copied twice
     again.seed()
     assert again.requeue_changed() == [] and copy.exists()
+
+
+def test_the_inbox_watch_tries_a_failed_copy_again_at_the_next_check(tmp_path, caplog):
+    import os
+
+    from lakehouse.streaming import InboxWatch
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    f = inbox / "a.jsonl"
+    f.write_text('{"n": 1}\n{"n": 2}\n')
+    os.utime(f, (1_700_000_100, 1_700_000_100))
+    watch = InboxWatch(tmp_path / "checkpoint", "events")
+    watch.add([(str(f), 1_700_000_000_000)])  # listed before a writer appended its second line
+    blocker = inbox / ".a.changed-1700000100000.jsonl.tmp"
+    blocker.mkdir()  # the copy's temporary name cannot be written (as on a full disk)
+    with caplog.at_level("ERROR", logger="lakehouse.streaming"):
+        assert watch.requeue_changed("idle") == []
+    assert "copying it failed" in caplog.text and "a.jsonl" in caplog.text
+    assert watch.files[str(f)] == 1_700_000_000_000  # still owed
+    blocker.rmdir()
+    copy = inbox / "a.changed-1700000100000.jsonl"
+    assert watch.requeue_changed("idle") == [copy] and copy.read_text() == f.read_text()
+    assert watch.requeue_changed("idle") == []
