@@ -651,10 +651,14 @@ class GoldStream:
                 n_late = self._record_too_late(spark, rows, instant(lo_us), instant(mark), app_id, batch_id,
                                                known=len(late))
             laps("too_late")
-            self._write(spark, "gold_transaction_features", batch.features, batch.features_new, app_id, batch_id)
-            laps("features_merge")
-            self._write(spark, "gold_user_features_5m", batch.windows, batch.windows_new, app_id, batch_id)
-            laps("windows")
+            # The two tables at once: each write is idempotent on its own, and neither reads the other.
+            delta.in_parallel(spark, *(
+                lambda session, name=name, rows=rows, is_new=is_new: self._write(session, name, rows, is_new,
+                                                                                 app_id, batch_id)
+                for name, rows, is_new in (("gold_transaction_features", batch.features, batch.features_new),
+                                           ("gold_user_features_5m", batch.windows, batch.windows_new))
+                if rows.num_rows))
+            laps("writes")
             risk = self._risk_plan(spark, [instant(lo_us).date()])
             if risk:
                 lo_day, hi_day = _risk_silver_days(risk[0], risk[1])
@@ -982,9 +986,10 @@ class GoldStream:
         if self._maturity_checked == today:
             return None
         cutoff = today - timedelta(days=risk_t.MATURITY_DAYS)
-        stale = [delta.read(spark, self._path(f"gold_{prefix}_risk_daily"))
-                 .where(~F.col("is_matured") & (F.col("day") <= F.lit(cutoff))).agg(F.min("day")).first()[0]
-                 for _, prefix in _RISK]
+        stale = [delta.read(spark, path).where(~F.col("is_matured") & (F.col("day") <= F.lit(cutoff)))
+                 .agg(F.min("day")).first()[0]
+                 for path in (self._path(f"gold_{prefix}_risk_daily") for _, prefix in _RISK)
+                 if not delta.never_written(path)]  # a new table: no row to ask about
         return min((d for d in stale if d is not None), default=None)
 
     def _risk_days(self, spark, first_day: date) -> tuple[date, date, date]:
@@ -1013,10 +1018,13 @@ class GoldStream:
         :func:`_risk_silver_days`, ``labels`` the fraud labels. Pays what was owed."""
         tx = delta.read(spark, self._path("gold_transaction_features")).where(
             _between("event_date", first_day, last_day))
-        for name, df in risk_rows(history.where(_between("event_date", *_risk_silver_days(first_day, last_day))),
-                                  tx, labels, first_day, last_day, today).items():
-            delta.replace_range_once(df, self._path(name), f"day >= '{first_day}' AND day <= '{last_day}'",
-                                     app_id, batch_id)
+        frames = risk_rows(history.where(_between("event_date", *_risk_silver_days(first_day, last_day))),
+                           tx, labels, first_day, last_day, today)
+        # Merchant and country at once (the writer's options carry the transaction id, not the session).
+        delta.in_parallel(spark, *(
+            lambda _session, name=name, df=df: delta.replace_range_once(
+                df, self._path(name), f"day >= '{first_day}' AND day <= '{last_day}'", app_id, batch_id)
+            for name, df in frames.items()))
         self._maturity_checked = today
         self._risk_paid()
 

@@ -13,10 +13,12 @@ import os
 from contextlib import contextmanager
 from datetime import timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
+
+T = TypeVar("T")
 
 TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 TXN_VERSION = "spark.databricks.delta.write.txnVersion"
@@ -97,6 +99,44 @@ def idempotent_dml(spark: SparkSession, app_id: str, version: int):
     finally:
         for key in (TXN_APP_ID, TXN_VERSION, USER_METADATA):
             spark.conf.unset(key)
+
+
+def in_parallel(spark: SparkSession, *steps: Callable[[SparkSession], T]) -> list[T]:
+    """Run ``steps`` at the same time and return their results in order; the first error is raised
+    once every step has ended. Each step gets a session of its own: the first ``spark``, the others
+    clones of it (same settings), since :func:`idempotent_dml` keeps the transaction id in the
+    session's settings and two MERGEs on one session would take each other's. The threads inherit
+    this thread's job group and local properties (:class:`pyspark.InheritableThread`), so stopping a
+    stream cancels their jobs too.
+
+    For writes to different tables, whose driver-side work (planning, the commit, a single-task
+    stage) leaves a core idle when they run one after the other."""
+    if len(steps) < 2:
+        return [step(spark) for step in steps]
+    from pyspark import InheritableThread
+
+    results: list = [None] * len(steps)
+    errors: list[BaseException | None] = [None] * len(steps)
+
+    def run(i: int, session: SparkSession) -> None:
+        try:
+            results[i] = steps[i](session)
+        except BaseException as exc:  # noqa: BLE001 -- raised in the caller's thread below
+            errors[i] = exc
+
+    threads = [InheritableThread(target=run, args=(i, SparkSession(spark.sparkContext,
+                                                                   spark._jsparkSession.cloneSession())),
+                                 name=f"lakehouse-parallel-{i}", daemon=True)
+               for i in range(1, len(steps))]
+    for thread in threads:
+        thread.start()
+    run(0, spark)
+    for thread in threads:
+        thread.join()
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return results
 
 
 def _commit_name(version: int) -> str:
@@ -254,6 +294,16 @@ def table_version(path: Path | str) -> int | None:
         return None
     versions = [int(n[:20]) for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit()]
     return max(versions, default=None)
+
+
+def never_written(path: Path | str) -> bool:
+    """Whether the table holds no row because nothing was ever written to it: its only commit is
+    version 0 and adds no file (a table just created empty). Read from the log, no Spark job; False
+    for anything else, rows or not."""
+    if table_version(path) != 0:
+        return False
+    lines = _commit_lines(path, 0)
+    return lines is not None and not any('"add"' in line and json.loads(line).get("add") for line in lines)
 
 
 def last_checkpoint_version(log_dir: Path) -> int | None:

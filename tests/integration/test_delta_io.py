@@ -1,5 +1,5 @@
 """Delta I/O helpers on real tables: MERGE bounds that let Delta skip files, and the rows of a
-plain insert read from its commit's files."""
+plain insert read from its commit's files, a table never written, and MERGEs run in parallel."""
 
 from __future__ import annotations
 
@@ -87,3 +87,51 @@ def test_a_features_table_made_before_deletion_vectors_gets_them_and_its_upserts
     changes = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", before + 1)
                .load(str(path)).select("event_id", "_change_type", "v").collect())
     assert sorted(tuple(r) for r in changes) == [("k1", "update_postimage", 2), ("k1", "update_preimage", 1)]
+
+
+def test_a_table_never_written_is_told_from_its_log_and_any_write_ends_it(spark, tmp_path):
+    from pyspark.sql.types import StructType
+
+    path = str(tmp_path / "t")
+    assert not delta.never_written(path)  # no table
+    delta.ensure_table(spark, path, StructType.fromDDL(SCHEMA), ("d",))
+    assert delta.never_written(path)
+    empty = spark.createDataFrame([], SCHEMA)
+    delta.append_once(empty, path, "app", 0)  # a commit that adds no row is still a write
+    assert not delta.never_written(path) and delta.read(spark, path).count() == 0
+
+    other = str(tmp_path / "u")  # created with rows in its first commit
+    spark.createDataFrame([("k1", NOON, NOON.date(), 1)], SCHEMA).write.format("delta").save(other)
+    assert delta.table_version(other) == 0 and not delta.never_written(other)
+
+
+def test_merges_in_parallel_each_keep_their_own_transaction_id(spark, tmp_path):
+    # Two idempotent MERGEs at once, into two tables, with different transaction ids: each commit
+    # carries its own (were the session shared, one would take the other's id or lose it), so a
+    # second run of both writes nothing.
+    paths = [str(tmp_path / name) for name in ("a", "b")]
+    for path in paths:
+        spark.createDataFrame([("k0", NOON, NOON.date(), 0)], SCHEMA).write.format("delta").save(path)
+
+    def upsert(path, app, batch, value):
+        def step(session):
+            source = session.createDataFrame([("k1", NOON, NOON.date(), value)], SCHEMA)
+            with delta.idempotent_dml(session, app, batch):
+                delta.merge_upsert(session, source, path, ["k"])
+            return path
+        return step
+
+    steps = [upsert(paths[0], "app-a", 3, 1), upsert(paths[1], "app-b", 7, 2)]
+    assert delta.in_parallel(spark, *steps) == paths
+    assert delta.commit_info(paths[0], 1)["userMetadata"] == delta.commit_tag("app-a", 3)
+    assert delta.commit_info(paths[1], 1)["userMetadata"] == delta.commit_tag("app-b", 7)
+    assert spark.conf.get(delta.TXN_APP_ID, None) is None  # the caller's session is left clean
+    delta.in_parallel(spark, *steps)  # a replay: both skipped
+    assert [delta.table_version(p) for p in paths] == [1, 1]
+    assert _rows(spark, paths[1]) == [("k0", NOON, 0), ("k1", NOON, 2)]
+
+    def fails(_session):
+        raise ValueError("step two failed")
+    with pytest.raises(ValueError, match="step two failed"):
+        delta.in_parallel(spark, upsert(paths[0], "app-a", 4, 5), fails)
+    assert _rows(spark, paths[0]) == [("k0", NOON, 0), ("k1", NOON, 5)]  # the other step still ran to its end
