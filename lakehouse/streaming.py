@@ -709,9 +709,11 @@ def run_streams(
                     gold.flush_risk(spark, force=False)
                 if time.monotonic() - watched_at >= WATCH_IDLE_SECONDS:
                     # Lines appended to a file already read, while no new file lands: Spark runs no
-                    # batch, so the copy is made here (and its landing triggers one).
-                    for watch in watches:
-                        watch.requeue_changed("idle")
+                    # batch, so the copy is made here (and its landing triggers one). A query in the
+                    # middle of a batch is left alone: that batch checks its watch itself.
+                    for q, watch in zip(queries, watches):
+                        if not q.status.get("isTriggerActive"):
+                            watch.requeue_changed("idle")
                     watched_at = time.monotonic()
                 stop_event.wait(0.5)
     finally:
