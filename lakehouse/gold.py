@@ -652,6 +652,10 @@ class GoldStream:
                                                known=len(late))
             laps("too_late")
             # The two tables at once: each write is idempotent on its own, and neither reads the other.
+            # Measured (2 cores): a few hundred rows on an idle machine, 1.0-1.3 s against 1.4-1.5 s one
+            # after the other; no gain when the cores are busy anyway (20k transactions a batch beside the
+            # express lane and the mirror, 12.1 s against 12.5 s; 1M transactions and 4.77M windows,
+            # 27.3 s against 27.7 s).
             delta.in_parallel(spark, *(
                 lambda session, name=name, rows=rows, is_new=is_new: self._write(session, name, rows, is_new,
                                                                                  app_id, batch_id)
