@@ -327,8 +327,8 @@ def ensure_gold_tables(spark: SparkSession, settings: Settings, schemas: dict[st
     for name, schema in schemas.items():
         spec, path = GOLD_TABLES[name], settings.table_path(name)
         own = spec.get("properties", {})
-        delta.ensure_table(spark, path, schema, partition_by=(spec["partition"],), properties=_CDF | own)
-        if own:
+        created = delta.ensure_table(spark, path, schema, partition_by=(spec["partition"],), properties=_CDF | own)
+        if own and not created:  # (a table created just now has them)
             mio.ensure_properties(spark, path, own)
 
 
@@ -850,12 +850,14 @@ class GoldStream:
                 days = [r[0] for r in fraud.select("event_date").distinct().collect()]
                 if not days:
                     return {"recomputed": 0, "seconds": laps.seconds}
-                gold_tx = delta.read(spark, self._path("gold_transaction_features"))
-                changes = fraud.select("merchant_id", "country",
-                                       F.greatest("event_time", "reported_at").alias("_lo"),
-                                       F.col("event_time").alias("_hi"))
                 since = min(date.fromisoformat(str(d)) for d in days)
-                targets = affected_rows(gold_tx, changes, ("merchant_id", "country"), since)
+                targets = None  # no gold row yet (a new table): none to recompute, no job to say so
+                if not delta.never_written(self._path("gold_transaction_features")):
+                    gold_tx = delta.read(spark, self._path("gold_transaction_features"))
+                    changes = fraud.select("merchant_id", "country",
+                                           F.greatest("event_time", "reported_at").alias("_lo"),
+                                           F.col("event_time").alias("_hi"))
+                    targets = affected_rows(gold_tx, changes, ("merchant_id", "country"), since)
                 recomputed = self._recompute(spark, targets, too_late_ids(spark, self.settings), app_id,
                                              batch_id, extra_days=days, laps=laps)
                 return {"recomputed": recomputed, "seconds": laps.seconds}
@@ -863,14 +865,16 @@ class GoldStream:
                 fraud.unpersist()
 
     # -- shared steps --------------------------------------------------------------------------------
-    def _recompute(self, spark, targets: DataFrame, late_ids: DataFrame, app_id: str, batch_id: int,
+    def _recompute(self, spark, targets: DataFrame | None, late_ids: DataFrame, app_id: str, batch_id: int,
                    extra_days, laps: Laps) -> int:
-        """Recompute and upsert the features of ``targets``, then the daily risk from the earliest
-        touched day on. Returns the number of feature rows recomputed."""
-        targets = targets.persist()
+        """Recompute and upsert the features of ``targets`` (None: there are none), then the daily
+        risk from the earliest touched day on. Returns the number of feature rows recomputed."""
+        if targets is not None:
+            targets = targets.persist()
         try:
             laps("affected")
-            per_day = {r["event_date"]: r["count"] for r in targets.groupBy("event_date").count().collect()}
+            per_day = ({} if targets is None else
+                       {r["event_date"]: r["count"] for r in targets.groupBy("event_date").count().collect()})
             n, days = sum(per_day.values()), sorted(per_day)
             touched = [date.fromisoformat(str(d)) for d in extra_days]
             spans = []  # (first, last) silver days read
@@ -908,7 +912,8 @@ class GoldStream:
                 labels.unpersist()
             return int(n)
         finally:
-            targets.unpersist()
+            if targets is not None:
+                targets.unpersist()
 
     def _risk_plan(self, spark, touched: list[date]) -> tuple[date, date, date] | None:
         """The daily risk to rewrite now, after a batch that touched the days ``touched``, as

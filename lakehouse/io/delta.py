@@ -40,13 +40,13 @@ def ensure_table(
     schema: StructType,
     partition_by: Sequence[str] = (),
     properties: dict[str, str] | None = None,
-) -> None:
+) -> bool:
     """Create the Delta table at ``path`` with ``schema`` unless it exists already (a table with a
-    commit is left as it is, without a Spark call)."""
+    commit is left as it is, without a Spark call). Returns whether it was created here."""
     from delta.tables import DeltaTable
 
     if table_version(path) is not None:
-        return
+        return False
 
     builder = DeltaTable.createIfNotExists(spark).location(str(path)).addColumns(schema)
     if partition_by:
@@ -54,6 +54,7 @@ def ensure_table(
     for key, value in (properties or {}).items():
         builder = builder.property(key, value)
     builder.execute()
+    return True
 
 
 def append_once(df: DataFrame, path: Path | str, app_id: str, version: int, merge_schema: bool = False) -> None:
