@@ -995,10 +995,10 @@ class GoldStream:
         if self._maturity_checked == today:
             return None
         cutoff = today - timedelta(days=risk_t.MATURITY_DAYS)
+        paths = [self._path(f"gold_{prefix}_risk_daily") for _, prefix in _RISK]
         stale = [delta.read(spark, path).where(~F.col("is_matured") & (F.col("day") <= F.lit(cutoff)))
                  .agg(F.min("day")).first()[0]
-                 for path in (self._path(f"gold_{prefix}_risk_daily") for _, prefix in _RISK)
-                 if not delta.never_written(path)]  # a new table: no row to ask about
+                 for path in paths if not delta.never_written(path)]  # a new table: no row to ask about
         return min((d for d in stale if d is not None), default=None)
 
     def _risk_days(self, spark, first_day: date) -> tuple[date, date, date]:

@@ -303,8 +303,8 @@ def never_written(path: Path | str) -> bool:
     for anything else, rows or not."""
     if table_version(path) != 0:
         return False
-    lines = _commit_lines(path, 0)
-    return lines is not None and not any('"add"' in line and json.loads(line).get("add") for line in lines)
+    lines = _commit_lines(path, 0)  # one action per line, named first (as commit_info reads them)
+    return lines is not None and not any(line.startswith('{"add"') for line in lines)
 
 
 def last_checkpoint_version(log_dir: Path) -> int | None:
