@@ -29,6 +29,33 @@ def data_files(path: Path | str) -> int:
     return count
 
 
+def compaction_candidates(path: Path | str, date_column: str | None = None, before: str | None = None) -> int | None:
+    """Folders (partitions) that may hold something for OPTIMIZE to do, read from the disk, no Spark job.
+
+    A folder counts when it holds two or more Parquet data files; with ``date_column``, only the
+    partition folders ``<date_column>=<day>`` with ``day < before`` (the compaction's scope). The disk
+    holds every live file and the tombstoned ones VACUUM has not deleted yet, so a folder with at most
+    one file there has at most one live file: nothing to bin-pack. None (unknown: run OPTIMIZE) when the
+    table has deletion vectors (OPTIMIZE also rewrites a single file to purge its deleted rows)."""
+    counts: dict[str, int] = {}
+    root = str(path)
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in ("_delta_log", "_change_data")]
+        if any(f.endswith(".bin") and f.startswith("deletion_vector") for f in files):
+            return None
+        n = sum(1 for f in files if f.endswith(".parquet"))
+        if not n:
+            continue
+        rel = os.path.relpath(folder, root)
+        if date_column is not None:
+            prefix = f"{date_column}="
+            day = next((part[len(prefix):] for part in rel.split(os.sep) if part.startswith(prefix)), None)
+            if day is None or before is None or not day < before:
+                continue
+        counts[rel] = n
+    return sum(1 for n in counts.values() if n >= 2)
+
+
 def detail(spark: SparkSession, path: Path | str) -> dict:
     """``numFiles``, ``partitionColumns``, ``properties`` ... of the latest snapshot (DESCRIBE DETAIL)."""
     from delta.tables import DeltaTable

@@ -33,6 +33,27 @@ def test_interval_parsing():
     assert mio._interval_hours(None) is None
 
 
+def test_compaction_candidates_are_partitions_in_scope_with_two_files_on_disk(tmp_path):
+    def touch(*parts):
+        f = tmp_path.joinpath(*parts)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+
+    touch("_delta_log", "00000000000000000000.json")
+    touch("event_date=2026-11-27", "a.parquet")
+    touch("event_date=2026-11-28", "a.parquet")
+    touch("event_date=2026-11-29", "a.parquet")
+    touch("event_date=2026-11-29", "b.parquet")  # today: out of the scope
+    touch("_change_data", "event_date=2026-11-28", "cdc-1.parquet")  # change files are never compacted
+    assert mio.compaction_candidates(tmp_path, "event_date", "2026-11-29") == 0
+    assert mio.compaction_candidates(tmp_path, "event_date", "2026-11-30") == 1
+    assert mio.compaction_candidates(tmp_path) == 1  # no date partition: the whole table is in scope
+    touch("event_date=2026-11-28", "b.parquet")  # a second file (live, or tombstoned but still on disk)
+    assert mio.compaction_candidates(tmp_path, "event_date", "2026-11-29") == 1
+    touch("deletion_vector_0b1c.bin")  # OPTIMIZE may rewrite a single file to purge its deleted rows
+    assert mio.compaction_candidates(tmp_path, "event_date", "2026-11-29") is None
+
+
 def _scan(spark, path, version) -> int:
     """Rows of a version, read from its data files (count() alone may be answered from the log)."""
     return len(delta.read(spark, path, version=version).select("event_id", "amount").collect())
@@ -135,6 +156,18 @@ def test_compaction_keeps_rows_and_vacuum_keeps_pinned_version(spark, fed):
         assert delta.read(spark, path).count() == before
         with pytest.raises(Exception, match="(?i)not found|does not exist|FileNotFound|FAILED_READ_FILE"):
             _scan(spark, path, pinned)
+
+        # Now every partition holds one file on disk: the next run skips OPTIMIZE, and commits nothing.
+        version = delta.table_version(path)
+        r3 = maintenance.maintain(spark, settings, tables=["silver_transactions"], minimum_hours=0, pins={})[0]
+        assert r3.compaction_skipped and r3.compacted_files_removed == r3.compacted_files_added == 0
+        assert r2.compaction_skipped is None  # r2 still had the compacted-away files on disk
+        from delta.tables import DeltaTable
+
+        ops = {r[0] for r in DeltaTable.forPath(spark, str(path)).history()
+               .where(f"version > {version}").select("operation").collect()}
+        assert ops <= {"VACUUM START", "VACUUM END"} and r3.files_after == r3.files_before  # no OPTIMIZE
+        assert delta.read(spark, path).count() == before
     finally:
         spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
 
