@@ -380,7 +380,7 @@ def cmd_maintain(args, settings: Settings) -> int:
 
     def say(r) -> None:
         pin = f"keeps v{r.pinned_version} ({', '.join(r.pinned_by)})" if r.pinned_version is not None else "no pin"
-        compacted = ("compaction skipped (no partition with two files)" if r.compaction_skipped else
+        compacted = (f"compaction skipped ({r.compaction_skipped})" if r.compaction_skipped else
                      f"compacted {r.compacted_files_removed:>4} -> {r.compacted_files_added:<3} files")
         console.print(f"  {r.table:<28} {compacted} [{r.compaction_scope}]  "
                       + (f"vacuum skipped ({r.vacuum_skipped})  " if r.vacuum_skipped else

@@ -20,40 +20,50 @@ from lakehouse.spark import as_utc
 LOG_RETENTION_DAYS = 30
 
 
+def _files_on_disk(path: Path | str) -> tuple[dict[str, int], bool]:
+    """Parquet files on disk per folder of the table (relative to it, the log left out), and whether a
+    deletion vector file is there too."""
+    per_folder: dict[str, int] = {}
+    deletion_vectors = False
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if d != "_delta_log"]
+        deletion_vectors = deletion_vectors or any(f.startswith("deletion_vector") and f.endswith(".bin")
+                                                   for f in files)
+        n = sum(1 for f in files if f.endswith(".parquet"))
+        if n:
+            per_folder[os.path.relpath(folder, path)] = n
+    return per_folder, deletion_vectors
+
+
 def data_files(path: Path | str) -> int:
     """Parquet files on disk under the table folder (live, tombstoned and change-data files)."""
-    count = 0
-    for root, dirs, files in os.walk(path):
-        dirs[:] = [d for d in dirs if d != "_delta_log"]
-        count += sum(1 for f in files if f.endswith(".parquet"))
-    return count
+    return sum(_files_on_disk(path)[0].values())
 
 
 def compaction_candidates(path: Path | str, date_column: str | None = None, before: str | None = None) -> int | None:
     """Folders (partitions) that may hold something for OPTIMIZE to do, read from the disk, no Spark job.
 
-    A folder counts when it holds two or more Parquet data files; with ``date_column``, only the
-    partition folders ``<date_column>=<day>`` with ``day < before`` (the compaction's scope). The disk
-    holds every live file and the tombstoned ones VACUUM has not deleted yet, so a folder with at most
-    one file there has at most one live file: nothing to bin-pack. None (unknown: run OPTIMIZE) when the
-    table has deletion vectors (OPTIMIZE also rewrites a single file to purge its deleted rows)."""
-    counts: dict[str, int] = {}
-    root = str(path)
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in ("_delta_log", "_change_data")]
-        if any(f.endswith(".bin") and f.startswith("deletion_vector") for f in files):
-            return None
-        n = sum(1 for f in files if f.endswith(".parquet"))
-        if not n:
+    A folder counts when it holds two or more Parquet data files (change-data files are never
+    compacted); with ``date_column``, only the partition folders ``<date_column>=<day>``, and with
+    ``before`` only those with ``day < before`` (the compaction's scope). The disk holds every live file
+    and the tombstoned ones VACUUM has not deleted yet, so a folder with at most one file there has at
+    most one live file: nothing to bin-pack. None (unknown: run OPTIMIZE) when the table has deletion
+    vectors (OPTIMIZE also rewrites a single file to purge its deleted rows)."""
+    per_folder, deletion_vectors = _files_on_disk(path)
+    if deletion_vectors:
+        return None
+    prefix = f"{date_column}="
+    candidates = 0
+    for folder, n in per_folder.items():
+        parts = folder.split(os.sep)
+        if n < 2 or parts[0] == "_change_data":
             continue
-        rel = os.path.relpath(folder, root)
         if date_column is not None:
-            prefix = f"{date_column}="
-            day = next((part[len(prefix):] for part in rel.split(os.sep) if part.startswith(prefix)), None)
-            if day is None or before is None or not day < before:
+            day = next((part[len(prefix):] for part in parts if part.startswith(prefix)), None)
+            if day is None or (before is not None and not day < before):
                 continue
-        counts[rel] = n
-    return sum(1 for n in counts.values() if n >= 2)
+        candidates += 1
+    return candidates
 
 
 def detail(spark: SparkSession, path: Path | str) -> dict:

@@ -7,6 +7,7 @@ import shutil
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from delta.tables import DeltaTable
 
 from lakehouse import dq_summary, maintenance, streaming
 from lakehouse.config import Settings
@@ -48,6 +49,8 @@ def test_compaction_candidates_are_partitions_in_scope_with_two_files_on_disk(tm
     assert mio.compaction_candidates(tmp_path, "event_date", "2026-11-29") == 0
     assert mio.compaction_candidates(tmp_path, "event_date", "2026-11-30") == 1
     assert mio.compaction_candidates(tmp_path) == 1  # no date partition: the whole table is in scope
+    assert mio.compaction_candidates(tmp_path, "event_date") == 1  # no bound: every day is in scope
+    assert mio.data_files(tmp_path) == 5  # change-data files are data files on disk all the same
     touch("event_date=2026-11-28", "b.parquet")  # a second file (live, or tombstoned but still on disk)
     assert mio.compaction_candidates(tmp_path, "event_date", "2026-11-29") == 1
     touch("deletion_vector_0b1c.bin")  # OPTIMIZE may rewrite a single file to purge its deleted rows
@@ -157,13 +160,11 @@ def test_compaction_keeps_rows_and_vacuum_keeps_pinned_version(spark, fed):
         with pytest.raises(Exception, match="(?i)not found|does not exist|FileNotFound|FAILED_READ_FILE"):
             _scan(spark, path, pinned)
 
-        # Now every partition holds one file on disk: the next run skips OPTIMIZE, and commits nothing.
+        # Now every partition holds one file on disk: the next run skips OPTIMIZE (VACUUM still logs its run).
         version = delta.table_version(path)
         r3 = maintenance.maintain(spark, settings, tables=["silver_transactions"], minimum_hours=0, pins={})[0]
         assert r3.compaction_skipped and r3.compacted_files_removed == r3.compacted_files_added == 0
         assert r2.compaction_skipped is None  # r2 still had the compacted-away files on disk
-        from delta.tables import DeltaTable
-
         ops = {r[0] for r in DeltaTable.forPath(spark, str(path)).history()
                .where(f"version > {version}").select("operation").collect()}
         assert ops <= {"VACUUM START", "VACUUM END"} and r3.files_after == r3.files_before  # no OPTIMIZE
