@@ -28,6 +28,9 @@ from lakehouse.reference import FRAUD_SCENARIOS, FX_TO_USD, ISO_COUNTRIES
 WARN, QUARANTINE, FAIL = "warn", "quarantine", "fail"
 SEVERITIES = (WARN, QUARANTINE, FAIL)
 
+#: The structural check a line that is not JSON fails (every kind's suite has it).
+VALID_JSON = "record_is_valid_json"
+
 #: ISO-8601 timestamp with an explicit offset or Z; a local time without offset is ambiguous.
 ISO_TS_WITH_OFFSET = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|z|[+-]\d{2}:?\d{2})$"
 #: Largest base-currency amount accepted without a warning (a review limit, not a rejection).
@@ -92,7 +95,7 @@ def _structural_checks(settings: Settings) -> list[Check]:
                E.ExpectColumnValuesToBeInSet(column="is_valid_utf8", value_set=[True]), True),
         _check("record_within_size_limit", QUARANTINE,
                E.ExpectColumnValuesToBeBetween(column="raw_bytes", max_value=settings.max_record_bytes), True),
-        _check("record_is_valid_json", QUARANTINE,
+        _check(VALID_JSON, QUARANTINE,
                E.ExpectColumnValuesToBeInSet(column="is_valid_json", value_set=[True]), True),
         _check("record_has_known_fields", QUARANTINE,
                E.ExpectColumnValuesToBeInSet(column="has_known_fields", value_set=[True]), True),

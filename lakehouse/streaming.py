@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -306,6 +306,48 @@ def requeue_copy(path: Path, mtime_ms: int) -> tuple[Path, bool]:
     return copy, True
 
 
+#: The check a line that is not JSON fails too when it was read unfinished: the unterminated end of
+#: its file, or the start of a longer line in the file as it is now (a writer was still writing it).
+#: It is found in the driver, beside the suite's checks, and only in a batch that has a line that is
+#: not JSON.
+INCOMPLETE_LINE = "line_incomplete_when_read"
+
+
+def may_end_unfinished(path: str, listed_ms: int | None) -> bool:
+    """Whether inbox file ``path``'s last line may have been read unfinished: the file changed since it
+    was listed (``listed_ms``, its modification time then; None: unknown), or it does not end with a
+    line end now. False for a file that is gone or empty."""
+    try:
+        st = os.stat(path)
+        if listed_ms is None or st.st_mtime_ns // 1_000_000 != listed_ms:
+            return True
+        if st.st_size == 0:
+            return False
+        with open(path, "rb") as fh:
+            fh.seek(st.st_size - 1)
+            return fh.read(1) not in (b"\n", b"\r")
+    except OSError:
+        return False
+
+
+def unfinished_lines(data: bytes, lines: Iterable[str]) -> set[str]:
+    """Those of ``lines`` (lines read from a file, without their line end) that ``data``, the file's
+    content now, holds as an unterminated last line or as the start of a longer line: lines read while
+    a writer was still writing them. Line ends are \\n, \\r\\n or \\r, as Spark's text source reads
+    them."""
+    found = set()
+    for line in set(lines):
+        b = line.encode("utf-8")
+        at = data.find(b)
+        while b and at >= 0:
+            end = at + len(b)
+            if (at == 0 or data[at - 1] in b"\r\n") and (end == len(data) or data[end] not in b"\r\n"):
+                found.add(line)
+                break
+            at = data.find(b, at + 1)
+    return found
+
+
 #: How often a continuous stream checks its :class:`InboxWatch` between micro-batches (seconds).
 WATCH_IDLE_SECONDS = 5.0
 
@@ -450,6 +492,40 @@ class IngestBatch:
                 f"(the batch is replayed with them); to go on without their lines, put an empty file under each "
                 f"name. Remove inbox files only once bronze holds them (bronze_{self.layer.kind}.source_file).")
 
+    def _unfinished(self, checked: DataFrame, stats, planned: list[tuple[str, int]] | None,
+                    batch_id: int) -> list[tuple[str, str]]:
+        """``(source_file, raw)`` of the batch's lines that are not JSON because they were read
+        unfinished (:func:`unfinished_lines`). Nothing to do (no Spark job, no file read) unless the
+        batch has a line that is not JSON and a file that changed since it was listed or ends without a
+        line end."""
+        if not stats[quality.VALID_JSON]:
+            return []
+        listed = dict(planned or [])
+        suspects = [f for f in stats["files"] or [] if may_end_unfinished(local_path(f), listed.get(local_path(f)))]
+        if not suspects:
+            return []
+        by_file: dict[str, list[str]] = {}
+        for r in (checked.where(F.array_contains("failed_checks", quality.VALID_JSON)
+                                & F.col("source_file").isin(suspects))
+                  .select("source_file", "raw").collect()):
+            by_file.setdefault(r["source_file"], []).append(r["raw"])
+        found = []
+        for file, raws in by_file.items():
+            try:
+                data = Path(local_path(file)).read_bytes()
+            except OSError:  # gone since: its lines stay what the suite found
+                continue
+            for raw in sorted(unfinished_lines(data, raws)):
+                found.append((file, raw))
+                log.warning(
+                    "%s batch %d: a line of inbox file %s is not JSON because it was read unfinished (the end of "
+                    "the file without a line end, or the start of a longer line now): quarantined with the check "
+                    "%s. If a writer was still writing it, the file is read again whole when it changes (its "
+                    "complete line is then ingested); if the file was cut short, the line stays quarantined. "
+                    "Writers should write a temporary name starting with '.' and rename the finished file.",
+                    self.layer.kind, batch_id, os.path.basename(local_path(file)), INCOMPLETE_LINE)
+        return found
+
     def __call__(self, lines: DataFrame, batch_id: int) -> None:
         try:
             self._batch(lines, batch_id)
@@ -495,6 +571,7 @@ class IngestBatch:
             ).first()
             planned = source_entries(self.settings.checkpoint(lay.kind), batch_id)
             self._check_files(batch_id, planned, stats["files"] or [])
+            unfinished = self._unfinished(checked, stats, planned, batch_id)
             self.watch.requeue_changed()  # files of earlier batches written to since
             self.watch.add(planned or [])
             lap("validate")
@@ -541,7 +618,7 @@ class IngestBatch:
             # (and published) without waiting for them; each write lands once whatever the order.
             write_bronze()
             if n_quarantine:  # an empty append would commit nothing worth a version
-                delta.append_once(silver_t.quarantine_rows(checked, lay.kind),
+                delta.append_once(silver_t.quarantine_rows(checked, lay.kind, (INCOMPLETE_LINE, unfinished)),
                                   self._path("silver_quarantine"), app, batch_id)
             lap("quarantine")
 
@@ -582,7 +659,8 @@ class IngestBatch:
                 "inserted": inserted, "duplicates": duplicates,
                 "duplicates_in_batch": dup_in_batch, "duplicates_existing": dup_existing,
                 "quarantined": quarantined, "warned": int(stats["warned"] or 0),
-                "check_failures": {c.name: int(stats[c.name] or 0) for c in self.checks},
+                "check_failures": {**{c.name: int(stats[c.name] or 0) for c in self.checks},
+                                   INCOMPLETE_LINE: len(unfinished)},
                 "reconciled": reconciled, "processed_at": ingested_at,
                 "max_event_time": gold_info.get("max_event_time"), "too_late": gold_info.get("too_late"),
             }

@@ -126,11 +126,21 @@ def is_quarantined(checked: DataFrame) -> Column:
     return F.size("failed_checks") > 0
 
 
-def quarantine_rows(checked: DataFrame, kind: str) -> DataFrame:
-    """Rows that failed a quarantine check, with the raw text and the names of the failed checks."""
-    return checked.where(is_quarantined(checked)).select(
-        F.lit(kind).alias("kind"), *[c for c in QUARANTINE_COLUMNS if c != "kind"]
-    )
+def quarantine_rows(checked: DataFrame, kind: str,
+                    also_failed: tuple[str, list[tuple[str, str]]] | None = None) -> DataFrame:
+    """Rows that failed a quarantine check, with the raw text and the names of the failed checks.
+
+    ``also_failed``: ``(name, [(source_file, raw), ...])``, a check found outside the suite (in the
+    driver) that these lines failed too; its name is added to theirs."""
+    rows = checked.where(is_quarantined(checked))
+    if also_failed and also_failed[1]:
+        name, lines = also_failed
+        # A path holds no NUL, so file + NUL + line names one line unambiguously.
+        key = F.concat(F.col("source_file"), F.lit("\u0000"), F.col("raw"))
+        rows = rows.withColumn("failed_checks", F.when(
+            key.isin([f"{file}\u0000{raw}" for file, raw in lines]),
+            F.array_union("failed_checks", F.array(F.lit(name)))).otherwise(F.col("failed_checks")))
+    return rows.select(F.lit(kind).alias("kind"), *[c for c in QUARANTINE_COLUMNS if c != "kind"])
 
 
 def dedup_first(df: DataFrame, key: str, order: list[str]) -> DataFrame:

@@ -317,6 +317,39 @@ def test_lines_appended_to_a_file_after_its_batch_read_it_are_read_again_not_los
     assert len(dq_rows(spark, settings)) == 4 and len(list(settings.events_inbox.iterdir())) == 4
 
 
+def test_a_line_read_before_its_writer_finished_it_is_quarantined_as_such_then_ingested_whole(spark, settings):
+    """A writer that writes an inbox file in place was stopped mid-line when the batch read it: the
+    partial line is not JSON, and its quarantine row says why (beside record_is_valid_json). A line
+    that is broken JSON but whole (its file ends with a line end) keeps the suite's name alone. Once
+    the writer finishes, the file is read again whole and its complete line is ingested."""
+    inbox = settings.events_inbox
+    whole_line, cut = event_line(2), event_line(2)[:25]
+    a = write_lines(inbox, "a.jsonl", [event_line(0), event_line(1)], mtime=FILE_MTIME)
+    with open(a, "ab") as f:
+        f.write(cut.encode())  # no line end yet: the writer is still at it
+    os.utime(a, (FILE_MTIME, FILE_MTIME))
+    write_lines(inbox, "b.jsonl", [event_line(10), event_line(11)[:25]], mtime=FILE_MTIME)  # cut, but whole
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+
+    q = {(os.path.basename(r["source_file"]), r["raw"]): r["failed_checks"]
+         for r in table(spark, settings, "silver_quarantine").collect()}
+    assert q == {("a.jsonl", cut): ["record_is_valid_json", streaming.INCOMPLETE_LINE],
+                 ("b.jsonl", event_line(11)[:25]): ["record_is_valid_json"]}
+    first = dq_rows(spark, settings)[0]
+    assert first["check_failures"][streaming.INCOMPLETE_LINE] == 1
+    assert first["check_failures"]["record_is_valid_json"] == 2 and first["quarantined"] == 2
+
+    with open(a, "ab") as f:  # the writer finishes the line
+        f.write(whole_line[25:].encode() + b"\n")
+    os.utime(a, (FILE_MTIME + 5, FILE_MTIME + 5))
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    ids = sorted(r["event_id"] for r in table(spark, settings, "silver_transactions").collect())
+    assert ids == [f"e{i:06d}" for i in (0, 1, 2, 10)]
+    second = dq_rows(spark, settings)[1]
+    assert (second["records_in"], second["inserted"], second["duplicates"], second["quarantined"],
+            second["check_failures"][streaming.INCOMPLETE_LINE], second["reconciled"]) == (3, 1, 2, 0, 0, True)
+
+
 def test_a_commit_emptied_by_a_power_loss_is_refused_before_delta_reads_it_as_nothing(spark, settings):
     """After a power loss a commit file can be left empty (renamed, never written to disk): Delta reads it
     as a commit of nothing and the rows it added vanish without an error. The stream refuses to start."""

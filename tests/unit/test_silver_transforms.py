@@ -144,6 +144,12 @@ def test_quarantine_keeps_raw_text_and_check_names(spark, settings):
     assert rows[lines[1]]["record_key"] == "bad"
     assert rows["{oops"]["kind"] == "events" and rows["{oops"]["source_file"] == "inbox/x.jsonl"
     assert rows["{oops"]["batch_id"] == 7
+    # A check found in the driver (a line read unfinished) is added to the names of the lines it names.
+    q = quarantine_rows(checked_events(spark, settings, lines, source="inbox/x.jsonl"), "events",
+                        ("line_incomplete_when_read", [("inbox/x.jsonl", "{oops"), ("inbox/y.jsonl", lines[1])]))
+    got = {r["raw"]: r["failed_checks"] for r in q.collect()}
+    assert got == {"{oops": ["record_is_valid_json", "line_incomplete_when_read"],
+                   lines[1]: rows[lines[1]]["failed_checks"]}
 
 
 def test_warning_checks_do_not_quarantine(spark, settings):
