@@ -20,6 +20,7 @@ so the replay records exactly what an uninterrupted run would have.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -292,18 +293,40 @@ def source_entries(checkpoint: Path, batch_id: int) -> list[tuple[str, int]] | N
     return None
 
 
-def requeue_copy(path: Path, mtime_ms: int) -> tuple[Path, bool]:
-    """Copy inbox file ``path`` whole, as it is now, to ``<stem>.changed-<mtime_ms><suffix>`` beside it
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def requeue_copy(path: Path, mtime_ms: int, copied: tuple[int, bytes] | None = None
+                 ) -> tuple[Path | None, bool, tuple[int, bytes]]:
+    """Copy inbox file ``path``, as it is now, to ``<stem>.changed-<mtime_ms><suffix>`` beside it
     (written as the generator lands its files, so the file source never reads it half-written).
-    Returns the copy and whether it was made now (False: an earlier attempt made it)."""
+
+    ``copied``: the size and :func:`_digest` of the content an earlier copy of ``path`` held whole.
+    When the file still begins with that content (its writer appended), the copy holds only what
+    follows that content's last line end: the new lines, after the last line again when the earlier
+    copy ended mid-line. A writer that appends line after line is then copied once whole and then line
+    by line, not whole at every change. Otherwise (the first change, a file rewritten) the copy holds
+    the whole file.
+
+    Returns the copy (None when the file holds nothing after the earlier copy's content: no copy is
+    made), whether it was made now (False: an earlier attempt made it), and the size and digest of the
+    file's content now (for the next change's ``copied``)."""
     from lakehouse.generator.writer import fsync_dir, write_atomic
 
     copy = path.with_name(f"{path.stem}.changed-{mtime_ms}{path.suffix}")
+    data = path.read_bytes()
+    now = (len(data), _digest(data))
     if copy.exists():
-        return copy, False
-    write_atomic(path.parent, copy.name, path.read_bytes())
+        return copy, False, now
+    start = 0
+    if copied is not None and len(data) >= copied[0] and _digest(data[:copied[0]]) == copied[1]:
+        start = data.rfind(b"\n", 0, copied[0]) + 1  # \r\n ends with \n; a file of \r alone is copied whole
+    if start == len(data):
+        return None, False, now
+    write_atomic(path.parent, copy.name, data[start:])
     fsync_dir(path.parent)  # the rename survives a power loss (a lost one is made again at the start)
-    return copy, True
+    return copy, True, now
 
 
 #: The check a line that is not JSON fails too when it was read unfinished: the unterminated end of
@@ -361,8 +384,10 @@ class InboxWatch:
     modification time is no longer the one its micro-batch was planned with is copied whole into the
     inbox under a new name (:func:`requeue_copy`), which a later micro-batch reads: its lines already
     ingested come again as re-deliveries of the same records (the silver MERGE keeps one; the batch's
-    data-quality row counts them as duplicates), and the new lines are ingested. A watched file that
-    is removed is dropped from the watch (removing files once read is fine).
+    data-quality row counts them as duplicates), and the new lines are ingested. When the same file
+    changes again and still begins with what its last copy held, the next copy holds only what was
+    added after that copy's last whole line (this run's copies only: a restart copies whole once
+    more). A watched file that is removed is dropped from the watch (removing files once read is fine).
 
     The watch holds the files of the micro-batches of this run, and at a start those of the last
     ``seed_batches`` the checkpoint lists; at most ``limit`` files, the latest read. It is checked at a
@@ -377,6 +402,7 @@ class InboxWatch:
     def __init__(self, checkpoint: Path, kind: str, limit: int = 10_000, seed_batches: int = 10):
         self.checkpoint, self.kind, self.limit, self.seed_batches = checkpoint, kind, limit, seed_batches
         self.files: dict[str, int] = {}
+        self.copied: dict[str, tuple[int, bytes]] = {}  # by file: the size and digest of its last copy's content
         self.requeued = 0
         self._lock = threading.Lock()  # the batch function's thread and the stream loop's check it
 
@@ -386,7 +412,11 @@ class InboxWatch:
                 self.files.pop(path, None)
                 self.files[path] = mtime_ms
             while len(self.files) > self.limit:
-                del self.files[next(iter(self.files))]
+                self._forget(next(iter(self.files)))
+
+    def _forget(self, path: str) -> None:
+        del self.files[path]
+        self.copied.pop(path, None)
 
     def seed(self) -> None:
         """Watch the files of the last ``seed_batches`` micro-batches the checkpoint lists."""
@@ -410,14 +440,14 @@ class InboxWatch:
             try:
                 now_ms = os.stat(path).st_mtime_ns // 1_000_000
             except FileNotFoundError:
-                del self.files[path]
+                self._forget(path)
                 continue
             if now_ms == listed_ms:
                 continue
             try:
-                copy, new = requeue_copy(Path(path), now_ms)
+                copy, new, self.copied[path] = requeue_copy(Path(path), now_ms, self.copied.get(path))
             except FileNotFoundError:  # removed between the stat and the copy
-                del self.files[path]
+                self._forget(path)
                 continue
             except OSError as exc:  # a full disk, say: the stream goes on, and the next check tries again
                 log.error(
@@ -432,9 +462,11 @@ class InboxWatch:
                 self.requeued += 1
                 log.warning(
                     "%s inbox file %s changed after a micro-batch was planned with it (a writer appended to or "
-                    "rewrote it): copied whole as %s, which %s; its lines already ingested count as "
-                    "re-deliveries. Writers should write a temporary name starting with '.' and rename the "
-                    "finished file.", self.kind, os.path.basename(path), copy.name, reader)
+                    "rewrote it): copied as %s (%s), which %s; its lines already ingested count as re-deliveries. "
+                    "Writers should write a temporary name starting with '.' and rename the finished file.",
+                    self.kind, os.path.basename(path), copy.name,
+                    "whole" if copy.stat().st_size == self.copied[path][0] else "what it added since its last copy",
+                    reader)
         return made
 
 

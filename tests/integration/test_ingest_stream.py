@@ -431,15 +431,21 @@ def test_continuous_mode_picks_up_new_files_and_appended_lines_until_stopped(spa
             f.writelines(event_line(100 + i) + "\n" for i in (5, 6))
         os.utime(second, (FILE_MTIME + 5, FILE_MTIME + 5))
         wait_for(12)
+        whole = second.read_bytes()
+        with open(second, "a", encoding="utf-8") as f:  # and again: this copy holds the new line alone
+            f.write(event_line(107) + "\n")
+        os.utime(second, (FILE_MTIME + 9, FILE_MTIME + 9))
+        wait_for(13)
     finally:
         stop.set()
         thread.join(timeout=60)
     assert not thread.is_alive()
-    assert (settings.events_inbox / f"second.changed-{int((FILE_MTIME + 5) * 1000)}.jsonl").read_bytes() \
-        == second.read_bytes()
-    assert summary.reconciliation(spark, settings)["events"]["inserted"] == 12
+    assert (settings.events_inbox / f"second.changed-{int((FILE_MTIME + 5) * 1000)}.jsonl").read_bytes() == whole
+    assert (settings.events_inbox / f"second.changed-{int((FILE_MTIME + 9) * 1000)}.jsonl").read_text() \
+        == event_line(107) + "\n"
+    assert summary.reconciliation(spark, settings)["events"]["inserted"] == 13
     assert [(r["records_in"], r["inserted"], r["duplicates"], r["reconciled"]) for r in dq_rows(spark, settings)] \
-        == [(5, 5, 0, True), (5, 5, 0, True), (7, 2, 5, True)]
+        == [(5, 5, 0, True), (5, 5, 0, True), (7, 2, 5, True), (1, 1, 0, True)]
 
 
 def test_a_stop_during_a_batch_is_clean_and_the_restart_completes_it(spark, settings, monkeypatch):

@@ -279,6 +279,21 @@ def test_the_inbox_watch_copies_a_file_changed_after_it_was_listed_once_and_forg
     again.seed()
     assert again.requeue_changed() == [] and copy.exists()
 
+    # The writer goes on appending: each later copy holds what it added after the last copy's last
+    # whole line, not the whole file again.
+    def change(data: bytes, at: int, append: bool = True) -> list:
+        with open(files[9], "ab" if append else "wb") as f:
+            f.write(data)
+        os.utime(files[9], (at, at))
+        return [p.read_bytes() for p in watch.requeue_changed()]
+
+    assert change(b'{"n": 100}\n{"n": 1', 1_700_000_200) == [b'{"n": 100}\n{"n": 1']  # stopped mid-line
+    assert change(b'01}\n', 1_700_000_300) == [b'{"n": 101}\n']  # the line read unfinished comes again whole
+    assert change(b"", 1_700_000_400) == []  # touched, nothing added: no copy
+    assert change(b'{"n": 9}\n{"n": 7}\n', 1_700_000_500, append=False) == [b'{"n": 9}\n{"n": 7}\n']  # rewritten
+    assert change(b'{"n": 8}\r\n', 1_700_000_600) == [b'{"n": 8}\r\n']
+    assert watch.requeued == 5 and sorted(watch.copied) == [str(files[9])]
+
 
 def test_the_inbox_watch_tries_a_failed_copy_again_at_the_next_check(tmp_path, caplog):
     import os
