@@ -297,6 +297,11 @@ def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+#: Suffixes of the compression codecs Spark's text source reads a file through (Hadoop's, by name): such
+#: a file's bytes are not its lines, so its copies are always whole.
+COMPRESSED_SUFFIXES = frozenset({".gz", ".bz2", ".deflate", ".lz4", ".snappy", ".zst", ".xz"})
+
+
 def requeue_copy(path: Path, mtime_ms: int, copied: tuple[int, bytes] | None = None
                  ) -> tuple[Path | None, bool, tuple[int, bytes]]:
     """Copy inbox file ``path``, as it is now, to ``<stem>.changed-<mtime_ms><suffix>`` beside it
@@ -306,8 +311,8 @@ def requeue_copy(path: Path, mtime_ms: int, copied: tuple[int, bytes] | None = N
     When the file still begins with that content (its writer appended), the copy holds only what
     follows that content's last line end: the new lines, after the last line again when the earlier
     copy ended mid-line. A writer that appends line after line is then copied once whole and then line
-    by line, not whole at every change. Otherwise (the first change, a file rewritten) the copy holds
-    the whole file.
+    by line, not whole at every change. Otherwise (the first change, a file rewritten, a compressed
+    file: :data:`COMPRESSED_SUFFIXES`) the copy holds the whole file.
 
     Returns the copy (None when the file holds nothing after the earlier copy's content: no copy is
     made), whether it was made now (False: an earlier attempt made it), and the size and digest of the
@@ -320,7 +325,8 @@ def requeue_copy(path: Path, mtime_ms: int, copied: tuple[int, bytes] | None = N
     if copy.exists():
         return copy, False, now
     start = 0
-    if copied is not None and len(data) >= copied[0] and _digest(data[:copied[0]]) == copied[1]:
+    if (copied is not None and path.suffix.lower() not in COMPRESSED_SUFFIXES and len(data) >= copied[0]
+            and _digest(data[:copied[0]]) == copied[1]):
         start = data.rfind(b"\n", 0, copied[0]) + 1  # \r\n ends with \n; a file of \r alone is copied whole
     if start == len(data):
         return None, False, now
@@ -533,7 +539,8 @@ class IngestBatch:
         if not stats[quality.VALID_JSON]:
             return []
         listed = dict(planned or [])
-        suspects = [f for f in stats["files"] or [] if may_end_unfinished(local_path(f), listed.get(local_path(f)))]
+        suspects = [f for f in stats["files"] or [] if Path(local_path(f)).suffix.lower() not in COMPRESSED_SUFFIXES
+                    and may_end_unfinished(local_path(f), listed.get(local_path(f)))]  # bytes that are its lines
         if not suspects:
             return []
         by_file: dict[str, list[str]] = {}

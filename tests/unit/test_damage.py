@@ -294,6 +294,18 @@ def test_the_inbox_watch_copies_a_file_changed_after_it_was_listed_once_and_forg
     assert change(b'{"n": 8}\r\n', 1_700_000_600) == [b'{"n": 8}\r\n']
     assert watch.requeued == 5 and sorted(watch.copied) == [str(files[9])]
 
+    # A compressed file's bytes are not its lines: its copies are whole (gzip members appended here).
+    import gzip
+
+    packed = inbox / "g.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"n": 10}\n', mtime=0))  # its compressed bytes hold a 0x0A
+    watch.add([(str(packed), 0)])
+    assert [p.read_bytes() for p in watch.requeue_changed()] == [packed.read_bytes()]
+    with open(packed, "ab") as f:
+        f.write(gzip.compress(b'{"n": 2}\n'))
+    os.utime(packed, (1_700_000_700, 1_700_000_700))
+    assert [gzip.decompress(p.read_bytes()) for p in watch.requeue_changed()] == [b'{"n": 10}\n{"n": 2}\n']
+
 
 def test_the_inbox_watch_tries_a_failed_copy_again_at_the_next_check(tmp_path, caplog):
     import os
