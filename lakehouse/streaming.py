@@ -363,14 +363,15 @@ def unfinished_lines(data: bytes, lines: Iterable[str]) -> set[str]:
     """Those of ``lines`` (lines read from a file, without their line end) that ``data``, the file's
     content now, holds as an unterminated last line or as the start of a longer line: lines read while
     a writer was still writing them. Line ends are \\n, \\r\\n or \\r, as Spark's text source reads
-    them."""
+    them; it drops a UTF-8 byte order mark at the start of a file, and so does this."""
     found = set()
     for line in set(lines):
         b = line.encode("utf-8")
         at = data.find(b)
         while b and at >= 0:
             end = at + len(b)
-            if (at == 0 or data[at - 1] in b"\r\n") and (end == len(data) or data[end] not in b"\r\n"):
+            starts_line = at == 0 or data[at - 1] in b"\r\n" or (at == 3 and data.startswith(b"\xef\xbb\xbf"))
+            if starts_line and (end == len(data) or data[end] not in b"\r\n"):
                 found.add(line)
                 break
             at = data.find(b, at + 1)
