@@ -534,7 +534,7 @@ class IngestBatch:
     def _unfinished(self, checked: DataFrame, stats, planned: list[tuple[str, int]] | None,
                     batch_id: int) -> list[tuple[str, str]]:
         """``(source_file, raw)`` of the batch's lines that are not JSON because they were read
-        unfinished (:func:`unfinished_lines`). Nothing to do (no Spark job, no file read) unless the
+        unfinished (:func:`unfinished_lines`), one per line read. Nothing to do (no Spark job, no file read) unless the
         batch has a line that is not JSON and a file that changed since it was listed or ends without a
         line end."""
         if not stats[quality.VALID_JSON]:
@@ -555,15 +555,16 @@ class IngestBatch:
                 data = Path(local_path(file)).read_bytes()
             except OSError:  # gone since: its lines stay what the suite found
                 continue
-            for raw in sorted(unfinished_lines(data, raws)):
-                found.append((file, raw))
+            cut = unfinished_lines(data, raws)
+            found += [(file, raw) for raw in raws if raw in cut]  # one per row, as the quarantine holds them
+            if cut:
                 log.warning(
-                    "%s batch %d: a line of inbox file %s is not JSON because it was read unfinished (the end of "
-                    "the file without a line end, or the start of a longer line now): quarantined with the check "
-                    "%s. If a writer was still writing it, the file is read again whole when it changes (its "
-                    "complete line is then ingested); if the file was cut short, the line stays quarantined. "
-                    "Writers should write a temporary name starting with '.' and rename the finished file.",
-                    self.layer.kind, batch_id, os.path.basename(local_path(file)), INCOMPLETE_LINE)
+                    "%s batch %d: %d line(s) of inbox file %s are not JSON because they were read unfinished (the "
+                    "end of the file without a line end, or the start of a longer line now): quarantined with the "
+                    "check %s. If a writer was still writing them, they come again whole in the copy the stream "
+                    "makes when the file changes; if the file was cut short, they stay quarantined. Writers should "
+                    "write a temporary name starting with '.' and rename the finished file.",
+                    self.layer.kind, batch_id, len(cut), os.path.basename(local_path(file)), INCOMPLETE_LINE)
         return found
 
     def __call__(self, lines: DataFrame, batch_id: int) -> None:
