@@ -304,8 +304,9 @@ COMPRESSED_SUFFIXES = frozenset({".gz", ".bz2", ".deflate", ".lz4", ".snappy", "
 
 def requeue_copy(path: Path, mtime_ms: int, copied: tuple[int, bytes] | None = None
                  ) -> tuple[Path | None, bool, tuple[int, bytes]]:
-    """Copy inbox file ``path``, as it is now, to ``<stem>.changed-<mtime_ms><suffix>`` beside it
-    (written as the generator lands its files, so the file source never reads it half-written).
+    """Copy inbox file ``path``, as it is now (modification time ``mtime_ms``), to
+    ``<stem>.changed-<mtime_ms><suffix>`` beside it, with that modification time (written as the
+    generator lands its files, so the file source never reads it half-written).
 
     ``copied``: the size and :func:`_digest` of the content an earlier copy of ``path`` held whole.
     When the file still begins with that content (its writer appended), the copy holds only what
@@ -330,7 +331,9 @@ def requeue_copy(path: Path, mtime_ms: int, copied: tuple[int, bytes] | None = N
         start = data.rfind(b"\n", 0, copied[0]) + 1  # \r\n ends with \n; a file of \r alone is copied whole
     if start == len(data):
         return None, False, now
-    write_atomic(path.parent, copy.name, data[start:])
+    # The copy lands with the file's modification time: its lines arrived when the writer wrote them
+    # (the age checks measure from it), however late the copy is made.
+    write_atomic(path.parent, copy.name, data[start:], mtime_ns=mtime_ms * 1_000_000)
     fsync_dir(path.parent)  # the rename survives a power loss (a lost one is made again at the start)
     return copy, True, now
 

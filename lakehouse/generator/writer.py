@@ -126,8 +126,10 @@ def label_lines(eid: np.ndarray, scenario: np.ndarray, reported: np.ndarray, nam
     return _add('{"event_id":"', eid, seg[scenario], reported, '"}')
 
 
-def write_atomic(folder: Path, name: str, data: bytes) -> Path:
-    """Write ``folder/name`` atomically: a hidden temp file (ignored by Spark), fsync, rename."""
+def write_atomic(folder: Path, name: str, data: bytes, mtime_ns: int | None = None) -> Path:
+    """Write ``folder/name`` atomically: a hidden temp file (ignored by Spark), fsync, rename.
+    ``mtime_ns``: the modification time the file lands with (set before the rename, so no reader ever
+    lists it with another); default now."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.tmp"
     final = folder / name
@@ -136,6 +138,8 @@ def write_atomic(folder: Path, name: str, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if mtime_ns is not None:
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -271,6 +271,7 @@ def test_the_inbox_watch_copies_a_file_changed_after_it_was_listed_once_and_forg
     copy = inbox / "f9.changed-1700000100000.jsonl"
     assert watch.requeue_changed() == [copy]
     assert copy.read_text() == '{"n": 9}\n{"n": 99}\n' and watch.requeued == 1
+    assert os.stat(copy).st_mtime_ns == 1_700_000_100 * 10**9  # its lines arrived when the writer wrote them
     assert str(files[8]) not in watch.files and watch.files[str(files[9])] == 1_700_000_100_000
     assert watch.requeue_changed() == []  # once per change
     assert sorted(p.name for p in inbox.iterdir() if p.name.startswith(".")) == []  # no temporary left
