@@ -276,11 +276,39 @@ class InboxFileGone(RuntimeError):
     """Files a micro-batch was planned with left the inbox before the batch read them."""
 
 
+def _log_offset(checkpoint: Path, batch_id: int) -> int | None:
+    """The file source's offset (its own batch id) the query's offset log holds for ``batch_id``."""
+    try:
+        lines = (checkpoint / "offsets" / str(batch_id)).read_text(encoding="utf-8").splitlines()
+        return int(json.loads(lines[2])["logOffset"])
+    except (OSError, IndexError, ValueError, KeyError, TypeError):
+        return None
+
+
 def source_entries(checkpoint: Path, batch_id: int) -> list[tuple[str, int]] | None:
-    """The inbox files Spark's file source took into micro-batch ``batch_id``, as (local path,
-    modification time in ms when listed): its entry in the checkpoint (``sources/0/<id>``, or
-    ``<id>.compact``, which every tenth batch holds the entries of all batches so far in). None when
-    there is no such entry."""
+    """The inbox files Spark's file source took into the query's micro-batch ``batch_id``, as (local
+    path, modification time in ms when listed), in the order listed. None when the checkpoint has no
+    entry for them.
+
+    The query's batch ``b`` reads the file source's own batches after the offset of ``b - 1`` up to
+    the offset of ``b`` (``offsets/<b>``). Mostly that is the one source batch ``b``, but not after a
+    crash between the source's listing (``sources/0/<n>`` written) and the query's offset log: the
+    restarted source lists again, and the query's next batch takes both listings (two source batches,
+    and every later query batch is one behind its source batch)."""
+    hi = _log_offset(checkpoint, batch_id)
+    if hi is None:
+        return source_log_entries(checkpoint, batch_id)
+    lo = -1 if batch_id == 0 else _log_offset(checkpoint, batch_id - 1)
+    found = [e for n in (range(lo + 1, hi + 1) if lo is not None else [hi])
+             if (e := source_log_entries(checkpoint, n)) is not None]
+    return [entry for entries in found for entry in entries] if found else None
+
+
+def source_log_entries(checkpoint: Path, source_batch: int) -> list[tuple[str, int]] | None:
+    """The entry of the file source's own batch ``source_batch`` in its log (``sources/0/<id>``, or
+    ``<id>.compact``, which every tenth batch holds the entries of all batches so far in), as
+    (local path, modification time in ms when listed). None when there is no such entry."""
+    batch_id = source_batch
     folder = checkpoint / "sources" / "0"
     for name in (str(batch_id), f"{batch_id}.compact"):
         try:
@@ -434,7 +462,7 @@ class InboxWatch:
         names = os.listdir(folder) if folder.is_dir() else []
         ids = sorted({int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()})
         for batch_id in ids[-self.seed_batches:]:
-            self.add(source_entries(self.checkpoint, batch_id) or [])
+            self.add(source_log_entries(self.checkpoint, batch_id) or [])
 
     def requeue_changed(self, when: str = "batch") -> list[Path]:
         """Copy every watched file that changed since it was listed; returns the copies made.

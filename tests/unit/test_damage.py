@@ -242,6 +242,28 @@ def test_source_entries_reads_the_batch_entry_of_the_file_source_log(tmp_path):
     assert local_path("/in/x.jsonl") == "/in/x.jsonl"
 
 
+def test_source_entries_follow_the_query_offset_log_when_a_crash_merged_two_listings(tmp_path):
+    # A crash after the file source logged its listing (source batch 1) but before the query logged
+    # its offset: the restarted source lists again (source batch 2), and query batch 1 reads both;
+    # from then on query batch b is source batch b + 1.
+    from lakehouse.streaming import source_entries
+
+    folder, offsets = tmp_path / "sources" / "0", tmp_path / "offsets"
+    folder.mkdir(parents=True)
+    offsets.mkdir()
+    entry = '{{"path":"file:///in/{name}","timestamp":{ts},"batchId":{b}}}'
+    for b in range(4):
+        (folder / str(b)).write_text("v1\n" + entry.format(name=f"f{b}.jsonl", ts=1000 + b, b=b))
+    for query_batch, log_offset in ((0, 0), (1, 2), (2, 3)):
+        (offsets / str(query_batch)).write_text(
+            'v1\n{"batchWatermarkMs":0,"batchTimestampMs":1}\n{"logOffset":%d}' % log_offset)
+    assert source_entries(tmp_path, 0) == [("/in/f0.jsonl", 1000)]
+    assert source_entries(tmp_path, 1) == [("/in/f1.jsonl", 1001), ("/in/f2.jsonl", 1002)]
+    assert source_entries(tmp_path, 2) == [("/in/f3.jsonl", 1003)]
+    # no offset logged for the batch (yet): the source batch of the same id
+    assert source_entries(tmp_path, 3) == [("/in/f3.jsonl", 1003)]
+
+
 def test_the_inbox_watch_copies_a_file_changed_after_it_was_listed_once_and_forgets_removed_ones(tmp_path):
     import os
 
