@@ -7,8 +7,14 @@ table holds the same rows (the parity test checks it row for row).
 
 **Lateness** (the rule both paths share). The events stream's *watermark* before batch ``b`` is the
 latest event time of the transactions inserted by batches ``< b`` (read from the data-quality rows,
-so a replayed batch sees the same watermark). A new transaction whose event time is more than
-``allowed_lateness_minutes`` (default 10) before that watermark is **too late**:
+so a replayed batch sees the same watermark). Inside a batch of several files it moves on file by
+file, in the order the files arrived (the order the file source took them in: listing by listing,
+each by modification time): a file's transactions are judged by the batch's watermark and the latest event time inserted
+from the batch's files before it (:func:`file_marks`). So which events are too late does not hang on
+how the files were grouped into batches -- a backlog read in one batch, ``maxFilesPerTrigger``, a
+crash after which Spark folds two listings into one batch -- only on the order they arrived in. A
+new transaction whose event time is more than ``allowed_lateness_minutes`` (default 10) before its
+watermark is **too late**:
 
 * it is recorded in ``gold_too_late_events`` with the watermark, how late it was and why;
 * it does **not** enter anybody else's features, nor any five-minute window (analysts' windows and
@@ -61,6 +67,7 @@ from pyspark.sql.types import DoubleType, LongType, StringType, StructField, Str
 
 from lakehouse import damage
 from lakehouse.config import Settings
+from lakehouse.express import local_path
 from lakehouse.io import delta
 from lakehouse.io import maintenance as mio
 from lakehouse.laps import Laps
@@ -213,6 +220,24 @@ def new_rows(table: pa.Table, batch_id: int, dates: list[str]) -> np.ndarray:
     is_new = pc.and_(pc.equal(table["batch_id"], batch_id),
                      pc.is_in(pc.cast(table["event_date"], pa.string()), value_set=pa.array(dates, pa.string())))
     return np.flatnonzero(is_new.to_numpy(zero_copy_only=False))
+
+
+#: No watermark yet (µs), in an int64 array of watermarks.
+NO_MARK = np.iinfo(np.int64).min
+
+
+def file_marks(mark: int | None, files: list[str], latest: dict[str, int]) -> dict[str, int | None]:
+    """The watermark (µs; None: none yet) each file of an events batch is judged by: ``mark``, the
+    watermark before the batch, moved on by the latest event time the batch inserted from each file
+    before it. ``files``: the batch's files in the order they arrived; ``latest``: the latest event
+    time (µs) inserted from each file (a file that inserted nothing is absent)."""
+    out: dict[str, int | None] = {}
+    running = mark
+    for f in files:
+        out[f] = running
+        if f in latest:
+            running = latest[f] if running is None else max(running, latest[f])
+    return out
 
 
 def feature_rows(table: pa.Table, at: np.ndarray, keys: list[np.ndarray] | None = None,
@@ -462,9 +487,12 @@ class GoldStream:
         return None if us is None else instant(us)
 
     # -- events ------------------------------------------------------------------------------------
-    def after_events(self, spark: SparkSession, app_id: str, batch_id: int, dates: list[str]) -> dict:
+    def after_events(self, spark: SparkSession, app_id: str, batch_id: int, dates: list[str],
+                     files: list[str] | None = None) -> dict:
         """Gold for the transactions batch ``batch_id`` inserted into silver (partitions ``dates``):
         in the driver (:meth:`_events_in_driver`) while its look-back fits there, else in Spark.
+        ``files``: the batch's inbox files (local paths) in the order they arrived, for the watermark
+        inside the batch (:func:`file_marks`); None or one file: the batch's watermark for all.
 
         Returns ``max_event_time`` (of the new transactions), ``too_late``, ``recomputed``.
         """
@@ -473,9 +501,11 @@ class GoldStream:
             laps("wait")
             self._ensure(spark)
             silver = delta.read(spark, self._path("silver_transactions"))
-            done = self._events_in_driver(spark, silver, app_id, batch_id, dates, laps) if self._in_driver else None
+            files = list(files or [])
+            done = (self._events_in_driver(spark, silver, app_id, batch_id, dates, files, laps)
+                    if self._in_driver else None)
             if done is None:
-                done = self._events_in_spark(spark, silver, app_id, batch_id, dates, laps)
+                done = self._events_in_spark(spark, silver, app_id, batch_id, dates, files, laps)
             new_ids, result = done
             if result["max_event_time"] is not None:  # the next batch's watermark, without a read
                 latest, before = micros_of(result["max_event_time"]), self._mark_for(app_id, batch_id)
@@ -537,17 +567,29 @@ class GoldStream:
         self._mark = (app_id, batch_id - 1, micros_of(mark))  # the watermark after the batches before
         return self._mark[2]
 
-    def _events_in_spark(self, spark, silver: DataFrame, app_id: str, batch_id: int, dates: list[str], laps: Laps):
+    def _events_in_spark(self, spark, silver: DataFrame, app_id: str, batch_id: int, dates: list[str],
+                         files: list[str], laps: Laps):
         """:meth:`after_events` in Spark (a look-back too large for the driver). Returns the new
         transactions' ids and the result."""
-        new = (silver.where(F.col("event_date").isin(dates) & (F.col("batch_id") == batch_id))
-               .select(*features.ID_COLUMNS).persist())
+        with_files = (silver.where(F.col("event_date").isin(dates) & (F.col("batch_id") == batch_id))
+                      .select(*features.ID_COLUMNS, "source_file").persist())
+        new = with_files.select(*features.ID_COLUMNS)
         try:
             n, lo_us, hi_us = features.span(new)
             if not n:
                 return [], {"max_event_time": None, "too_late": 0, "recomputed": 0}
             mark = self._watermark_us(spark, app_id, batch_id)
-            n_late = (self._record_too_late(spark, new, instant(lo_us), instant(mark), app_id, batch_id)
+            judged = new
+            if len(files) > 1:  # each file by its own watermark (file_marks)
+                latest = {r[0]: r[1] for r in with_files.groupBy("source_file")
+                          .agg(F.max(F.unix_micros("event_time"))).collect()}
+                by_path = file_marks(mark, files, {local_path(f): t for f, t in latest.items()})
+                marks = {f: by_path.get(local_path(f), mark) for f in latest}
+                if any(m is not None for m in marks.values()):
+                    pairs = [x for f, m in marks.items() if m is not None for x in (F.lit(f), F.lit(m))]
+                    judged = with_files.withColumn("_mark", F.create_map(*pairs)[F.col("source_file")])
+                    mark = max(m for m in marks.values() if m is not None)
+            n_late = (self._record_too_late(spark, judged, instant(lo_us), mark, app_id, batch_id)
                       if mark is not None else 0)
             laps("too_late")
             late_ids = too_late_ids(spark, self.settings)
@@ -571,7 +613,7 @@ class GoldStream:
             ids = [r[0] for r in new.select("event_id").collect()]
             return ids, {"max_event_time": instant(hi_us), "too_late": n_late, "recomputed": recomputed}
         finally:
-            new.unpersist()
+            with_files.unpersist()
 
     def _scored(self, spark, new_ids: list[str], dates: list[str], app_id: str, batch_id: int, laps: Laps) -> None:
         """Hand the new transactions' feature rows to ``on_features`` (scoring), if set."""
@@ -587,7 +629,7 @@ class GoldStream:
 
     # -- an events batch in the driver ---------------------------------------------------------------
     def _events_in_driver(self, spark, silver: DataFrame, app_id: str, batch_id: int, dates: list[str],
-                          laps: Laps):
+                          files: list[str], laps: Laps):
         """:meth:`after_events` in the driver: the look-back of the batch's earliest day is collected
         once (:func:`features.lookback_rows`); the batch's new transactions are found in it, the
         too-late ones recorded, and :func:`driver_batch` computes the same rows as the Spark route,
@@ -632,13 +674,15 @@ class GoldStream:
             t = table["_t"].to_numpy()
             lo_us, hi_us = int(t[new].min()), int(t[new].max())
             mark = self._watermark_us(spark, app_id, batch_id)
-            late = np.empty(0, dtype=np.int64)
-            if mark is not None:
-                late = new[t[new] < mark - self.settings.allowed_lateness_minutes * 60_000_000]
-                if len(late):
-                    flags = table["_late"].to_numpy(zero_copy_only=False).copy()
-                    flags[late] = True
-                    table = table.set_column(table.schema.get_field_index("_late"), "_late", pa.array(flags))
+            marks = self._row_marks(spark, silver, silver_version, table, new, mark, files, app_id, batch_id, dates)
+            has = marks != NO_MARK
+            late_at = np.flatnonzero(has & (t[new] < np.where(has, marks, 0)
+                                            - self.settings.allowed_lateness_minutes * 60_000_000))
+            late = new[late_at]
+            if len(late):
+                flags = table["_late"].to_numpy(zero_copy_only=False).copy()
+                flags[late] = True
+                table = table.set_column(table.schema.get_field_index("_late"), "_late", pa.array(flags))
             batch = driver_batch(table, new)
             laps("affected")
             if self.publish is not None:
@@ -646,10 +690,12 @@ class GoldStream:
                                      "gold_user_features_5m": batch.windows}, app_id, batch_id)
             n_late = 0
             if len(late):  # recorded after the rows are published: the features need only the flags
-                rows = spark.createDataFrame(table.take(late).select(list(features.ID_COLUMNS)),
-                                             schema=silver.select(*features.ID_COLUMNS).schema)
-                n_late = self._record_too_late(spark, rows, instant(lo_us), instant(mark), app_id, batch_id,
-                                               known=len(late))
+                rows = table.take(late).select(list(features.ID_COLUMNS)).append_column(
+                    "_mark", pa.array(marks[late_at], pa.int64()))
+                schema = StructType([*silver.select(*features.ID_COLUMNS).schema.fields,
+                                     StructField("_mark", LongType(), True)])
+                n_late = self._record_too_late(spark, spark.createDataFrame(rows, schema=schema), instant(lo_us),
+                                               int(marks[late_at].max()), app_id, batch_id, known=len(late))
             laps("too_late")
             # The two tables at once: each write is idempotent on its own, and neither reads the other.
             # Measured (2 cores): a few hundred rows on an idle machine, 1.0-1.3 s against 1.4-1.5 s one
@@ -679,6 +725,42 @@ class GoldStream:
             if shared:
                 source.unpersist()
                 labels.unpersist()
+
+    def _row_marks(self, spark, silver: DataFrame, version: int | None, table: pa.Table, new: np.ndarray,
+                   mark: int | None, files: list[str], app_id: str, batch_id: int, dates: list[str]) -> np.ndarray:
+        """The watermark (µs) each new row (``new``: indices into the look-back ``table``) is judged by:
+        ``mark`` for all of a batch of one file, else its file's (:func:`file_marks`); NO_MARK: none."""
+        out = np.full(len(new), NO_MARK if mark is None else mark, dtype=np.int64)
+        if len(files) < 2 or not len(new):
+            return out
+        sources = self._sources_of_new(spark, silver, version, app_id, batch_id, dates)
+        at = pc.index_in(table["event_id"].take(pa.array(new)), value_set=sources["event_id"])
+        uris = pc.take(sources["source_file"], at)
+        distinct = [u for u in pc.unique(uris).to_pylist() if u is not None]
+        which = pc.index_in(uris, value_set=pa.array(distinct, pa.string())).fill_null(-1).to_numpy()
+        t = table["_t"].to_numpy()[new]
+        latest = {local_path(u): int(t[which == k].max()) for k, u in enumerate(distinct)}
+        by_path = file_marks(mark, files, latest)
+        per_file = np.array([NO_MARK if (m := by_path.get(local_path(u), mark)) is None else m for u in distinct]
+                            + [out[0]], dtype=np.int64)
+        return per_file[which]  # -1 (a row whose file is unknown): the batch's watermark
+
+    def _sources_of_new(self, spark, silver: DataFrame, version: int | None, app_id: str, batch_id: int,
+                        dates: list[str]) -> pa.Table:
+        """``event_id`` and ``source_file`` of the transactions events batch ``batch_id`` inserted:
+        read by pyarrow from the files of its insert, when that is silver's ``version``; else by Spark."""
+        path = self._path("silver_transactions")
+        info = delta.commit_info(path, version) if version is not None else None
+        if info is not None and info.get("userMetadata") == delta.commit_tag(app_id, batch_id):
+            rows = delta.inserted_rows(path, version, ("event_id", "source_file", "batch_id"))
+            if rows is not None and rows.num_rows:
+                rows = rows.filter(pc.equal(rows["batch_id"], batch_id))
+                return pa.table({"event_id": rows["event_id"].cast(pa.string()),
+                                 "source_file": rows["source_file"].cast(pa.string())})
+        rows = (silver.where(F.col("event_date").isin(dates) & (F.col("batch_id") == batch_id))
+                .select("event_id", "source_file").toArrow())
+        return pa.table({"event_id": rows["event_id"].cast(pa.string()),
+                         "source_file": rows["source_file"].cast(pa.string())})
 
     def _kept_lookback(self, spark, silver: DataFrame, earliest: datetime, silver_version: int | None,
                        labels_version: int | None, app_id: str, batch_id: int, dates: list[str]) -> pa.Table | None:
@@ -796,23 +878,26 @@ class GoldStream:
         if known.num_rows:
             merge(delta.merge_upsert, known, app_id)
 
-    def _record_too_late(self, spark, new: DataFrame, earliest: datetime, mark: datetime, app_id: str,
+    def _record_too_late(self, spark, new: DataFrame, earliest: datetime, mark: int, app_id: str,
                          batch_id: int, known: int | None = None) -> int:
-        """Record the events of ``new`` (earliest event time ``earliest``) too late for ``mark``.
+        """Record the events of ``new`` (earliest event time ``earliest``) too late for their watermark:
+        the column ``_mark`` (µs; null: none) where ``new`` has one (a batch of several files:
+        :func:`file_marks`), else ``mark`` (µs), which is also the latest watermark of any row.
         ``known``: how many they are, when the caller found them already (the driver route): then
         they are appended without being counted first."""
         lateness = self.settings.allowed_lateness_minutes
-        threshold = mark - timedelta(minutes=lateness)
-        if earliest >= threshold:  # nothing can be too late: no scan
+        if micros_of(earliest) >= mark - lateness * 60_000_000:  # nothing can be too late: no scan
             return 0
-        late = new.where(F.col("event_time") < F.lit(threshold))
-        seconds = (F.unix_micros(F.lit(mark)) - F.unix_micros("event_time")) / 1e6
+        m = F.col("_mark") if "_mark" in new.columns else F.lit(mark)
+        late = new.where(F.unix_micros("event_time") < m - F.lit(lateness * 60_000_000))
+        seconds = (m - F.unix_micros("event_time")) / 1e6
+        watermark = F.timestamp_micros(m)
         rows = late.select(
             "event_id", "user_id", "merchant_id", "country", "amount_base", "event_time", "event_date",
-            F.lit(mark).cast("timestamp").alias("watermark"), seconds.cast("double").alias("lateness_seconds"),
-            F.format_string(f"event_time is %.0f s before the watermark %s (latest event time of earlier "
-                            f"batches); the allowed lateness is {lateness} min", seconds,
-                            F.date_format(F.lit(mark), "yyyy-MM-dd HH:mm:ss")).alias("reason"),
+            watermark.alias("watermark"), seconds.cast("double").alias("lateness_seconds"),
+            F.format_string(f"event_time is %.0f s before the watermark %s (the latest event time of the "
+                            f"transactions that arrived before it); the allowed lateness is {lateness} min", seconds,
+                            F.date_format(watermark, "yyyy-MM-dd HH:mm:ss")).alias("reason"),
             F.lit(batch_id).cast("long").alias("batch_id"), F.current_timestamp().alias("detected_at"),
         )
         if known is not None:

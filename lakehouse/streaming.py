@@ -321,6 +321,18 @@ def source_log_entries(checkpoint: Path, source_batch: int) -> list[tuple[str, i
     return None
 
 
+def ranked(lines: DataFrame, files: list[str], uris: list[str]) -> DataFrame:
+    """``lines`` with ``file_rank``, each line's file's place in ``files`` (local paths, in the order
+    the file source took them in), when there are several: the first delivery of a key in silver is
+    then the first to arrive, however the files were grouped into batches. ``uris``: the lines'
+    ``source_file`` values; a file not in ``files`` ranks after them."""
+    if len(files) < 2:
+        return lines
+    rank = {path: i for i, path in enumerate(files)}
+    pairs = [x for uri in uris for x in (F.lit(uri), F.lit(rank.get(local_path(uri), len(files))))]
+    return lines.withColumn("file_rank", F.create_map(*pairs)[F.col("source_file")])
+
+
 def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
@@ -642,6 +654,7 @@ class IngestBatch:
                   for c in self.checks],
             ).first()
             planned = source_entries(self.settings.checkpoint(lay.kind), batch_id)
+            arrived = [path for path, _ in planned or []]  # the order the file source took the files in
             self._check_files(batch_id, planned, stats["files"] or [])
             unfinished = self._unfinished(checked, stats, planned, batch_id)
             self.watch.requeue_changed()  # files of earlier batches written to since
@@ -675,13 +688,14 @@ class IngestBatch:
                 merge_prune = {col: dates_around(stats["dates"], self.settings.redelivery_days)}
             if n_valid:
                 with delta.idempotent_dml(spark, app, batch_id):
-                    delta.merge_insert_new(spark, lay.to_silver(checked), self._path(lay.silver), lay.keys,
+                    delta.merge_insert_new(spark, lay.to_silver(ranked(checked, arrived, stats["files"] or [])),
+                                           self._path(lay.silver), lay.keys,
                                            merge_prune)
             lap("merge")
             gold_info: dict = {}
             if self.gold is not None and n_valid:
                 if lay.kind == "events":
-                    gold_info = self.gold.after_events(spark, app, batch_id, prune.get("event_date", []))
+                    gold_info = self.gold.after_events(spark, app, batch_id, prune.get("event_date", []), arrived)
                 else:
                     gold_info = self.gold.after_labels(spark, app, batch_id)
             lap("gold")

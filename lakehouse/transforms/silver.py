@@ -151,16 +151,27 @@ def dedup_first(df: DataFrame, key: str, order: list[str]) -> DataFrame:
     return df.groupBy(key).agg(first).select(key, *[F.col(f"_first.{c}").alias(c) for c in order + rest])
 
 
+def _arrival(df: DataFrame) -> list[str]:
+    """The columns that order a batch's lines as they arrived: ``file_rank`` (the file's place in the
+    order the stream took its files in, when the batch holds several), then the file and the line."""
+    return [*(["file_rank"] if "file_rank" in df.columns else []), "source_file", "raw"]
+
+
 def silver_events(checked: DataFrame) -> DataFrame:
-    """Valid event rows, typed, one per event_id (the first delivery wins)."""
+    """Valid event rows, typed, one per event_id (the first delivery wins: :func:`_arrival`)."""
     valid = checked.where(~is_quarantined(checked))
     valid = valid.withColumn("event_date", F.to_date("event_time"))
-    first = dedup_first(valid.select(*SILVER_EVENT_COLUMNS, "raw"), "event_id", ["source_file", "raw"])
+    order = _arrival(valid)
+    first = dedup_first(valid.select(*SILVER_EVENT_COLUMNS, *[c for c in order if c not in SILVER_EVENT_COLUMNS]),
+                        "event_id", order)
     return first.select(*SILVER_EVENT_COLUMNS)
 
 
 def silver_labels(checked: DataFrame) -> DataFrame:
-    """Valid labels, one per event_id: the earliest report wins (a chargeback is final)."""
+    """Valid labels, one per event_id: the earliest report wins (a chargeback is final); at the same
+    report time, the first delivery."""
     valid = checked.where(~is_quarantined(checked))
-    first = dedup_first(valid.select(*SILVER_LABEL_COLUMNS, "raw"), "event_id", ["reported_at", "source_file", "raw"])
+    order = ["reported_at", *_arrival(valid)]
+    first = dedup_first(valid.select(*SILVER_LABEL_COLUMNS, *[c for c in order if c not in SILVER_LABEL_COLUMNS]),
+                        "event_id", order)
     return first.select(*SILVER_LABEL_COLUMNS)

@@ -436,3 +436,17 @@ def test_the_lookback_of_inserted_rows_equals_spark_s(spark):
     assert got.cast(want.schema).equals(want)
     assert got["event_id"].to_pylist() == ["e1", "e2", "e3", "e5"]
     assert got["_r"].to_pylist()[0] == int(at(day=33).timestamp()) * 1_000_000
+
+
+def test_each_file_of_a_batch_is_judged_by_the_watermark_of_the_files_before_it():
+    from lakehouse import gold
+
+    minute = 60_000_000
+    files = ["/in/a.jsonl", "/in/b.jsonl", "/in/c.jsonl", "/in/d.jsonl"]
+    # a moves the watermark to 30, b inserted nothing, c only older events (it never goes back)
+    latest = {"/in/a.jsonl": 30 * minute, "/in/c.jsonl": 20 * minute, "/in/d.jsonl": 45 * minute}
+    assert gold.file_marks(25 * minute, files, latest) == {
+        "/in/a.jsonl": 25 * minute, "/in/b.jsonl": 30 * minute, "/in/c.jsonl": 30 * minute,
+        "/in/d.jsonl": 30 * minute}
+    # no watermark before the batch (the query's first): the first file has none, the next a's
+    assert gold.file_marks(None, files[:2], latest) == {"/in/a.jsonl": None, "/in/b.jsonl": 30 * minute}

@@ -135,6 +135,22 @@ def test_dedup_choice_is_deterministic_for_conflicting_copies(spark, settings):
     assert [r.amount for r in first] == [r.amount for r in second]
 
 
+def test_the_first_file_to_arrive_wins_whatever_its_name(spark, settings):
+    # Two deliveries of e1 with other amounts in one batch: the file the stream took first wins,
+    # as it would in separate batches (its insert first), not the one whose name sorts first.
+    from lakehouse.streaming import ranked
+
+    a = checked_events(spark, settings, [event(event_id="e1", amount=5)], source="file:/in/z-early.jsonl")
+    b = checked_events(spark, settings, [event(event_id="e1", amount=6), event(event_id="e2")],
+                       source="file:///in/a-late.jsonl")
+    lines, uris = a.unionByName(b), ["file:/in/z-early.jsonl", "file:///in/a-late.jsonl"]
+    got = {r.event_id: r.amount for r in silver_events(ranked(lines, ["/in/z-early.jsonl", "/in/a-late.jsonl"],
+                                                                 uris)).collect()}
+    assert got == {"e1": 5.0, "e2": 12.5}
+    # without the order of arrival (one file, or none known): the name decides
+    assert {r.event_id: r.amount for r in silver_events(ranked(lines, [], uris)).collect()} == {"e1": 6.0, "e2": 12.5}
+
+
 def test_quarantine_keeps_raw_text_and_check_names(spark, settings):
     lines = [event(event_id="ok"), event(event_id="bad", currency="XXX", country="ZZ"), "{oops"]
     q = quarantine_rows(checked_events(spark, settings, lines, source="inbox/x.jsonl"), "events")
