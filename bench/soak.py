@@ -38,15 +38,26 @@ Steps (each prints a progress line on stderr; everything also goes to <work>/soa
    every SECONDS, in the order of their modification times, while the jobs run and are killed: the
    live job's express lane then publishes provisional features of each file ahead of the stream,
    and a kill leaves its journal for the next incarnation to resolve.
+   ``--torn SHARE`` (with ``--drip``) lands that share of the events files the way a writer that
+   writes in place does: first up to the middle of one of its lines (the file's time a second before
+   its own), then, half a drip later, the rest (its own time). A batch that read the first part
+   quarantines the partial line (``line_incomplete_when_read``), and the stream's inbox watch copies
+   the changed file, so its remaining lines come in a ``.changed-`` copy.
 3. Reference run (<work>/ref): ``stream --once --mirror --max-files 1`` on the copied inbox, never
    killed.
 4. Comparison, in one Spark session of the soak's own:
 
    - every bronze, silver and gold table, killed against reference, row for row (processing columns
-     such as batch ids and timestamps left out, file paths reduced to the file name), with duplicate
-     keys counted on both sides and examples of differing rows by key;
+     such as batch ids and timestamps left out, file paths reduced to the file name, a ``.changed-``
+     copy's name to its file's), with duplicate keys counted on both sides and examples of differing
+     rows by key. With ``--torn``, bronze and the quarantine hold lines more than once (a copy
+     re-delivers what was read before) and the partial lines read: there every distinct reference row
+     must be in the killed run, and every other distinct row of the killed run must be a partial line,
+     the proper start of a reference line of the same file, quarantined with
+     ``line_incomplete_when_read``;
    - the data-quality totals per stream (records in, inserted, duplicates, quarantined, too late,
-     check failures) and the reconciliation of every batch (``lakehouse.summary.reconciliation``);
+     check failures; with ``--torn``, of the events only inserted and too late) and the reconciliation
+     of every batch (``lakehouse.summary.reconciliation``);
    - Postgres against Delta, for every mirrored table of both runs: rows extra in Postgres, missing
      from it, or differing in a column;
    - the killed run's stream gold against a batch backfill (``lakehouse backfill``) of its own silver,
@@ -235,7 +246,7 @@ class Feeder:
     the order of their modification times (kept), one every ``seconds``: the live job's express lane
     (:mod:`lakehouse.express`) publishes them ahead of the stream, and is killed with it."""
 
-    def __init__(self, soak: Soak, seconds: float):
+    def __init__(self, soak: Soak, seconds: float, torn: float = 0.0, seed: int = 0):
         import threading
 
         s = soak.settings("killed")
@@ -248,6 +259,8 @@ class Feeder:
         self.files = sorted((f for f in self.held.rglob("*.jsonl")), key=lambda f: (f.stat().st_mtime, f.name))
         self.targets = {f: s.inbox_dir / f.relative_to(self.held) for f in self.files}
         self.seconds, self.landed = seconds, 0
+        rng = random.Random(7000 + seed)
+        self.torn = {f for f in self.files if f.parent.name == "events" and rng.random() < torn}
         self._halt = threading.Event()
         self.thread = threading.Thread(target=self._run, name="soak-feeder", daemon=True)
 
@@ -258,8 +271,25 @@ class Feeder:
         for f in self.files:
             if self._halt.wait(self.seconds):
                 return
-            os.replace(f, self.targets[f])  # a rename: atomic, modification time kept
+            if f in self.torn:
+                self._land_torn(f, self.targets[f])
+            else:
+                os.replace(f, self.targets[f])  # a rename: atomic, modification time kept
             self.landed += 1
+
+    def _land_torn(self, f: Path, target: Path) -> None:
+        """Write ``f`` in place as a writer without a temporary name does: up to the middle of a line
+        (a second before ``f``'s time), then, half a drip later, the rest (``f``'s time)."""
+        data, at = f.read_bytes(), f.stat().st_mtime_ns
+        cut = mid_line(data)
+        with open(target, "wb") as fh:
+            fh.write(data[:cut])
+        os.utime(target, ns=(at - 10**9, at - 10**9))
+        self._halt.wait(self.seconds / 2)  # a halt still finishes the file: the inbox stays whole
+        with open(target, "ab") as fh:
+            fh.write(data[cut:])
+        os.utime(target, ns=(at, at))
+        f.unlink()
 
     @property
     def done(self) -> bool:
@@ -267,6 +297,15 @@ class Feeder:
 
     def stop(self) -> None:
         self._halt.set()
+
+
+def mid_line(data: bytes) -> int:
+    """A position in the middle of the line that starts after the middle of ``data`` (of its first
+    line when it has one line): where a torn write stops."""
+    start = data.rfind(b"\n", 0, len(data) // 2) + 1
+    end = data.find(b"\n", start)
+    end = len(data) if end < 0 else end
+    return start + max(1, (end - start) // 2)
 
 
 # ---- the jobs -----------------------------------------------------------------------------------------
@@ -370,18 +409,22 @@ def _wait(proc: subprocess.Popen, until, deadline: float) -> None:
         time.sleep(0.05)
 
 
-def killed_run(soak: Soak, seed: int, kills: int, mode: str, timeout: float, drip: float = 0.0) -> dict:
+def killed_run(soak: Soak, seed: int, kills: int, mode: str, timeout: float, drip: float = 0.0,
+               torn: float = 0.0) -> dict:
     """Start, kill and restart the stream job ``kills`` times, then let a final incarnation finish;
-    with ``drip`` seconds, the inbox files land one by one meanwhile (:class:`Feeder`)."""
+    with ``drip`` seconds, the inbox files land one by one meanwhile (:class:`Feeder`), ``torn`` of the
+    events files in two writes."""
     from lakehouse.io import postgres
 
     s = soak.settings("killed")
     postgres.start(s)
-    feeder = Feeder(soak, drip) if drip else None
+    feeder = Feeder(soak, drip, torn, seed) if drip else None
     if feeder is not None:
+        soak.save("torn.json", sorted(f.name for f in feeder.torn))
         feeder.start()
     try:
-        return _killed_run(soak, s, seed, kills, mode, timeout, feeder)
+        out = _killed_run(soak, s, seed, kills, mode, timeout, feeder)
+        return {**out, "torn_files": sorted(f.name for f in feeder.torn) if feeder else []}
     finally:
         if feeder is not None:
             feeder.stop()
@@ -453,7 +496,17 @@ def _killed_run(soak: Soak, s: Settings, seed: int, kills: int, mode: str, timeo
     t0 = time.time()
     proc = start_job(soak, "killed", mode, log)
     if mode == "continuous":
-        while proc.poll() is None and not (landed() and all_committed(s)):
+        # With torn files, the watch's copy of the last one may still be owed when every file listed so
+        # far is committed: done when nothing new appeared for two of its idle checks.
+        settle = 12.0 if feeder is not None and feeder.torn else 0.0
+        quiet_since, names = None, None
+        while proc.poll() is None:
+            done = landed() and all_committed(s)
+            now_names = sorted(os.listdir(s.events_inbox)) if done else None
+            if done and now_names == names and time.time() - quiet_since >= settle:
+                break
+            if now_names != names:
+                names, quiet_since = now_names, time.time()
             if time.time() - t0 > timeout:
                 soak.kill_current()
                 raise RunFailure(f"the final incarnation did not commit every file in {timeout:.0f} s")
@@ -515,9 +568,43 @@ def normalized(spark, settings: Settings, name: str):
         return None
     df = delta.read(spark, path)
     df = df.select(*[c for c in df.columns if c not in PROCESSING_COLUMNS])
-    if "source_file" in df.columns:
-        df = df.withColumn("source_file", F.element_at(F.split("source_file", "/"), -1))
+    if "source_file" in df.columns:  # the file's name; a watch copy's (<stem>.changed-<ms><ext>) as its file's
+        df = df.withColumn("source_file", F.regexp_replace(F.element_at(F.split("source_file", "/"), -1),
+                                                           r"\.changed-[0-9]+", ""))
     return df
+
+
+#: The tables where a torn write leaves lines more than once and partial lines (compared as sets).
+TORN_TABLES = ("bronze_events", "silver_quarantine")
+
+
+def compare_torn(spark, ks: Settings, rs: Settings, name: str) -> dict:
+    """``name`` (a :data:`TORN_TABLES` table) of the killed run against the reference's when some events
+    files were torn: every distinct reference row is in the killed run, and every other distinct row of
+    the killed run is a partial line (the proper start of a reference bronze line of the same file),
+    quarantined with ``line_incomplete_when_read`` where the table is the quarantine."""
+    from pyspark.sql import functions as F
+
+    from lakehouse.streaming import INCOMPLETE_LINE
+
+    a, b = normalized(spark, ks, name), normalized(spark, rs, name)
+    if a is None or b is None:
+        return {"missing_table": [x for x, d in zip(("killed", "ref"), (a, b)) if d is None]}
+    cols = [c for c in b.columns if c in a.columns]
+    a, b = a.select(*cols).distinct(), b.select(*cols).distinct()
+    missing, extra = b.exceptAll(a), a.exceptAll(b)
+    lines = normalized(spark, rs, "bronze_events").select(F.col("raw").alias("_line"),
+                                                          F.col("source_file").alias("_file"))
+    partial = (extra.join(lines, (F.col("source_file") == F.col("_file")) & F.col("_line").startswith(F.col("raw"))
+                          & (F.col("_line") != F.col("raw")), "left_semi"))
+    if name == "silver_quarantine":
+        partial = partial.where(F.array_contains("failed_checks", INCOMPLETE_LINE))
+    not_partial = extra.exceptAll(partial)
+    n_missing, n_extra, n_bad = missing.count(), extra.count(), not_partial.count()
+    return {"rows": {"killed": a.count(), "ref": b.count()}, "distinct": True,
+            "only_killed": n_bad, "only_ref": n_missing, "partial_lines": n_extra - n_bad,
+            "examples_only_killed": [str(r.asDict())[:300] for r in not_partial.limit(3).collect()],
+            "examples_only_ref": [str(r.asDict())[:300] for r in missing.limit(3).collect()]}
 
 
 def compare_tables(spark, a_settings: Settings, b_settings: Settings, tables, label=("killed", "ref")) -> dict:
@@ -705,7 +792,13 @@ def compare(soak: Soak) -> dict:
     try:
         report: dict = {}
         soak.say("comparing every table, killed vs reference ...")
-        report["tables_killed_vs_ref"] = compare_tables(spark, ks, rs, COMPARED_TABLES)
+        torn = bool(soak.load("torn.json"))
+        report["torn"] = torn
+        report["tables_killed_vs_ref"] = compare_tables(
+            spark, ks, rs, [t for t in COMPARED_TABLES if not (torn and t in TORN_TABLES)])
+        if torn:
+            soak.say("bronze and the quarantine of torn files ...")
+            report["tables_killed_vs_ref"].update({t: compare_torn(spark, ks, rs, t) for t in TORN_TABLES})
         soak.say("data-quality totals and reconciliation ...")
         report["dq_totals"] = {"killed": dq_totals(spark, ks), "ref": dq_totals(spark, rs)}
         report["reconciliation"] = {"killed": summary.reconciliation(spark, ks),
@@ -763,7 +856,9 @@ def verdict(report: dict) -> list[str]:
     dq_k, dq_r = report["dq_totals"]["killed"], report["dq_totals"]["ref"]
     for kind in sorted(set(dq_k) | set(dq_r)):
         k, r = dq_k.get(kind, {}), dq_r.get(kind, {})
-        diff = [c for c in (*DQ_COUNTS, "checks") if k.get(c) != r.get(c)]
+        # A torn file's lines come twice (records in, duplicates) and its partial line is quarantined.
+        counts = ("inserted", "too_late") if report.get("torn") and kind == "events" else (*DQ_COUNTS, "checks")
+        diff = [c for c in counts if k.get(c) != r.get(c)]
         if diff:
             reasons.append(f"dq_totals: {kind}: killed and ref differ in {', '.join(diff)}")
     for run, tabs in report["postgres_vs_delta"].items():
@@ -797,7 +892,7 @@ def prepare(soak: Soak) -> None:
     for name in ("killed", "ref", "gen", "backfill", "cmp", "held"):
         if soak.root(name).exists():
             shutil.rmtree(soak.root(name))
-    for name in ("killed-stream.log", "ref-stream.log", "feed.json", "kills.json", "runs.json"):
+    for name in ("killed-stream.log", "ref-stream.log", "feed.json", "kills.json", "runs.json", "torn.json"):
         (soak.work / name).unlink(missing_ok=True)
 
 
@@ -834,6 +929,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continuous mode: land the killed run's inbox files one every DRIP seconds while its "
                         "jobs run and are killed, so the live job's express lane publishes them (default 0: "
                         "the whole inbox is there from the start, the stream's alone)")
+    p.add_argument("--torn", type=float, default=0.0,
+                   help="with --drip: the share of the events files written in place in two parts, the first "
+                        "ending mid-line (default 0)")
     p.add_argument("--out", default="bench/results", help="folder for the JSON result (default bench/results)")
     p.add_argument("--compare-only", action="store_true",
                    help="only compare the roots an earlier soak left in --work (no feed, no runs)")
@@ -842,6 +940,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--kills must be >= 0, --events >= 1, --days > 0 and --drip >= 0")
     if args.drip and args.mode != "continuous":
         p.error("--drip needs --mode continuous (a live job)")
+    if not 0 <= args.torn <= 1 or (args.torn and not args.drip):
+        p.error("--torn is a share between 0 and 1, and needs --drip")
     args.work = (args.work or Path(tempfile.gettempdir()) / f"lakehouse-soak-{args.seed}").resolve()
     return args
 
@@ -879,7 +979,7 @@ def main(argv=None) -> int:
                      f"conflicting re-deliveries ({f['redeliveries_with_a_moved_time']} with a moved time), "
                      f"{f['late']} late, {f['malformed']} malformed")
             t0 = time.time()
-            killed = killed_run(soak, args.seed, args.kills, args.mode, args.timeout, args.drip)
+            killed = killed_run(soak, args.seed, args.kills, args.mode, args.timeout, args.drip, args.torn)
             seconds["killed_run"] = round(time.time() - t0, 1)
             result.update(killed)
             t0 = time.time()
