@@ -738,8 +738,10 @@ class GoldStream:
         uris = pc.take(sources["source_file"], at)
         distinct = [u for u in pc.unique(uris).to_pylist() if u is not None]
         which = pc.index_in(uris, value_set=pa.array(distinct, pa.string())).fill_null(-1).to_numpy()
-        t = table["_t"].to_numpy()[new]
-        latest = {local_path(u): int(t[which == k].max()) for k, u in enumerate(distinct)}
+        t, known = table["_t"].to_numpy()[new], which >= 0
+        most = np.full(len(distinct), NO_MARK, dtype=np.int64)
+        np.maximum.at(most, which[known], t[known])
+        latest = {local_path(u): int(most[k]) for k, u in enumerate(distinct)}
         by_path = file_marks(mark, files, latest)
         per_file = np.array([NO_MARK if (m := by_path.get(local_path(u), mark)) is None else m for u in distinct]
                             + [out[0]], dtype=np.int64)
