@@ -193,7 +193,9 @@ def test_dbt_marts_end_to_end(spark, pg, tmp_path):
     settings = pg
     gen = generate_backlog(settings.events_inbox, settings.labels_inbox,
                            GeneratorConfig(seed=11, days=2, n_users=120, start=START))
-    t0 = START + timedelta(hours=13)
+    # The burst's file lands after the backlog's, so its payments come after the backlog's last (an
+    # older burst, arriving after two days of events, would be too late for the five-minute windows).
+    t0 = START + timedelta(days=2, minutes=10)
     burst = [_line(f"burst{i}", "u_burst", "m_burst", t0 + timedelta(seconds=20 * i), 2.0 + i) for i in range(6)]
     write_lines(settings.events_inbox, "zz-burst.jsonl", burst)
     _ingest(spark, settings)
