@@ -586,8 +586,9 @@ class GoldStream:
                 by_path = file_marks(mark, files, {local_path(f): t for f, t in latest.items()})
                 marks = {f: by_path.get(local_path(f), mark) for f in latest}
                 if any(m is not None for m in marks.values()):
-                    pairs = [x for f, m in marks.items() if m is not None for x in (F.lit(f), F.lit(m))]
-                    judged = with_files.withColumn("_mark", F.create_map(*pairs)[F.col("source_file")])
+                    known = spark.createDataFrame([(f, m) for f, m in marks.items() if m is not None],
+                                                  "source_file string, _mark long")
+                    judged = with_files.join(F.broadcast(known), "source_file", "left")
                     mark = max(m for m in marks.values() if m is not None)
             n_late = (self._record_too_late(spark, judged, instant(lo_us), mark, app_id, batch_id)
                       if mark is not None else 0)

@@ -323,14 +323,18 @@ def source_log_entries(checkpoint: Path, source_batch: int) -> list[tuple[str, i
 
 def ranked(lines: DataFrame, files: list[str], uris: list[str]) -> DataFrame:
     """``lines`` with ``file_rank``, each line's file's place in ``files`` (local paths, in the order
-    the file source took them in), when there are several: the first delivery of a key in silver is
-    then the first to arrive, however the files were grouped into batches. ``uris``: the lines'
-    ``source_file`` values; a file not in ``files`` ranks after them."""
+    the file source took them in), when the batch holds several and their names do not sort in that
+    order already: the first delivery of a key in silver is then the first to arrive, however the
+    files were grouped into batches. ``uris``: the lines' ``source_file`` values; a file not in
+    ``files`` ranks after them. A broadcast join, not a map literal: a lookup per line."""
     if len(files) < 2:
         return lines
     rank = {path: i for i, path in enumerate(files)}
-    pairs = [x for uri in uris for x in (F.lit(uri), F.lit(rank.get(local_path(uri), len(files))))]
-    return lines.withColumn("file_rank", F.create_map(*pairs)[F.col("source_file")])
+    ranks = sorted((rank.get(local_path(uri), len(files)), uri) for uri in uris)
+    if [uri for _, uri in ranks] == sorted(uris):
+        return lines  # the names sort as the files arrived: source_file orders them already
+    table = lines.sparkSession.createDataFrame([(uri, r) for r, uri in ranks], "source_file string, file_rank int")
+    return lines.join(F.broadcast(table), "source_file", "left")
 
 
 def _digest(data: bytes) -> bytes:
