@@ -222,6 +222,11 @@ def new_rows(table: pa.Table, batch_id: int, dates: list[str]) -> np.ndarray:
     return np.flatnonzero(is_new.to_numpy(zero_copy_only=False))
 
 
+def inserted_by(silver: DataFrame, batch_id: int, dates: list[str]) -> DataFrame:
+    """The rows of silver_transactions events batch ``batch_id`` inserted (into partitions ``dates``)."""
+    return silver.where(F.col("event_date").isin(dates) & (F.col("batch_id") == batch_id))
+
+
 #: No watermark yet (µs), in an int64 array of watermarks.
 NO_MARK = np.iinfo(np.int64).min
 
@@ -571,8 +576,7 @@ class GoldStream:
                          files: list[str], laps: Laps):
         """:meth:`after_events` in Spark (a look-back too large for the driver). Returns the new
         transactions' ids and the result."""
-        with_files = (silver.where(F.col("event_date").isin(dates) & (F.col("batch_id") == batch_id))
-                      .select(*features.ID_COLUMNS, "source_file").persist())
+        with_files = inserted_by(silver, batch_id, dates).select(*features.ID_COLUMNS, "source_file").persist()
         new = with_files.select(*features.ID_COLUMNS)
         try:
             n, lo_us, hi_us = features.span(new)
@@ -731,9 +735,9 @@ class GoldStream:
                    mark: int | None, files: list[str], app_id: str, batch_id: int, dates: list[str]) -> np.ndarray:
         """The watermark (µs) each new row (``new``: indices into the look-back ``table``) is judged by:
         ``mark`` for all of a batch of one file, else its file's (:func:`file_marks`); NO_MARK: none."""
-        out = np.full(len(new), NO_MARK if mark is None else mark, dtype=np.int64)
+        batch_mark = NO_MARK if mark is None else mark
         if len(files) < 2 or not len(new):
-            return out
+            return np.full(len(new), batch_mark, dtype=np.int64)
         sources = self._sources_of_new(spark, silver, version, app_id, batch_id, dates)
         at = pc.index_in(table["event_id"].take(pa.array(new)), value_set=sources["event_id"])
         uris = pc.take(sources["source_file"], at)
@@ -745,8 +749,8 @@ class GoldStream:
         latest = {local_path(u): int(most[k]) for k, u in enumerate(distinct)}
         by_path = file_marks(mark, files, latest)
         per_file = np.array([NO_MARK if (m := by_path.get(local_path(u), mark)) is None else m for u in distinct]
-                            + [out[0]], dtype=np.int64)
-        return per_file[which]  # -1 (a row whose file is unknown): the batch's watermark
+                            + [batch_mark], dtype=np.int64)
+        return per_file[which]  # -1 (a row whose file is unknown): the last, the batch's watermark
 
     def _sources_of_new(self, spark, silver: DataFrame, version: int | None, app_id: str, batch_id: int,
                         dates: list[str]) -> pa.Table:
@@ -760,8 +764,7 @@ class GoldStream:
                 rows = rows.filter(pc.equal(rows["batch_id"], batch_id))
                 return pa.table({"event_id": rows["event_id"].cast(pa.string()),
                                  "source_file": rows["source_file"].cast(pa.string())})
-        rows = (silver.where(F.col("event_date").isin(dates) & (F.col("batch_id") == batch_id))
-                .select("event_id", "source_file").toArrow())
+        rows = inserted_by(silver, batch_id, dates).select("event_id", "source_file").toArrow()
         return pa.table({"event_id": rows["event_id"].cast(pa.string()),
                          "source_file": rows["source_file"].cast(pa.string())})
 
@@ -798,7 +801,7 @@ class GoldStream:
                 inserted = inserted.filter(pc.equal(inserted["batch_id"], batch_id))
                 added = features.lookback_of_inserted(inserted, earliest, kept.reports)
         if added is None:
-            added = features.lookback_rows(silver.where((F.col("batch_id") == batch_id) & F.col("event_date").isin(dates)),
+            added = features.lookback_rows(inserted_by(silver, batch_id, dates),
                                            earliest, self._fraud_only_labels(spark), too_late_ids(spark, self.settings)
                                            ).toArrow()
         if pc.any(pc.is_in(kept.table["event_id"], value_set=added["event_id"])).as_py():

@@ -308,16 +308,16 @@ def source_log_entries(checkpoint: Path, source_batch: int) -> list[tuple[str, i
     """The entry of the file source's own batch ``source_batch`` in its log (``sources/0/<id>``, or
     ``<id>.compact``, which every tenth batch holds the entries of all batches so far in), as
     (local path, modification time in ms when listed). None when there is no such entry."""
-    batch_id = source_batch
     folder = checkpoint / "sources" / "0"
-    for name in (str(batch_id), f"{batch_id}.compact"):
+    for name in (str(source_batch), f"{source_batch}.compact"):
         try:
             text = (folder / name).read_text(encoding="utf-8")
         except FileNotFoundError:
             continue
-        tag = f'"batchId":{batch_id}'
+        tag = f'"batchId":{source_batch}'
         entries = (json.loads(line) for line in text.splitlines()[1:] if tag in line)
-        return [(local_path(e["path"]), int(e.get("timestamp", -1))) for e in entries if e.get("batchId") == batch_id]
+        return [(local_path(e["path"]), int(e.get("timestamp", -1))) for e in entries
+                if e.get("batchId") == source_batch]
     return None
 
 
