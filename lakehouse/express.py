@@ -49,13 +49,13 @@ from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Callable, Iterable
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from lakehouse.config import Settings
+from lakehouse.io.paths import file_name
 from lakehouse.quality import MAX_AMOUNT
 from lakehouse.reference import FX_TO_USD, ISO_COUNTRIES
 from lakehouse.schemas import EVENT_FIELDS
@@ -189,17 +189,6 @@ def silver_rows(rows: list[dict]) -> pa.Table:
         "amount_base": pa.array([r["amount_base"] for r in rows], pa.float64()),
         "batch_id": pa.array(np.full(len(rows), -1, dtype=np.int64)),
     })
-
-
-def local_path(uri: str) -> str:
-    """``file:///a/b%20c`` (Spark's form of a path: ``_metadata.file_path``, a checkpoint's file list)
-    as ``/a/b c``; a plain path as it is."""
-    return unquote(urlparse(uri).path) if "://" in uri or uri.startswith("file:") else uri
-
-
-def file_name(path: str) -> str:
-    """An inbox file's name from Spark's ``_metadata.file_path`` (a URI) or a plain path."""
-    return Path(local_path(path)).name
 
 
 def _silver_ids(spark, settings: Settings, ids: list[str]) -> set[str]:

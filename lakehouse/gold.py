@@ -67,9 +67,9 @@ from pyspark.sql.types import DoubleType, LongType, StringType, StructField, Str
 
 from lakehouse import damage
 from lakehouse.config import Settings
-from lakehouse.express import local_path
 from lakehouse.io import delta
 from lakehouse.io import maintenance as mio
+from lakehouse.io.paths import local_path
 from lakehouse.laps import Laps
 from lakehouse.transforms import driver_features, features
 from lakehouse.transforms.features import instant, micros_of

@@ -42,9 +42,10 @@ from pyspark.sql.types import (
 
 from lakehouse import damage, quality
 from lakehouse.config import Settings
-from lakehouse.express import ExpressLane, local_path
+from lakehouse.express import ExpressLane
 from lakehouse.gold import GoldStream
 from lakehouse.io import delta
+from lakehouse.io.paths import local_path
 from lakehouse.laps import Laps
 from lakehouse.transforms import bronze as bronze_t
 from lakehouse.transforms import silver as silver_t

@@ -224,7 +224,8 @@ def test_a_snapshot_of_an_older_version_is_checked_from_the_checkpoint_before_it
 
 
 def test_source_entries_reads_the_batch_entry_of_the_file_source_log(tmp_path):
-    from lakehouse.streaming import local_path, source_entries
+    from lakehouse.io.paths import local_path
+    from lakehouse.streaming import source_entries
 
     folder = tmp_path / "sources" / "0"
     folder.mkdir(parents=True)

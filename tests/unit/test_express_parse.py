@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 import pytest
 
 from lakehouse.config import Settings
-from lakehouse.express import file_name, parse_event, parse_events
+from lakehouse.express import parse_event, parse_events
+from lakehouse.io.paths import file_name
 
 MTIME_MS = int(datetime(2026, 11, 21, tzinfo=timezone.utc).timestamp() * 1000)
 SETTINGS = Settings.from_env({"LAKEHOUSE_DATA": "/tmp/unused"})
