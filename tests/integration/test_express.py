@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, time as clock, timedelta, timezone
 
 import pandas as pd
 import pyarrow as pa
@@ -20,6 +20,7 @@ from lakehouse import gold, mirror, streaming
 from lakehouse.express import ExpressLane, parse_events, resolve_journal
 from lakehouse.generator import GeneratorConfig, generate_backlog
 from lakehouse.io import delta, pg_mirror, postgres
+from lakehouse.transforms import features
 from tests.conftest import pg_rows, write_lines
 from tests.integration.inbox_data import BASE, FILE_MTIME, event_line
 from tests.integration.test_mirror_convergence import _pg_count, assert_pg_equals_delta, pg  # noqa: F401 -- the fixture
@@ -150,6 +151,39 @@ def test_provisional_features_equal_golds_and_postgres_converges(spark, pg):
     assert assert_pg_equals_delta(spark, settings, tables=("gold_transaction_features",))[
         "gold_transaction_features"] == 232
     lane2.stop()
+
+
+def _snapshot_and_jobs(spark, g):
+    """The lane's first look-back (``express_snapshot``) and the Spark jobs it ran."""
+    sc = spark.sparkContext
+    sc.setJobGroup("lane-snapshot", "the express lane's first look-back")
+    try:
+        return g.express_snapshot(spark), sc.statusTracker().getJobIdsForGroup("lane-snapshot")
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+
+
+def test_before_anything_is_ingested_the_lanes_look_back_is_empty_and_takes_no_spark_job(spark, settings):
+    """A new deployment: the lane's look-back is Spark's collection over the empty tables, made in the
+    driver (events landing while a JVM runs its first jobs would wait for them); once silver holds
+    rows, it is collected by Spark."""
+    streaming.ensure_tables(spark, settings)
+    g = gold.GoldStream(settings)
+    earliest = datetime.combine(gold._today(), clock.min, timezone.utc)
+    collected = features.lookback_rows(delta.read(spark, settings.table_path("silver_transactions")), earliest,
+                                       g._fraud_only_labels(spark), gold.too_late_ids(spark, settings)).toArrow()
+    gold._schemas_of(spark, settings)  # gold's schemas, derived once per process (a job over no rows)
+    (kept, mark, schema), jobs = _snapshot_and_jobs(spark, g)
+    assert jobs == [] and mark is None
+    assert kept.table.num_rows == 0 and collected.num_rows == 0
+    assert [(f.name, f.type) for f in kept.table.schema] == [(f.name, f.type) for f in collected.schema]
+    assert kept.lo_us == features.lookback_start(earliest) and kept.reports.num_rows == 0
+    assert "user_tx_count_5m" in schema.fieldNames()
+
+    write_lines(settings.events_inbox, "e0.jsonl", [event_line(i) for i in range(5)], mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    (kept, mark, _), jobs = _snapshot_and_jobs(spark, gold.GoldStream(settings))
+    assert jobs and sorted(kept.table["event_id"].to_pylist()) == [f"e{i:06d}" for i in range(5)]
 
 
 def test_the_lane_never_takes_a_line_silver_quarantines_and_reads_the_rest_as_silver(spark, settings, tmp_path):
