@@ -181,14 +181,14 @@ def parse_events(data: bytes, modified_ms: int, settings: Settings) -> tuple[lis
 def silver_rows(rows: list[dict]) -> pa.Table:
     """``rows`` (:func:`parse_events`) as silver rows: :data:`lakehouse.transforms.features.ID_COLUMNS`
     and ``batch_id`` (-1: not in silver yet)."""
+    from lakehouse.transforms.features import INSERTED_ARROW_SCHEMA
+
     t = np.array([r["_t"] for r in rows], dtype=np.int64)
     return pa.table({
-        **{c: pa.array([r[c] for r in rows], pa.string()) for c in ("event_id", "user_id", "merchant_id", "country")},
-        "event_time": pa.array(t, pa.timestamp("us", tz="UTC")),
-        "event_date": pa.array(np.floor_divide(t, 86_400 * _US).astype(np.int32), pa.date32()),
-        "amount_base": pa.array([r["amount_base"] for r in rows], pa.float64()),
-        "batch_id": pa.array(np.full(len(rows), -1, dtype=np.int64)),
-    })
+        **{c: [r[c] for r in rows] for c in ("event_id", "user_id", "merchant_id", "country")},
+        "event_time": t, "event_date": np.floor_divide(t, 86_400 * _US).astype(np.int32),
+        "amount_base": [r["amount_base"] for r in rows], "batch_id": np.full(len(rows), -1, dtype=np.int64),
+    }, schema=INSERTED_ARROW_SCHEMA)
 
 
 def _silver_ids(spark, settings: Settings, ids: list[str]) -> set[str]:

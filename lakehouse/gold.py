@@ -215,12 +215,7 @@ class _Kept:
     labels: int | None = None
 
 
-#: No silver rows and no fraud reports, as Arrow (:func:`features.lookback_of_inserted` takes them).
-_NO_INSERTED = pa.table({
-    **{c: pa.array([], pa.string()) for c in ("event_id", "user_id", "merchant_id", "country")},
-    "event_time": pa.array([], pa.timestamp("us", tz="UTC")), "event_date": pa.array([], pa.date32()),
-    "amount_base": pa.array([], pa.float64()), "batch_id": pa.array([], pa.int64()),
-})
+#: No fraud reports, as Arrow (:func:`features.fraud_reports`' columns).
 _NO_REPORTS = pa.table({"event_id": pa.array([], pa.string()), "_r": pa.array([], pa.int64())})
 
 
@@ -554,7 +549,7 @@ class GoldStream:
             # In a JVM that has run none, the jobs over the empty tables took 10-15 s on 2 cores, and
             # every event landing meanwhile waited for them.
             earliest = datetime.combine(_today(), datetime.min.time(), timezone.utc)
-            table = features.lookback_of_inserted(_NO_INSERTED, earliest, _NO_REPORTS)
+            table = features.lookback_of_inserted(features.INSERTED_ARROW_SCHEMA.empty_table(), earliest, _NO_REPORTS)
             return _Kept(table, features.lookback_start(earliest), None, _NO_REPORTS, None), None, \
                 schemas["gold_transaction_features"]
         mark = None

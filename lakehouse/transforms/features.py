@@ -145,6 +145,12 @@ _COUNTRY_COLUMNS = (*_count_sum_names("country"), *[f"country_fraud_rate_{d}" fo
 FEATURE_COLUMNS: tuple[str, ...] = (*_USER_COLUMNS, *_TIME_COLUMNS, *_MERCHANT_COLUMNS, *_COUNTRY_COLUMNS)
 #: The identifying columns that precede the features in :func:`transaction_features`.
 ID_COLUMNS = ("event_id", "user_id", "merchant_id", "country", "event_time", "event_date", "amount_base")
+#: Silver rows in the driver, as :func:`lookback_of_inserted` takes them: the ID_COLUMNS and ``batch_id``.
+INSERTED_ARROW_SCHEMA = pa.schema([
+    *[(c, pa.string()) for c in ("event_id", "user_id", "merchant_id", "country")],
+    ("event_time", pa.timestamp("us", tz="UTC")), ("event_date", pa.date32()), ("amount_base", pa.float64()),
+    ("batch_id", pa.int64()),
+])
 
 #: Columns of :func:`user_windows_5m`, in order.
 USER_WINDOW_COLUMNS = (

@@ -161,6 +161,7 @@ def _snapshot_and_jobs(spark, g):
         return g.express_snapshot(spark), sc.statusTracker().getJobIdsForGroup("lane-snapshot")
     finally:
         sc.setLocalProperty("spark.jobGroup.id", None)
+        sc.setLocalProperty("spark.job.description", None)
 
 
 def test_before_anything_is_ingested_the_lanes_look_back_is_empty_and_takes_no_spark_job(spark, settings):
@@ -182,7 +183,7 @@ def test_before_anything_is_ingested_the_lanes_look_back_is_empty_and_takes_no_s
 
     write_lines(settings.events_inbox, "e0.jsonl", [event_line(i) for i in range(5)], mtime=FILE_MTIME)
     streaming.run_streams(spark, settings, once=True, kinds=("events",))
-    (kept, mark, _), jobs = _snapshot_and_jobs(spark, gold.GoldStream(settings))
+    (kept, _, _), jobs = _snapshot_and_jobs(spark, gold.GoldStream(settings))
     assert jobs and sorted(kept.table["event_id"].to_pylist()) == [f"e{i:06d}" for i in range(5)]
 
 
