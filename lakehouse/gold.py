@@ -12,8 +12,11 @@ file, in the order the files arrived (the order the file source took them in: li
 each by modification time): a file's transactions are judged by the batch's watermark and the latest event time inserted
 from the batch's files before it (:func:`file_marks`). So which events are too late does not hang on
 how the files were grouped into batches -- a backlog read in one batch, ``maxFilesPerTrigger``, a
-crash after which Spark folds two listings into one batch -- only on the order they arrived in. A
-new transaction whose event time is more than ``allowed_lateness_minutes`` (default 10) before its
+crash after which Spark folds two listings into one batch -- only on the order they arrived in.
+Lines of one inbox file never judge each other: the lines a writer added to a file after the stream
+read it come in a copy the inbox watch makes, and the copy is judged by the files taken before it that
+were written no later than its lines, the file it copies aside (:meth:`GoldStream._copy_marks`), as the
+file would have been, read once and whole. A new transaction whose event time is more than ``allowed_lateness_minutes`` (default 10) before its
 watermark is **too late**:
 
 * it is recorded in ``gold_too_late_events`` with the watermark, how late it was and why;
@@ -69,7 +72,7 @@ from lakehouse import damage
 from lakehouse.config import Settings
 from lakehouse.io import delta
 from lakehouse.io import maintenance as mio
-from lakehouse.io.paths import local_path
+from lakehouse.io.paths import copy_origin, local_path, source_entries
 from lakehouse.laps import Laps
 from lakehouse.transforms import driver_features, features
 from lakehouse.transforms.features import instant, micros_of
@@ -597,16 +600,16 @@ class GoldStream:
                 return [], {"max_event_time": None, "too_late": 0, "recomputed": 0}
             mark = self._watermark_us(spark, app_id, batch_id)
             judged = new
-            if len(files) > 1:  # each file by its own watermark (file_marks)
+            copies = self._copy_marks(spark, silver, batch_id, files, lo_us)
+            if len(files) > 1 or copies:  # each file by its own watermark (file_marks, _copy_marks)
                 latest = {r[0]: r[1] for r in with_files.groupBy("source_file")
                           .agg(F.max(F.unix_micros("event_time"))).collect()}
-                by_path = file_marks(mark, files, {local_path(f): t for f, t in latest.items()})
-                marks = {f: by_path.get(local_path(f), mark) for f in latest}
-                if any(m is not None for m in marks.values()):
-                    known = spark.createDataFrame([(f, m) for f, m in marks.items() if m is not None],
-                                                  "source_file string, _mark long")
+                by_path = file_marks(mark, files, {local_path(f): t for f, t in latest.items()}) | copies
+                marks = {f: m for f in latest if (m := by_path.get(local_path(f), mark)) is not None}
+                mark = max(marks.values()) if marks else None
+                if marks:
+                    known = spark.createDataFrame(list(marks.items()), "source_file string, _mark long")
                     judged = with_files.join(F.broadcast(known), "source_file", "left")
-                    mark = max(m for m in marks.values() if m is not None)
             n_late = (self._record_too_late(spark, judged, instant(lo_us), mark, app_id, batch_id)
                       if mark is not None else 0)
             laps("too_late")
@@ -747,9 +750,15 @@ class GoldStream:
     def _row_marks(self, spark, silver: DataFrame, version: int | None, table: pa.Table, new: np.ndarray,
                    mark: int | None, files: list[str], app_id: str, batch_id: int, dates: list[str]) -> np.ndarray:
         """The watermark (µs) each new row (``new``: indices into the look-back ``table``) is judged by:
-        ``mark`` for all of a batch of one file, else its file's (:func:`file_marks`); NO_MARK: none."""
+        ``mark`` for all of a batch of one file, else its file's (:func:`file_marks`), a copy's its own
+        (:meth:`_copy_marks`); NO_MARK: none."""
         batch_mark = NO_MARK if mark is None else mark
-        if len(files) < 2 or not len(new):
+        if not len(new):
+            return np.full(0, batch_mark, dtype=np.int64)
+        copies = self._copy_marks(spark, silver, batch_id, files, int(table["_t"].to_numpy()[new].min()))
+        if len(files) < 2:
+            if files and files[0] in copies:  # a batch of one copy
+                batch_mark = NO_MARK if copies[files[0]] is None else copies[files[0]]
             return np.full(len(new), batch_mark, dtype=np.int64)
         sources = self._sources_of_new(spark, silver, version, app_id, batch_id, dates)
         at = pc.index_in(table["event_id"].take(pa.array(new)), value_set=sources["event_id"])
@@ -760,10 +769,52 @@ class GoldStream:
         most = np.full(len(distinct), NO_MARK, dtype=np.int64)
         np.maximum.at(most, which[known], t[known])
         latest = {local_path(u): int(most[k]) for k, u in enumerate(distinct)}
-        by_path = file_marks(mark, files, latest)
+        by_path = file_marks(mark, files, latest) | copies
         per_file = np.array([NO_MARK if (m := by_path.get(local_path(u), mark)) is None else m for u in distinct]
                             + [batch_mark], dtype=np.int64)
         return per_file[which]  # -1 (a row whose file is unknown): the last, the batch's watermark
+
+    def _copy_marks(self, spark, silver: DataFrame, batch_id: int, files: list[str], lo_us: int
+                    ) -> dict[str, int | None]:
+        """The watermark (µs; None: none) of each copy among the events batch's ``files`` (local paths,
+        in the order taken): the copies the inbox watch made of files written to after they were read
+        (``<stem>.changed-<mtime_ms><suffix>``, :func:`paths.copy_origin`). Lines of one inbox file never
+        judge each other, in however many reads and copies they come, and a copy's lines arrived when
+        they were written, not when the watch noticed them. So a copy is judged by the latest event time
+        inserted from the files taken before it whose modification time is not after the copy's, other
+        than the file it copies and that file's other copies: as the file would have been, had it been
+        read once, whole, with its lines. Without this the lines a writer finished after a read were
+        judged by the file's own first lines, and by the files that landed before the watch copied them.
+
+        The files taken after a copy's lines were written are found in the file source's log, back to
+        the batch that took the file it copies (the files taken before that were listed, so written,
+        before those lines). Silver is read from the day before ``lo_us`` (the batch's earliest new
+        event time) on: rows before that cannot make any of the batch's rows too late. Empty when the
+        batch holds no copy; costs one Spark job when it does."""
+        copies = {f: origin for f in files if (origin := copy_origin(f)) is not None}
+        if not copies:
+            return {}
+        checkpoint = self.settings.checkpoint("events")
+        taken = source_entries(checkpoint, batch_id) or [(f, -1) for f in files]
+        written = dict(taken)
+        family = lambda path, original: path == original or (copy_origin(path) or ("",))[0] == original  # noqa: E731
+        unseen: dict[str, set[str]] = {}  # per copy: the files whose rows it must not see
+        for at, (copy, (original, ms)) in ((files.index(c), (c, o)) for c, o in copies.items()):
+            out = set(files[at:]) | {f for f in files[:at] if written.get(f, -1) > ms}
+            q = -1 if any(family(f, original) for f in files[:at]) else batch_id - 1
+            while q >= 0 and (entries := source_entries(checkpoint, q)) is not None:
+                out |= {path for path, listed in entries if listed > ms}
+                if any(family(path, original) for path, _ in entries):
+                    break
+                q -= 1
+            unseen[copy] = out
+        day = instant(lo_us).date() - timedelta(days=1)
+        latest = [(local_path(r[0]), r[1]) for r in
+                  silver.where((F.col("event_date") >= F.lit(day)) & (F.col("batch_id") <= batch_id))
+                  .groupBy("source_file").agg(F.max(F.unix_micros("event_time"))).collect() if r[0]]
+        return {copy: max((t for path, t in latest
+                           if path not in unseen[copy] and not family(path, copies[copy][0])), default=None)
+                for copy in copies}
 
     def _sources_of_new(self, spark, silver: DataFrame, version: int | None, app_id: str, batch_id: int,
                         dates: list[str]) -> pa.Table:

@@ -45,7 +45,7 @@ from lakehouse.config import Settings
 from lakehouse.express import ExpressLane
 from lakehouse.gold import GoldStream
 from lakehouse.io import delta
-from lakehouse.io.paths import local_path
+from lakehouse.io.paths import copy_name, local_path, source_entries, source_log_entries
 from lakehouse.laps import Laps
 from lakehouse.transforms import bronze as bronze_t
 from lakehouse.transforms import silver as silver_t
@@ -277,51 +277,6 @@ class InboxFileGone(RuntimeError):
     """Files a micro-batch was planned with left the inbox before the batch read them."""
 
 
-def _log_offset(checkpoint: Path, batch_id: int) -> int | None:
-    """The file source's offset (its own batch id) the query's offset log holds for ``batch_id``."""
-    try:
-        lines = (checkpoint / "offsets" / str(batch_id)).read_text(encoding="utf-8").splitlines()
-        return int(json.loads(lines[2])["logOffset"])
-    except (OSError, IndexError, ValueError, KeyError, TypeError):
-        return None
-
-
-def source_entries(checkpoint: Path, batch_id: int) -> list[tuple[str, int]] | None:
-    """The inbox files Spark's file source took into the query's micro-batch ``batch_id``, as (local
-    path, modification time in ms when listed), in the order listed. None when the checkpoint has no
-    entry for them.
-
-    The query's batch ``b`` reads the file source's own batches after the offset of ``b - 1`` up to
-    the offset of ``b`` (``offsets/<b>``). Mostly that is the one source batch ``b``, but not after a
-    crash between the source's listing (``sources/0/<n>`` written) and the query's offset log: the
-    restarted source lists again, and the query's next batch takes both listings (two source batches,
-    and every later query batch is one behind its source batch)."""
-    hi = _log_offset(checkpoint, batch_id)
-    if hi is None:
-        return source_log_entries(checkpoint, batch_id)
-    lo = -1 if batch_id == 0 else _log_offset(checkpoint, batch_id - 1)
-    found = [e for n in (range(lo + 1, hi + 1) if lo is not None else [hi])
-             if (e := source_log_entries(checkpoint, n)) is not None]
-    return [entry for entries in found for entry in entries] if found else None
-
-
-def source_log_entries(checkpoint: Path, source_batch: int) -> list[tuple[str, int]] | None:
-    """The entry of the file source's own batch ``source_batch`` in its log (``sources/0/<id>``, or
-    ``<id>.compact``, which every tenth batch holds the entries of all batches so far in), as
-    (local path, modification time in ms when listed). None when there is no such entry."""
-    folder = checkpoint / "sources" / "0"
-    for name in (str(source_batch), f"{source_batch}.compact"):
-        try:
-            text = (folder / name).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            continue
-        tag = f'"batchId":{source_batch}'
-        entries = (json.loads(line) for line in text.splitlines()[1:] if tag in line)
-        return [(local_path(e["path"]), int(e.get("timestamp", -1))) for e in entries
-                if e.get("batchId") == source_batch]
-    return None
-
-
 def ranked(lines: DataFrame, files: list[str], uris: list[str]) -> DataFrame:
     """``lines`` with ``file_rank``, each line's file's place in ``files`` (local paths, in the order
     the file source took them in), when the batch holds several and their names do not sort in that
@@ -365,7 +320,7 @@ def requeue_copy(path: Path, mtime_ms: int, copied: tuple[int, bytes] | None = N
     file's content now (for the next change's ``copied``)."""
     from lakehouse.generator.writer import fsync_dir, write_atomic
 
-    copy = path.with_name(f"{path.stem}.changed-{mtime_ms}{path.suffix}")
+    copy = copy_name(path, mtime_ms)
     data = path.read_bytes()
     now = (len(data), _digest(data))
     if copy.exists():

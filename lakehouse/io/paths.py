@@ -1,8 +1,12 @@
-"""Inbox file paths in the forms Spark names them: ``_metadata.file_path`` and a checkpoint's file
-list hold URIs (``file:///a/b%20c``), the inbox watch and the checks plain paths."""
+"""Inbox files: their paths in the forms Spark names them (``_metadata.file_path`` and a checkpoint's
+file list hold URIs, ``file:///a/b%20c``; the inbox watch and the checks plain paths), the names of
+the copies the inbox watch makes of changed files, and which files the file source took into each
+micro-batch (its log in the query's checkpoint)."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -15,3 +19,67 @@ def local_path(uri: str) -> str:
 def file_name(path: str) -> str:
     """An inbox file's name from Spark's ``_metadata.file_path`` (a URI) or a plain path."""
     return Path(local_path(path)).name
+
+
+#: A copy the inbox watch made of a changed inbox file: ``<stem>.changed-<mtime_ms><suffix>``.
+_COPY = re.compile(r"^(?P<stem>.+)\.changed-(?P<ms>\d+)(?P<suffix>\.[^./]*)?$")
+
+
+def copy_name(path: Path, mtime_ms: int) -> Path:
+    """The copy of inbox file ``path`` as it was at modification time ``mtime_ms`` (ms), beside it."""
+    return path.with_name(f"{path.stem}.changed-{mtime_ms}{path.suffix}")
+
+
+def copy_origin(path: str) -> tuple[str, int] | None:
+    """(the inbox file it copies, the modification time in ms it copies it at) when ``path`` (a plain
+    path or a URI) names a copy the inbox watch made (:func:`copy_name`), else None."""
+    local = Path(local_path(path))
+    m = _COPY.match(local.name)
+    if m is None:
+        return None
+    return str(local.with_name(m["stem"] + (m["suffix"] or ""))), int(m["ms"])
+
+
+def _log_offset(checkpoint: Path, batch_id: int) -> int | None:
+    """The file source's offset (its own batch id) the query's offset log holds for ``batch_id``."""
+    try:
+        lines = (checkpoint / "offsets" / str(batch_id)).read_text(encoding="utf-8").splitlines()
+        return int(json.loads(lines[2])["logOffset"])
+    except (OSError, IndexError, ValueError, KeyError, TypeError):
+        return None
+
+
+def source_entries(checkpoint: Path, batch_id: int) -> list[tuple[str, int]] | None:
+    """The inbox files Spark's file source took into the query's micro-batch ``batch_id``, as (local
+    path, modification time in ms when listed), in the order listed. None when the checkpoint has no
+    entry for them.
+
+    The query's batch ``b`` reads the file source's own batches after the offset of ``b - 1`` up to
+    the offset of ``b`` (``offsets/<b>``). Mostly that is the one source batch ``b``, but not after a
+    crash between the source's listing (``sources/0/<n>`` written) and the query's offset log: the
+    restarted source lists again, and the query's next batch takes both listings (two source batches,
+    and every later query batch is one behind its source batch)."""
+    hi = _log_offset(checkpoint, batch_id)
+    if hi is None:
+        return source_log_entries(checkpoint, batch_id)
+    lo = -1 if batch_id == 0 else _log_offset(checkpoint, batch_id - 1)
+    found = [e for n in (range(lo + 1, hi + 1) if lo is not None else [hi])
+             if (e := source_log_entries(checkpoint, n)) is not None]
+    return [entry for entries in found for entry in entries] if found else None
+
+
+def source_log_entries(checkpoint: Path, source_batch: int) -> list[tuple[str, int]] | None:
+    """The entry of the file source's own batch ``source_batch`` in its log (``sources/0/<id>``, or
+    ``<id>.compact``, which every tenth batch holds the entries of all batches so far in), as
+    (local path, modification time in ms when listed). None when there is no such entry."""
+    folder = checkpoint / "sources" / "0"
+    for name in (str(source_batch), f"{source_batch}.compact"):
+        try:
+            text = (folder / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        tag = f'"batchId":{source_batch}'
+        entries = (json.loads(line) for line in text.splitlines()[1:] if tag in line)
+        return [(local_path(e["path"]), int(e.get("timestamp", -1))) for e in entries
+                if e.get("batchId") == source_batch]
+    return None

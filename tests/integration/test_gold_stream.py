@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import date, datetime, timezone
 
 import pandas as pd
@@ -72,6 +73,46 @@ def test_lateness_inside_updates_windows_and_beyond_is_recorded(spark, settings,
     dq = delta.read(spark, settings.table_path("silver_dq_batches")).orderBy("batch_id").toPandas()
     assert list(dq["too_late"]) == ([0, 1] if files_per_batch == 1 else [1])
     assert dq["max_event_time"].iloc[0] == pd.Timestamp("2026-11-20 12:30:00")
+
+
+@pytest.mark.parametrize("driver_max_rows", [3_000_000, 0], ids=["in-driver", "in-spark"])
+def test_lines_a_writer_finished_after_the_read_are_judged_with_their_file(spark, settings, driver_max_rows):
+    # A writer is stopped mid-line while the stream reads a.jsonl; it finishes the file before b.jsonl
+    # is written (modification times), but the watch copies the change only as b's batch runs. The
+    # copy's lines must be judged as the whole file would have been: by z alone (12:20), not by a's own
+    # first lines (12:40) nor by b (12:55), which was written after them.
+    settings = settings.replace(max_files_per_trigger=1, features_driver_max_rows=driver_max_rows)
+    inbox = settings.events_inbox
+    write_lines(inbox, "z.jsonl", [_ev(1, "u9", 20)], mtime=FILE_MTIME)
+    a = write_lines(inbox, "a.jsonl", [_ev(2, "u1", 25), _ev(3, "u1", 40)], mtime=FILE_MTIME + 1)
+    tail = _ev(4, "u2", 15)  # 5 min before 12:20: on time; 25 min before a's first lines
+    with open(a, "ab") as f:
+        f.write(tail[:25].encode())
+    os.utime(a, (FILE_MTIME + 1, FILE_MTIME + 1))
+    write_lines(inbox, "b.jsonl", [_ev(6, "u4", 55)], mtime=FILE_MTIME + 10)
+
+    def on_batch(result):  # a's writer finishes once its first lines were read
+        if result.kind == "events" and result.batch_id == 1:
+            with open(a, "ab") as f:
+                f.write((tail[25:] + "\n" + _ev(5, "u3", 5) + "\n").encode())  # 12:05: 15 min before 12:20
+            os.utime(a, (FILE_MTIME + 5, FILE_MTIME + 5))
+
+    streaming.run_streams(spark, settings, once=True, kinds=("events",), on_batch=on_batch)
+    copy = a.with_name(f"a.changed-{int((FILE_MTIME + 5) * 1000)}.jsonl")
+    assert copy.exists()  # made while b's batch ran; the next run reads it
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+
+    silver = delta.read(spark, settings.table_path("silver_transactions"))
+    assert {r["event_id"]: os.path.basename(r["source_file"]) for r in silver.collect()
+            if r["event_id"] in ("e000004", "e000005")} == {"e000004": copy.name, "e000005": copy.name}
+    late = _table(spark, settings, "gold_too_late_events")
+    assert list(late["event_id"]) == ["e000005"]
+    assert late["watermark"].iloc[0] == pd.Timestamp("2026-11-20 12:20:00")
+    assert late["lateness_seconds"].iloc[0] == 15 * 60
+    windows = _table(spark, settings, "gold_user_features_5m")
+    assert set(windows.loc[windows["user_id"] == "u2", "window_start"].dt.strftime("%H:%M")) == {
+        f"12:{m:02d}" for m in range(11, 16)}  # the on-time line of the copy is in its windows
+    assert "u3" not in set(windows["user_id"])
 
 
 def test_the_watermark_survives_a_restart_and_an_older_batch(spark, settings):

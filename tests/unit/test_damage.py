@@ -223,6 +223,17 @@ def test_a_snapshot_of_an_older_version_is_checked_from_the_checkpoint_before_it
     assert damage.check_log("silver_labels", table, until=7) is None  # now from checkpoint 5
 
 
+def test_a_copy_of_a_changed_inbox_file_names_the_file_and_the_time_it_copies():
+    from lakehouse.io.paths import copy_name, copy_origin
+
+    assert copy_name(Path("/in/a b.jsonl"), 1234) == Path("/in/a b.changed-1234.jsonl")
+    assert copy_origin("/in/a b.changed-1234.jsonl") == ("/in/a b.jsonl", 1234)
+    assert copy_origin("file:///in/a%20b.changed-1234.jsonl") == ("/in/a b.jsonl", 1234)  # Spark's URI
+    assert copy_origin(str(copy_name(Path("/in/x.json.gz"), 5))) == ("/in/x.json.gz", 5)
+    assert copy_origin(str(copy_name(Path("/in/noext"), 7))) == ("/in/noext", 7)
+    assert copy_origin("/in/a.jsonl") is None and copy_origin("/in/a.changed-x.jsonl") is None
+
+
 def test_source_entries_reads_the_batch_entry_of_the_file_source_log(tmp_path):
     from lakehouse.io.paths import local_path
     from lakehouse.streaming import source_entries
