@@ -16,8 +16,8 @@ crash after which Spark folds two listings into one batch -- only on the order t
 Lines of one inbox file never judge each other: the lines a writer added to a file after the stream
 read it come in a copy the inbox watch makes, and the copy is judged by the files taken before it that
 were written no later than its lines, the file it copies aside (:meth:`GoldStream._copy_marks`), as the
-file would have been, read once and whole. A new transaction whose event time is more than ``allowed_lateness_minutes`` (default 10) before its
-watermark is **too late**:
+file would have been, read once and whole. A new transaction whose event time is more than
+``allowed_lateness_minutes`` (default 10) before its watermark is **too late**:
 
 * it is recorded in ``gold_too_late_events`` with the watermark, how late it was and why;
 * it does **not** enter anybody else's features, nor any five-minute window (analysts' windows and
@@ -788,9 +788,12 @@ class GoldStream:
 
         The files taken after a copy's lines were written are found in the file source's log, back to
         the batch that took the file it copies (the files taken before that were listed, so written,
-        before those lines). Silver is read from the day before ``lo_us`` (the batch's earliest new
-        event time) on: rows before that cannot make any of the batch's rows too late. Empty when the
-        batch holds no copy; costs one Spark job when it does."""
+        before those lines), or as far back as the log still holds its batches' own entries (Spark
+        folds older ones into its compacted entries and deletes them): a file taken before that and
+        written after the copy's lines still counts, as it did before copies had their own mark.
+        Silver is read from the day before ``lo_us`` (the batch's earliest new event time) on: rows
+        before that cannot make any of the batch's rows too late. Empty when the batch holds no copy;
+        costs one Spark job when it does."""
         copies = {f: origin for f in files if (origin := copy_origin(f)) is not None}
         if not copies:
             return {}

@@ -585,6 +585,26 @@ class IngestBatch:
                 f"{batch_id}: java.lang.InterruptedException (the query was stopped during the batch; a "
                 "restart replays it, and each of its writes lands once)") from None
 
+    def _first_attempt(self, spark: SparkSession, batch_id: int) -> DataFrame | None:
+        """The lines an earlier attempt at ``batch_id`` received, as it wrote them to bronze, when this
+        is a replay after that write (bronze is written after silver and gold): the batch is then made
+        of them again, not of its files as they are now. A file a writer was still writing when the
+        first attempt read it holds more lines by the replay; read again, the batch would hold lines
+        its bronze rows do not, and its counts would not reconcile. The lines added since come in the
+        copy the inbox watch makes of the changed file. None when there is no such write among
+        bronze's last commits (a first attempt, or a replay before the write), or when bronze holds
+        other rows with this batch id too (a checkpoint removed by hand)."""
+        path = self._path(self.layer.bronze)
+        metrics = delta.commit_metrics(path, self.app_id, batch_id, depth=4)
+        if metrics is None:
+            return None
+        rows = delta.read(spark, path).where(F.col("batch_id") == batch_id).select(*bronze_t.BRONZE_COLUMNS)
+        if rows.count() != metrics.get("numOutputRows", -1):
+            return None
+        log.info("%s batch %d: a replay after its bronze write: made of the %d lines bronze holds",
+                 self.layer.kind, batch_id, metrics.get("numOutputRows"))
+        return rows
+
     def _batch(self, lines: DataFrame, batch_id: int) -> None:
         spark = lines.sparkSession
         lay, app = self.layer, self.app_id
@@ -594,6 +614,8 @@ class IngestBatch:
         # One cached frame serves every step: the inbox files are read and parsed once, and only
         # the columns some table needs are kept in the cache.
         bronze = bronze_t.to_bronze(lines, batch_id, ingested_at)
+        if (first := self._first_attempt(spark, batch_id)) is not None:
+            bronze = first
         if self._compiled is None or self._compiled[0] is not self.checks:  # once, not per batch
             self._compiled = (self.checks, quality.compile_checks(self.checks))
         checked = quality.apply_checks(lay.validation_frame(bronze), self._compiled[1])

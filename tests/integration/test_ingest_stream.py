@@ -242,18 +242,23 @@ def test_a_damaged_table_is_one_error_naming_its_file_and_the_fix(spark, setting
     assert "lakehouse stream --reset" in str(told.value)
 
 
-def test_a_file_gone_before_its_batch_read_it_stops_the_stream_instead_of_vanishing(spark, settings):
+def test_a_file_gone_before_its_batch_read_it_stops_the_stream_instead_of_vanishing(spark, settings,
+                                                                                    monkeypatch):
     """The stream crashed after planning a batch; meanwhile a clean-up removed one of its files. Spark's
     replay would skip the file without a word (the batch reconciles with the lines it read); the batch
     stops before it writes, names the file, and completes once the file is back."""
     a = write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(10)], mtime=FILE_MTIME)
     write_lines(settings.events_inbox, "b.jsonl", [event_line(i) for i in range(10, 25)], mtime=FILE_MTIME + 1)
-    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crashed before the batch wrote anything")
+
+    with monkeypatch.context() as m:  # the batch is planned, then the process dies
+        m.setattr(delta, "merge_insert_new", crash)
+        with pytest.raises(Exception, match="crashed before the batch wrote anything"):
+            streaming.run_streams(spark, settings, once=True, kinds=("events",))
     assert sorted(streaming.source_entries(settings.checkpoint("events"), 0)) \
         == [(str(a), int(FILE_MTIME * 1000)), (str(a.with_name("b.jsonl")), int((FILE_MTIME + 1) * 1000))]
-    commits = settings.checkpoint("events") / "commits"
-    for f in (commits / "0", commits / ".0.crc"):  # as a crash before the batch's commit leaves it
-        f.unlink(missing_ok=True)
     kept = a.read_bytes()
     a.unlink()
     with pytest.raises(streaming.InboxFileGone, match=r"1 file\(s\) of events micro-batch 0 .*: a\.jsonl\. ") as told:
@@ -348,6 +353,45 @@ def test_a_line_read_before_its_writer_finished_it_is_quarantined_as_such_then_i
     second = dq_rows(spark, settings)[1]
     assert (second["records_in"], second["inserted"], second["duplicates"], second["quarantined"],
             second["check_failures"][streaming.INCOMPLETE_LINE], second["reconciled"]) == (3, 1, 2, 0, 0, True)
+
+
+def test_a_replay_after_the_bronze_write_is_made_of_the_lines_the_first_attempt_received(spark, settings,
+                                                                                          monkeypatch):
+    """A batch read a file its writer had not finished, wrote silver and bronze, and died before its
+    data-quality row; the writer finished meanwhile. The replay is made of the lines bronze holds (the
+    file, read again, would give it lines the first attempt never saw, and counts that do not
+    reconcile); the lines added come in the copy the inbox watch makes at the start."""
+    inbox = settings.events_inbox
+    a = write_lines(inbox, "a.jsonl", [event_line(0), event_line(1)], mtime=FILE_MTIME)
+    with open(a, "ab") as f:
+        f.write(event_line(2)[:25].encode())  # the writer is still at it
+    os.utime(a, (FILE_MTIME, FILE_MTIME))
+    real = delta.append_once
+
+    def dies_before_the_dq_row(df, path, *args, **kwargs):
+        if str(path) == str(settings.table_path("silver_dq_batches")):
+            raise RuntimeError("killed before the data-quality row")
+        return real(df, path, *args, **kwargs)
+
+    monkeypatch.setattr(delta, "append_once", dies_before_the_dq_row)
+    with pytest.raises(Exception, match="killed before the data-quality row"):
+        streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    monkeypatch.setattr(delta, "append_once", real)
+    assert table(spark, settings, "bronze_events").count() == 3 and not dq_rows(spark, settings)
+
+    with open(a, "ab") as f:  # the writer finishes the line and adds one
+        f.write((event_line(2)[25:] + "\n" + event_line(3) + "\n").encode())
+    os.utime(a, (FILE_MTIME + 5, FILE_MTIME + 5))
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+
+    rows = [(r["batch_id"], r["records_in"], r["inserted"], r["duplicates"], r["quarantined"], r["reconciled"])
+            for r in dq_rows(spark, settings)]
+    assert rows == [(0, 3, 2, 0, 1, True), (1, 4, 2, 2, 0, True)]
+    assert dq_rows(spark, settings)[0]["check_failures"][streaming.INCOMPLETE_LINE] == 1
+    ids = sorted(r["event_id"] for r in table(spark, settings, "silver_transactions").collect())
+    assert ids == [f"e{i:06d}" for i in range(4)]
+    bronze = table(spark, settings, "bronze_events")
+    assert bronze.where("batch_id = 0").count() == 3 and bronze.count() == 7
 
 
 def test_a_commit_emptied_by_a_power_loss_is_refused_before_delta_reads_it_as_nothing(spark, settings):
