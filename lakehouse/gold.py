@@ -802,7 +802,10 @@ class GoldStream:
         written = dict(taken)
         family = lambda path, original: path == original or (copy_origin(path) or ("",))[0] == original  # noqa: E731
         unseen: dict[str, set[str]] = {}  # per copy: the files whose rows it must not see
-        for at, (copy, (original, ms)) in ((files.index(c), (c, o)) for c, o in copies.items()):
+        for at, copy in enumerate(files):
+            if copy not in copies:
+                continue
+            original, ms = copies[copy]
             out = set(files[at:]) | {f for f in files[:at] if written.get(f, -1) > ms}
             q = -1 if any(family(f, original) for f in files[:at]) else batch_id - 1
             while q >= 0 and (entries := source_entries(checkpoint, q)) is not None:
