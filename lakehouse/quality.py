@@ -32,7 +32,9 @@ SEVERITIES = (WARN, QUARANTINE, FAIL)
 VALID_JSON = "record_is_valid_json"
 
 #: ISO-8601 timestamp with an explicit offset or Z; a local time without offset is ambiguous.
-ISO_TS_WITH_OFFSET = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|z|[+-]\d{2}:?\d{2})$"
+ISO_TS_WITH_OFFSET = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|z|[+-]\d{2}:?\d{2})$"
+#: The check of the text fields silver keeps (ids, a label's scenario): no control character.
+PRINTABLE = "text_has_no_control_characters"
 #: Largest base-currency amount accepted without a warning (a review limit, not a rejection).
 REVIEW_LIMIT_BASE = 50_000.0
 #: Largest amount accepted at all: beyond it the value is corrupt, not a payment.
@@ -106,8 +108,9 @@ def _time_checks(settings: Settings, column: str, raw_column: str) -> list[Check
     E = _expectations()
     return [
         _check(f"{column}_not_null", QUARANTINE, E.ExpectColumnValuesToNotBeNull(column=raw_column)),
+        # The pattern (ISO_TS_WITH_OFFSET) and a real date and time: the column says it was read.
         _check(f"{column}_is_iso8601_with_offset", QUARANTINE,
-               E.ExpectColumnValuesToMatchRegex(column=raw_column, regex=ISO_TS_WITH_OFFSET)),
+               E.ExpectColumnValuesToBeInSet(column=f"{column}_is_read", value_set=[True])),
         # Relative to the file's arrival (its modification time), not the wall clock, so a batch
         # replayed after a crash gets exactly the same verdicts.
         _check(f"{column}_not_in_future", QUARANTINE,
@@ -129,6 +132,7 @@ def event_checks(settings: Settings) -> list[Check]:
     return [
         *_structural_checks(settings),
         *ids,
+        _check(PRINTABLE, QUARANTINE, E.ExpectColumnValuesToBeInSet(column="text_is_printable", value_set=[True])),
         _check("amount_not_null", QUARANTINE, E.ExpectColumnValuesToNotBeNull(column="amount_raw")),
         _check("amount_is_number", QUARANTINE,
                E.ExpectColumnValuesToBeInSet(column="amount_is_number", value_set=[True])),
@@ -153,6 +157,7 @@ def label_checks(settings: Settings) -> list[Check]:
     return [
         *_structural_checks(settings),
         _check("event_id_not_null", QUARANTINE, E.ExpectColumnValuesToNotBeNull(column="event_id")),
+        _check(PRINTABLE, QUARANTINE, E.ExpectColumnValuesToBeInSet(column="text_is_printable", value_set=[True])),
         _check("is_fraud_not_null", QUARANTINE, E.ExpectColumnValuesToNotBeNull(column="is_fraud_raw")),
         _check("is_fraud_is_boolean", QUARANTINE,
                E.ExpectColumnValuesToBeInSet(column="is_fraud_raw", value_set=["true", "false"])),

@@ -37,13 +37,43 @@ def _clean(col: Column) -> Column:
     return F.when(trimmed == "", None).otherwise(trimmed)
 
 
+#: A JSON string literal (possessive quantifiers: no backtracking, however long the string).
+_JSON_STRING = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+
+
+def _nesting(c: Column) -> Column:
+    return F.when(c.isin("{", "["), 1).when(c.isin("}", "]"), -1).otherwise(0)
+
+
+def _one_value(text: Column) -> Column:
+    """True when nothing but whitespace follows the line's first JSON value. Spark's parser reads the
+    first value and ignores the rest, so ``{...}{...}`` (a writer that left out a line end) would
+    otherwise give one event and drop the other without a word, and ``{...} junk`` would pass.
+
+    Most lines hold one flat object: their first ``}`` is their last character, so their value ends
+    there. For the others, the string literals and the whitespace are taken out, and the line is one
+    value when its nesting depth is back at zero (or below) after exactly one of its characters (the last)."""
+    simple = F.instr(text, "}") == F.length(F.rtrim(text))
+    bare = F.regexp_replace(F.regexp_replace(text, _JSON_STRING, '""'), r"\s+", "")
+    zeros = F.aggregate(
+        F.split(bare, ""), F.struct(F.lit(0).alias("depth"), F.lit(0).alias("zeros")),
+        lambda acc, c: F.struct(
+            (acc["depth"] + _nesting(c)).alias("depth"),
+            (acc["zeros"] + F.when(acc["depth"] + _nesting(c) <= 0, 1).otherwise(0)).alias("zeros")),
+        lambda acc: acc["zeros"])
+    return F.when(simple, True).otherwise(zeros == 1)
+
+
 def _parse(bronze: DataFrame, schema, fields: tuple[str, ...]) -> DataFrame:
+    # A byte-order mark before a line (an exporter's UTF-8 BOM at the start of its file) is not part
+    # of the record; bronze keeps it as received.
+    text = F.when(F.startswith(F.col("raw"), F.lit("\ufeff")), F.expr("substring(raw, 2)")).otherwise(F.col("raw"))
     parsed = F.from_json(
-        F.col("raw"), schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_COLUMN,
+        text, schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_COLUMN,
          # strict JSON: Spark's parser accepts single-quoted strings unless told otherwise
          "allowSingleQuotes": "false"}
     )
-    valid_json = F.col("_p").isNotNull() & F.col(f"_p.{CORRUPT_COLUMN}").isNull()
+    valid_json = F.col("_p").isNotNull() & F.col(f"_p.{CORRUPT_COLUMN}").isNull() & _one_value(text)
     known = F.lit(False)
     for name in fields:
         known = known | F.col(f"_p.{name}").isNotNull()
@@ -59,8 +89,24 @@ def _parse(bronze: DataFrame, schema, fields: tuple[str, ...]) -> DataFrame:
 
 def _iso_timestamp(raw: Column) -> Column:
     """The instant of an ISO-8601 string with an offset; null for anything else (the format check
-    reports it), so "12345" is not read as the year 12345."""
-    return F.when(raw.rlike(ISO_TS_WITH_OFFSET), F.try_to_timestamp(raw))
+    reports it), so "12345" is not read as the year 12345. Forms the pattern admits that Spark's
+    parser does not read are put in its form first: a lower-case ``t`` or ``z`` (RFC 3339), and a
+    time without seconds (``12:00Z`` is 12:00:00). A date or time that does not exist (February 30,
+    hour 24, second 60, an offset beyond 18 hours) stays null, and fails the format check."""
+    text = F.regexp_replace(F.upper(raw), r"^(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2})(?=[Z+-])", "$1:00")
+    return F.when(raw.rlike(ISO_TS_WITH_OFFSET), F.try_to_timestamp(text))
+
+
+def _read(raw: Column, parsed: Column) -> Column:
+    """The format check's column: whether a time that is there was read (null when it is missing,
+    which the not-null check reports)."""
+    return F.when(raw.isNotNull(), parsed.isNotNull())
+
+
+def _printable(*cols: Column) -> Column:
+    """Whether these text fields, kept in silver and served from Postgres (which cannot store a NUL),
+    hold no control character (null fields aside: their not-null checks report them)."""
+    return ~F.concat_ws("", *cols).rlike(r"\p{Cc}")
 
 
 def _arrival_lag(ts_col: str) -> Column:
@@ -93,6 +139,8 @@ def event_validation_frame(bronze: DataFrame) -> DataFrame:
         .withColumns({
             "amount_is_number": F.when(F.col("amount_raw").isNull(), None).otherwise(F.col("amount").isNotNull()),
             "amount_base": F.round(F.col("amount") * F.element_at(fx, F.col("currency")), 6),
+            "event_time_is_read": _read(F.col("event_time_raw"), F.col("event_time")),
+            "text_is_printable": _printable(*map(F.col, ("event_id", "user_id", "merchant_id"))),
             "arrival_lag_seconds": _arrival_lag("event_time"),
             "record_key": F.col("event_id"),
         })
@@ -115,6 +163,8 @@ def label_validation_frame(bronze: DataFrame) -> DataFrame:
             "reported_at": _iso_timestamp(F.col("reported_at_raw")),
         })
         .withColumns({
+            "reported_at_is_read": _read(F.col("reported_at_raw"), F.col("reported_at")),
+            "text_is_printable": _printable(F.col("event_id"), F.col("scenario")),
             "arrival_lag_seconds": _arrival_lag("reported_at"),
             "record_key": F.col("event_id"),
         })

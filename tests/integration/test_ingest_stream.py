@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 
 import pytest
 from pyspark.sql import functions as F
@@ -119,6 +120,13 @@ def test_bad_input_gets_a_clear_outcome(spark, settings):
     write_lines(inbox, "foreign.jsonl", [json.dumps({"order": 1, "items": [1, 2]})], mtime=FILE_MTIME)
     write_lines(inbox, "types.jsonl", [event_line(20, amount={"v": 1}), event_line(21, event_time=12345),
                                        event_line(22, amount=...), event_line(23, country=...)], mtime=FILE_MTIME)
+    # A Windows exporter's file: a byte-order mark, then CRLF line ends. Two events a writer ran
+    # together on one line, a time without seconds, an id holding a NUL.
+    write_lines(inbox, "windows.jsonl", [b"\xef\xbb\xbf" + event_line(30).encode() + b"\r",
+                                         event_line(31).encode() + b"\r"], mtime=FILE_MTIME)
+    joined = event_line(32) + event_line(33)
+    write_lines(inbox, "odd.jsonl", [joined, event_line(34, event_time="2026-11-20T10:07Z"),
+                                     event_line(35, user_id="u\u0000")], mtime=FILE_MTIME)
     big = [event_line(1000 + i) for i in range(30_000)]
     write_lines(inbox, "big.jsonl", big, mtime=FILE_MTIME)
     streaming.run_streams(spark, settings, once=True, kinds=("events",))
@@ -126,15 +134,21 @@ def test_bad_input_gets_a_clear_outcome(spark, settings):
     q = {r["raw"]: sorted(r["failed_checks"]) for r in table(spark, settings, "silver_quarantine").collect()}
     by_file = {os.path.basename(r["source_file"]): r["n"] for r in table(spark, settings, "silver_quarantine")
                .groupBy("source_file").agg(F.count(F.lit(1)).alias("n")).collect()}
-    assert by_file == {"latin1.jsonl": 1, "foreign.csv": 2, "foreign.jsonl": 1, "types.jsonl": 4}
+    assert by_file == {"latin1.jsonl": 1, "foreign.csv": 2, "foreign.jsonl": 1, "types.jsonl": 4, "odd.jsonl": 2}
+    assert q[joined] == ["record_is_valid_json"]
+    assert [v for k, v in q.items() if "e000035" in k] == [["text_has_no_control_characters"]]
     assert q["sku,qty"] == ["record_is_valid_json"]
     assert q[json.dumps({"order": 1, "items": [1, 2]})] == ["record_has_known_fields"]
     assert sorted(v for k, v in q.items() if any(f"e0000{n}" in k for n in (20, 21, 22, 23))) == sorted(
         [["amount_is_number"], ["event_time_is_iso8601_with_offset"], ["amount_not_null"], ["country_not_null"]])
     assert [v for k, v in q.items() if "e000010" in k] == [["record_is_valid_utf8"]]
-    assert table(spark, settings, "silver_transactions").count() == 3 + 30_000
+    assert table(spark, settings, "silver_transactions").count() == 3 + 3 + 30_000
+    times = {r.event_id: r.event_time for r in table(spark, settings, "silver_transactions")
+             .where(F.col("event_id").isin("e000030", "e000031", "e000034")).collect()}
+    assert sorted(times) == ["e000030", "e000031", "e000034"]
+    assert times["e000034"] == datetime(2026, 11, 20, 10, 7)
     rec = summary.reconciliation(spark, settings)["events"]
-    assert rec["records_in"] == 3 + 1 + 2 + 1 + 4 + 30_000 and rec["reconciled"]
+    assert rec["records_in"] == 3 + 1 + 2 + 1 + 4 + 2 + 3 + 30_000 and rec["reconciled"]
 
 
 def test_replayed_batch_after_a_crash_writes_nothing_twice(spark, settings, monkeypatch):

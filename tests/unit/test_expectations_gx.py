@@ -23,6 +23,7 @@ def _lines():
         {}, {"amount": "abc"}, {"amount": -1}, {"currency": "XXX"}, {"country": "QQ"},
         {"event_time": "2026-11-01 12:00"}, {"event_time": "2030-01-01T00:00:00Z"},
         {"event_time": "2019-01-01T00:00:00Z"}, {"amount": 75_000, "currency": "USD"}, {"user_id": None},
+        {"event_time": "2026-02-30T12:00:00Z"}, {"merchant_id": "m\u0000"},
     ]
     lines = []
     for i, v in enumerate(variants * 3):
@@ -49,3 +50,5 @@ def test_gx_and_spark_agree_on_every_expectation(spark, settings):
     assert gx_counts == spark_counts
     assert spark_counts["amount_is_number"] == 3 and spark_counts["currency_known"] == 3
     assert spark_counts["amount_below_review_limit"] == 3
+    assert spark_counts["event_time_is_iso8601_with_offset"] == 6  # no offset; February 30
+    assert spark_counts["text_has_no_control_characters"] == 3

@@ -61,6 +61,25 @@ CASES = [
     ("[1, 2]", ["record_is_valid_json"]),
     ('{"sku": "A-1", "qty": 3}', ["record_has_known_fields"]),
     (event(user_id="u\ufffd"), ["record_is_valid_utf8"]),  # what an undecodable byte became
+    # The pattern's shape, but no such date or time: Spark reads none, so the format check fails.
+    (event(event_time="2026-02-30T12:00:00Z"), ["event_time_is_iso8601_with_offset"]),
+    (event(event_time="2026-11-01T24:00:00Z"), ["event_time_is_iso8601_with_offset"]),
+    (event(event_time="2026-11-01T12:00:00+19:00"), ["event_time_is_iso8601_with_offset"]),
+    # Postgres cannot store a NUL; an id with a control character is corrupt.
+    (event(user_id="u\u0000x"), ["text_has_no_control_characters"]),
+    (event(merchant_id="m\u0007"), ["text_has_no_control_characters"]),
+    # One value per line: Spark's parser would read the first and drop the rest without a word.
+    (event(event_id="a") + event(event_id="b"), ["record_is_valid_json"]),
+    (event(event_id="c") + " junk", ["record_is_valid_json"]),
+    (event(event_id="d") + ', {"x": 1}', ["record_is_valid_json"]),
+    (json.dumps({"event_id": "f", "meta": {"tags": ["}{", {"k": "]"}]}, "user_id": "u1", "merchant_id": "m1",
+                 "amount": 3, "currency": "EUR", "country": "FR", "event_time": "2026-11-01T12:00:00Z"}) + "}",
+     ["record_is_valid_json"]),
+    # ... and what is one value, nested or with spaces after it, or after a byte-order mark, is one.
+    (json.dumps({"event_id": "g", "meta": {"tags": ["}{", {"k": "]"}]}, "user_id": "u1", "merchant_id": "m1",
+                 "amount": 3, "currency": "EUR", "country": "FR", "event_time": "2026-11-01T12:00:00Z"}) + " \t ",
+     []),
+    ("\ufeff" + event(event_id="h"), []),
 ]
 
 
@@ -122,6 +141,17 @@ def test_silver_types_converts_and_normalises(spark, settings):
     assertDataFrameEqual(got, expected)
 
 
+def test_every_time_form_the_pattern_admits_is_read_as_the_instant_it_names(spark, settings):
+    # RFC 3339's lower-case t and z, and a time without seconds, which Spark's parser alone reads as none.
+    times = {"a": "2026-11-01t10:00:00z", "b": "2026-11-01T10:00Z", "c": "2026-11-01 10:00+01:30",
+             "d": "2026-11-01T10:00:00.5-0100"}
+    checked = checked_events(spark, settings, [event(event_id=k, event_time=t) for k, t in times.items()])
+    assert checked.where("size(failed_checks) > 0").count() == 0
+    got = {r.event_id: r.event_time for r in silver_events(checked).collect()}
+    assert got == {"a": datetime(2026, 11, 1, 10), "b": datetime(2026, 11, 1, 10),
+                   "c": datetime(2026, 11, 1, 8, 30), "d": datetime(2026, 11, 1, 11, 0, 0, 500000)}
+
+
 def test_duplicates_within_a_batch_keep_one_row(spark, settings):
     lines = [event(event_id="e1"), event(event_id="e1"), event(event_id="e2"), event(event_id="e1")]
     got = silver_events(checked_events(spark, settings, lines))
@@ -181,13 +211,14 @@ def test_labels_typed_deduplicated_earliest_report_wins(spark, settings):
         return json.dumps({k: v for k, v in base.items() if v is not ...}, ensure_ascii=False)
 
     lines = [label(), label(reported_at="2026-10-30T10:00:00Z"), label(event_id="e2", is_fraud="maybe"),
-             label(event_id="e3", is_fraud=False, scenario="none"), label(event_id=...)]
+             label(event_id="e3", is_fraud=False, scenario="none"), label(event_id=...),
+             label(event_id="e4", scenario="card\u0000testing")]
     df = spark.createDataFrame([(l, "l.jsonl", ARRIVAL) for l in lines], LINES_SCHEMA)
     checked = quality.apply_checks(label_validation_frame(to_bronze(df, 1, ARRIVAL)), quality.label_checks(settings))
     got = {r.event_id: (r.is_fraud, r.reported_at) for r in silver_labels(checked).collect()}
     assert got == {"e1": (True, datetime(2026, 10, 30, 10)), "e3": (False, datetime(2026, 11, 1, 10))}
     bad = sorted(sorted(r[0]) for r in quarantine_rows(checked, "labels").select("failed_checks").collect())
-    assert bad == [["event_id_not_null"], ["is_fraud_is_boolean"]]
+    assert bad == [["event_id_not_null"], ["is_fraud_is_boolean"], ["text_has_no_control_characters"]]
 
 
 @pytest.mark.parametrize("kind", ["events", "labels"])
