@@ -237,6 +237,89 @@ def test_sliced_equals_sorted_on_random_edges_ties_and_labels(spark, seed):
     assert sum(r["merchant_fraud_rate_30d"] > 0 for r in sliced[1]) > 0  # labels do reach the targets
 
 
+def _by_the_rules(rows, labels, targets):
+    """The module docstring's rules read literally, one target at a time over every row (quadratic,
+    pure Python, sharing no code with the evaluations): what each feature must be."""
+    def micros(t):
+        return (t - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+
+    windows = {"5m": 300, "1h": 3_600, "24h": 86_400, "7d": 7 * 86_400, "30d": 30 * 86_400}
+    reported = {}  # a fraud label counts from its earliest report
+    for e, is_fraud, r in labels:
+        if is_fraud:
+            reported[e] = min(reported.get(e, r), r)
+    out = {}
+    for e, u, m, c, a, t in targets:
+        now, row = micros(t), {}
+
+        def within(x, seconds, now=now):  # (t - W, t]
+            return now - seconds * 1_000_000 < micros(x[5]) <= now
+
+        for prefix, i, key in (("user", 1, u), ("merchant", 2, m), ("country", 3, c)):
+            same = [x for x in rows if x[i] == key]
+            for name, seconds in windows.items():
+                inside = [x for x in same if within(x, seconds)]
+                row[f"{prefix}_tx_count_{name}"] = len(inside)
+                row[f"{prefix}_amount_sum_{name}"] = sum(round(x[4] * 1_000_000) for x in inside) / 1_000_000
+            for name in ("1d", "7d", "30d") if prefix != "user" else ():
+                inside = [x for x in same if within(x, windows.get(name, 86_400))]
+                fraud = sum(1 for x in inside if x[0] in reported and micros(reported[x[0]]) <= now)
+                row[f"{prefix}_fraud_rate_{name}"] = fraud / len(inside)
+        month = [x for x in rows if x[1] == u and within(x, windows["30d"])]
+        mean = sum(round(x[4] * 1_000_000) for x in month) / 1_000_000 / len(month)
+        row["user_amount_ratio_30d"] = a / mean
+        earlier = [x for x in month if (micros(x[5]), x[0]) < (now, e)]
+        prev = max(earlier, key=lambda x: (micros(x[5]), x[0]), default=None)
+        row["seconds_since_prev_user_tx"] = None if prev is None else (now - micros(prev[5])) / 1_000_000
+        row["is_first_user_merchant"] = not any(x[2] == m for x in earlier)
+        row["is_first_user_country"] = not any(x[3] == c for x in earlier)
+        others = [x for x in month if x[0] != e]
+        row["is_unusual_country"] = bool(others) and not any(x[3] == c for x in others)
+        row["is_night"], row["is_weekend"] = t.hour < 6, t.weekday() >= 5
+        out[e] = row
+    return out
+
+
+def test_every_feature_equals_the_rules_read_literally(spark):
+    """An independent check of the rules themselves (the tests above compare the evaluations with
+    each other): random rows on the windows' edges (exactly W before a target, a microsecond either
+    side), same-instant ties, a weekend night, and labels reported before, at, a microsecond after
+    and days after the targets, some events labelled twice; every feature of every target against
+    :func:`_by_the_rules`."""
+    rng = random.Random(3)
+    lo = at(3, hour=5, minute=40)  # Saturday 05:40 UTC: the targets cross 06:00 (night, weekend)
+    instants = [lo + timedelta(minutes=rng.randrange(0, 50), seconds=rng.choice([0, 0, 30]),
+                               microseconds=rng.choice([0, 0, 1, 999_999])) for _ in range(20)]
+    instants += [lo, lo, instants[3]]  # ties
+    edges = [timedelta(minutes=5), timedelta(hours=1), timedelta(days=1), timedelta(days=7), timedelta(days=30)]
+    past = [t - w + timedelta(microseconds=d) for t in instants[:8] for w in edges for d in (-1, 0, 1)]
+    past += [lo - timedelta(minutes=rng.randrange(1, 60 * 24 * 32)) for _ in range(60)]
+    rows = [(f"e{i:03d}", rng.choice(["u1", "u2", "u3"]), rng.choice(["m1", "m2", "m3"]),
+             rng.choice(["FR", "DE", "US"]), round(rng.uniform(0.01, 500), 2), t)
+            for i, t in enumerate(sorted(instants) + past, 1)]
+    rows[5] = (*rows[5][:3], "JP", *rows[5][4:])  # a country no other row of its user has
+    labels = [(e, rng.random() < 0.8, rng.choice([t, t + timedelta(microseconds=1), t - timedelta(days=1),
+                                                   t + timedelta(minutes=rng.randrange(1, 90)),
+                                                   t + timedelta(days=rng.randrange(0, 40))]))
+              for e, *_, t in rng.sample(rows, 50)]
+    labels += [(e, True, r + timedelta(days=2)) for e, _, r in labels[:10]]  # a later second report
+    targets = rows[:len(instants)]
+    want = _by_the_rules(rows, labels, targets)
+    history = tx_frame(spark, rows)
+    got = {r["event_id"]: r.asDict() for r in transaction_features(
+        history.where(f"event_id <= '{targets[-1][0]}'"), history, labels_frame(spark, labels)).collect()}
+    assert sorted(got) == sorted(want)
+    for e, features in want.items():
+        for name, value in features.items():
+            assert got[e][name] == pytest.approx(value, rel=1e-12), (e, name)
+    # The random rows reach every kind of value (else the comparison proves little).
+    assert {r["is_night"] for r in want.values()} == {True, False}
+    assert any(0 < r["merchant_fraud_rate_1d"] < 1 for r in want.values())
+    assert any(r["seconds_since_prev_user_tx"] == 0.0 for r in want.values())
+    assert {r["is_unusual_country"] for r in want.values()} == {True, False}
+    assert set(want["e001"]) == set(FEATURE_COLUMNS)
+
+
 @pytest.mark.parametrize("mode", ["sorted", "sliced", "driver"])
 def test_late_events_are_seen_only_by_late_targets(spark, mode):
     """``late_ids`` (gold's too-late events) in one pass: an on-time target gets the features of the
