@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 _TIME = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?(Z|[+-]\d{2}:?\d{2})$")
 #: A decimal number as Spark's cast to double reads it.
 _NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,3})?$")
+#: A control character (Unicode category Cc, as ``\p{Cc}`` in silver's check): silver quarantines ids holding one.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SIX = Decimal("0.000001")
 _US = 1_000_000
 
@@ -142,6 +144,8 @@ def parse_event(line: bytes, modified_ms: int, settings: Settings) -> dict | Non
     amount, currency, country, when = (_text(obj, "amount", numbers=True), _text(obj, "currency"),
                                        _text(obj, "country"), _text(obj, "event_time"))
     if None in ids.values() or None in (amount, currency, country, when):
+        return None
+    if any(_CONTROL.search(v) for v in ids.values()):
         return None
     if not (currency.isascii() and country.isascii()):
         return None
