@@ -69,6 +69,8 @@ _TIME = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:\.(\d
 _NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,3})?$")
 #: A control character (Unicode category Cc, as ``\p{Cc}`` in silver's check): silver quarantines ids holding one.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Half a surrogate pair (an escape silver quarantines: ``record_is_valid_utf8``).
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _SIX = Decimal("0.000001")
 _US = 1_000_000
 
@@ -145,7 +147,7 @@ def parse_event(line: bytes, modified_ms: int, settings: Settings) -> dict | Non
                                        _text(obj, "country"), _text(obj, "event_time"))
     if None in ids.values() or None in (amount, currency, country, when):
         return None
-    if any(_CONTROL.search(v) for v in ids.values()):
+    if any(_CONTROL.search(v) or _SURROGATE.search(v) for v in ids.values()):
         return None
     if not (currency.isascii() and country.isascii()):
         return None

@@ -37,6 +37,10 @@ def _clean(col: Column) -> Column:
     return F.when(trimmed == "", None).otherwise(trimmed)
 
 
+#: A ``\\uXXXX`` escape of half a surrogate pair without its other half: no character at all, which
+#: Spark's parser turns into "?" (so two ids differing there would become one).
+_LONE_SURROGATE = (r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                   r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 #: A JSON string literal (possessive quantifiers: no backtracking, however long the string).
 _JSON_STRING = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
 
@@ -82,8 +86,9 @@ def _parse(bronze: DataFrame, schema, fields: tuple[str, ...]) -> DataFrame:
         # Only asked of valid JSON, so a broken line fails one check, not two.
         "has_known_fields": F.when(valid_json, known),
         # The text source decodes undecodable bytes to U+FFFD (and other readers may hand over raw
-        # bytes unchecked); a UTF-8 JSON feed never sends either.
-        "is_valid_utf8": F.expr("is_valid_utf8(raw)") & ~F.col("raw").contains("\ufffd"),
+        # bytes unchecked); a UTF-8 JSON feed never sends either, nor escapes a lone surrogate.
+        "is_valid_utf8": (F.expr("is_valid_utf8(raw)") & ~F.col("raw").contains("\ufffd")
+                          & ~(F.col("raw").contains("\\u") & F.col("raw").rlike(_LONE_SURROGATE))),
     })
 
 

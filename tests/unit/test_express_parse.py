@@ -52,6 +52,7 @@ def test_a_valid_event_is_read_as_silver_types_it():
     line(user_id="caf\u00e9").replace(b"\\u00e9", "\u00e9".encode("latin-1")),  # not UTF-8
     line(user_id="x").replace(b'"x"', '"\ufffd"'.encode()),  # what the text source makes of a bad byte
     line(user_id="u\u0000"), line(merchant_id="m\u0085"),  # a control character in an id
+    line(user_id="u\ud800"),  # half a surrogate pair
     line() + b" " + line(event_id="e2"),  # two values on one line
 ])
 def test_what_silver_quarantines_or_might_read_otherwise_is_left_to_the_stream(raw):

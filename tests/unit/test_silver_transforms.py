@@ -61,6 +61,10 @@ CASES = [
     ("[1, 2]", ["record_is_valid_json"]),
     ('{"sku": "A-1", "qty": 3}', ["record_has_known_fields"]),
     (event(user_id="u\ufffd"), ["record_is_valid_utf8"]),  # what an undecodable byte became
+    # Half a surrogate pair: Spark would read "u?" for both (two ids made one); a whole pair is a character.
+    (event(user_id="uX").replace("uX", "u\\ud800"), ["record_is_valid_utf8"]),
+    (event(event_id="s", user_id="uX").replace("uX", "u\\udc00"), ["record_is_valid_utf8"]),
+    (event(event_id="t", user_id="uX").replace("uX", "u\\ud83d\\ude00"), []),
     # The pattern's shape, but no such date or time: Spark reads none, so the format check fails.
     (event(event_time="2026-02-30T12:00:00Z"), ["event_time_is_iso8601_with_offset"]),
     (event(event_time="2026-11-01T24:00:00Z"), ["event_time_is_iso8601_with_offset"]),
