@@ -759,13 +759,16 @@ def inbox_lines(spark: SparkSession, inbox: Path, max_files: int) -> DataFrame:
 
     Files whose names start with '.' or '_' are ignored by Spark: writers use such a temporary name
     and rename the finished file, so a half-written file is never read. A file is read whatever its
-    modification time (:data:`INBOX_MAX_FILE_AGE`).
+    modification time (:data:`INBOX_MAX_FILE_AGE`), and wherever it is under the inbox: by default
+    Spark reads no file in a folder, or takes ``date=...`` for a partition and skips the files beside
+    it, or stops on "conflicting directory structures" (folders named with '.' or '_' stay unread).
     """
     inbox.mkdir(parents=True, exist_ok=True)
     return (
         spark.readStream.format("text")
         .option("maxFilesPerTrigger", max_files)
         .option("maxFileAge", INBOX_MAX_FILE_AGE)
+        .option("recursiveFileLookup", "true")
         .load(str(inbox))
         .select(
             F.col("value"),

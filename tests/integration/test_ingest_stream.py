@@ -127,6 +127,11 @@ def test_bad_input_gets_a_clear_outcome(spark, settings):
     joined = event_line(32) + event_line(33)
     write_lines(inbox, "odd.jsonl", [joined, event_line(34, event_time="2026-11-20T10:07Z"),
                                      event_line(35, user_id="u\u0000")], mtime=FILE_MTIME)
+    # Folders under the inbox (a feed that files by day; a partition-like name, which Spark would
+    # otherwise take for a partition and then ignore the files beside it); a hidden one is a writer's.
+    write_lines(inbox / "2026" / "11" / "20", "b.jsonl", [event_line(40)], mtime=FILE_MTIME)
+    write_lines(inbox / "date=2026-11-20", "c.jsonl", [event_line(41)], mtime=FILE_MTIME)
+    write_lines(inbox / ".partial", "d.jsonl", [event_line(42)], mtime=FILE_MTIME)
     big = [event_line(1000 + i) for i in range(30_000)]
     write_lines(inbox, "big.jsonl", big, mtime=FILE_MTIME)
     streaming.run_streams(spark, settings, once=True, kinds=("events",))
@@ -142,13 +147,14 @@ def test_bad_input_gets_a_clear_outcome(spark, settings):
     assert sorted(v for k, v in q.items() if any(f"e0000{n}" in k for n in (20, 21, 22, 23))) == sorted(
         [["amount_is_number"], ["event_time_is_iso8601_with_offset"], ["amount_not_null"], ["country_not_null"]])
     assert [v for k, v in q.items() if "e000010" in k] == [["record_is_valid_utf8"]]
-    assert table(spark, settings, "silver_transactions").count() == 3 + 3 + 30_000
+    assert table(spark, settings, "silver_transactions").count() == 3 + 3 + 2 + 30_000
     times = {r.event_id: r.event_time for r in table(spark, settings, "silver_transactions")
-             .where(F.col("event_id").isin("e000030", "e000031", "e000034")).collect()}
-    assert sorted(times) == ["e000030", "e000031", "e000034"]
+             .where(F.col("event_id").isin("e000030", "e000031", "e000034", "e000040", "e000041", "e000042"))
+             .collect()}
+    assert sorted(times) == ["e000030", "e000031", "e000034", "e000040", "e000041"]
     assert times["e000034"] == datetime(2026, 11, 20, 10, 7)
     rec = summary.reconciliation(spark, settings)["events"]
-    assert rec["records_in"] == 3 + 1 + 2 + 1 + 4 + 2 + 3 + 30_000 and rec["reconciled"]
+    assert rec["records_in"] == 3 + 1 + 2 + 1 + 4 + 2 + 3 + 2 + 30_000 and rec["reconciled"]
 
 
 def test_replayed_batch_after_a_crash_writes_nothing_twice(spark, settings, monkeypatch):
