@@ -735,6 +735,11 @@ class IngestBatch:
             delta.append_once(spark.createDataFrame([row], DQ_SCHEMA),
                               self._path("silver_dq_batches"), app, batch_id, merge_schema=True)
             lap("dq")
+            # A writer that finished a file of this batch (or an earlier one) while it ran: copied now,
+            # before Spark plans the next batch, so it lists the copy beside the files landed since
+            # and takes them in the order they were written (modification time). Left to the next
+            # batch's check, the copy would come after a file written later than its lines.
+            self.watch.requeue_changed()
         finally:
             checked.unpersist()
         if self.express is not None:  # its provisional rows of these files are gold's now, or orphans

@@ -512,6 +512,33 @@ def test_continuous_mode_picks_up_new_files_and_appended_lines_until_stopped(spa
         == [(5, 5, 0, True), (5, 5, 0, True), (7, 2, 5, True), (1, 1, 0, True)]
 
 
+def test_a_file_finished_while_its_batch_runs_is_copied_before_the_next_batch_is_planned(spark, settings,
+                                                                                        monkeypatch):
+    """A writer finishes the file a batch is reading (after Spark read it, during the silver MERGE).
+    The copy is made when the batch ends, before Spark lists the inbox again, so a file landing
+    meanwhile (written after the copy's lines) is taken after it, as the lines were written."""
+    from lakehouse.io import delta as delta_io
+
+    a = write_lines(settings.events_inbox, "a.jsonl", [event_line(1)], mtime=FILE_MTIME)
+    with open(a, "ab") as f:
+        f.write(event_line(2)[:20].encode())  # the writer stops mid-line
+    os.utime(a, (FILE_MTIME, FILE_MTIME))
+    real_merge = delta_io.merge_insert_new
+
+    def finishing(*args, **kwargs):
+        with open(a, "ab") as f:
+            f.write((event_line(2)[20:] + "\n" + event_line(3) + "\n").encode())
+        os.utime(a, (FILE_MTIME + 5, FILE_MTIME + 5))
+        return real_merge(*args, **kwargs)
+
+    monkeypatch.setattr(delta_io, "merge_insert_new", finishing)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    copy = settings.events_inbox / f"a.changed-{int((FILE_MTIME + 5) * 1000)}.jsonl"
+    assert copy.exists()  # before this run ends, so the next listing holds it
+    assert copy.read_text().splitlines()[-2:] == [event_line(2), event_line(3)]
+    assert [(r["records_in"], r["inserted"], r["quarantined"]) for r in dq_rows(spark, settings)] == [(2, 1, 1)]
+
+
 def test_a_stop_during_a_batch_is_clean_and_the_restart_completes_it(spark, settings, monkeypatch):
     """``stop()`` while a micro-batch runs a Spark job: the query ends as stopped (Spark used to die
     on a StackOverflowError matching the interrupted batch's long traceback), and a restart replays
