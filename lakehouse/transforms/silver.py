@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, StringType, StructField, StructType
 
 from lakehouse.quality import ISO_TS_WITH_OFFSET
 from lakehouse.reference import FX_TO_USD
@@ -41,31 +42,24 @@ def _clean(col: Column) -> Column:
 #: Spark's parser turns into "?" (so two ids differing there would become one).
 _LONE_SURROGATE = (r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
                    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
-#: A JSON string literal (possessive quantifiers: no backtracking, however long the string).
-_JSON_STRING = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
-
-
-def _nesting(c: Column) -> Column:
-    return F.when(c.isin("{", "["), 1).when(c.isin("}", "]"), -1).otherwise(0)
-
-
 def _one_value(text: Column) -> Column:
-    """True when nothing but whitespace follows the line's first JSON value. Spark's parser reads the
-    first value and ignores the rest, so ``{...}{...}`` (a writer that left out a line end) would
-    otherwise give one event and drop the other without a word, and ``{...} junk`` would pass.
+    """True when the line holds one JSON value and nothing after it but whitespace. Spark's parser
+    reads a line's first value and ignores what follows, so ``{...}{...}`` (a writer that left out a
+    line end) would give its first event and drop the other without a word, and ``{...} junk`` would
+    pass.
 
-    Most lines hold one flat object: their first ``}`` is their last character, so their value ends
-    there. For the others, the string literals and the whitespace are taken out, and the line is one
-    value when its nesting depth is back at zero (or below) after exactly one of its characters (the last)."""
-    simple = F.instr(text, "}") == F.length(F.rtrim(text))
-    bare = F.regexp_replace(F.regexp_replace(text, _JSON_STRING, '""'), r"\s+", "")
-    zeros = F.aggregate(
-        F.split(bare, ""), F.struct(F.lit(0).alias("depth"), F.lit(0).alias("zeros")),
-        lambda acc, c: F.struct(
-            (acc["depth"] + _nesting(c)).alias("depth"),
-            (acc["zeros"] + F.when(acc["depth"] + _nesting(c) <= 0, 1).otherwise(0)).alias("zeros")),
-        lambda acc: acc["zeros"])
-    return F.when(simple, True).otherwise(zeros == 1)
+    A flat object (most lines) ends at its first ``}``: the line is one value when that is its last
+    character. Any other line is parsed again inside brackets, as an array that must hold exactly
+    one element: after the value the parser needs a ``,`` (another element) or the ``]``, so anything
+    else fails. What starts with ``]`` would close the array early, so a line holding a ``]`` is also
+    parsed as the value of a field, where only ``,`` or ``}`` may follow it."""
+    options = {"mode": "PERMISSIVE", "allowSingleQuotes": "false"}
+    values = F.from_json(F.concat(F.lit("["), text, F.lit("]")), ArrayType(StructType([])), options)
+    closed = F.when(F.instr(text, "]") == 0, True).otherwise(
+        F.from_json(F.concat(F.lit('{"v":'), text, F.lit("}")), StructType([StructField("v", StringType())]),
+                    options)["v"].isNotNull())
+    return F.when(F.instr(text, "}") == F.length(F.rtrim(text)), True).otherwise(
+        F.coalesce((F.size(values) == 1) & closed, F.lit(False)))
 
 
 def _parse(bronze: DataFrame, schema, fields: tuple[str, ...]) -> DataFrame:
@@ -77,11 +71,11 @@ def _parse(bronze: DataFrame, schema, fields: tuple[str, ...]) -> DataFrame:
          # strict JSON: Spark's parser accepts single-quoted strings unless told otherwise
          "allowSingleQuotes": "false"}
     )
-    valid_json = F.col("_p").isNotNull() & F.col(f"_p.{CORRUPT_COLUMN}").isNull() & _one_value(text)
+    valid_json = F.col("_p").isNotNull() & F.col(f"_p.{CORRUPT_COLUMN}").isNull() & F.col("_one")
     known = F.lit(False)
     for name in fields:
         known = known | F.col(f"_p.{name}").isNotNull()
-    return bronze.withColumn("_p", parsed).withColumns({
+    return bronze.withColumns({"_p": parsed, "_one": _one_value(text)}).withColumns({
         "is_valid_json": valid_json,
         # Only asked of valid JSON, so a broken line fails one check, not two.
         "has_known_fields": F.when(valid_json, known),
@@ -89,7 +83,7 @@ def _parse(bronze: DataFrame, schema, fields: tuple[str, ...]) -> DataFrame:
         # bytes unchecked); a UTF-8 JSON feed never sends either, nor escapes a lone surrogate.
         "is_valid_utf8": (F.expr("is_valid_utf8(raw)") & ~F.col("raw").contains("\ufffd")
                           & ~(F.col("raw").contains("\\u") & F.col("raw").rlike(_LONE_SURROGATE))),
-    })
+    }).drop("_one")
 
 
 def _iso_timestamp(raw: Column) -> Column:

@@ -79,6 +79,9 @@ CASES = [
     (json.dumps({"event_id": "f", "meta": {"tags": ["}{", {"k": "]"}]}, "user_id": "u1", "merchant_id": "m1",
                  "amount": 3, "currency": "EUR", "country": "FR", "event_time": "2026-11-01T12:00:00Z"}) + "}",
      ["record_is_valid_json"]),
+    (event(event_id="i") + "] junk}", ["record_is_valid_json"]),  # a "]" would close the parse's array
+    ('{"event_id": "j", "tags": [1, 2]} ] }', ["record_is_valid_json"]),
+    ("[" + event(event_id="k") + "]", ["record_is_valid_json"]),  # an array is not a record
     # ... and what is one value, nested or with spaces after it, or after a byte-order mark, is one.
     (json.dumps({"event_id": "g", "meta": {"tags": ["}{", {"k": "]"}]}, "user_id": "u1", "merchant_id": "m1",
                  "amount": 3, "currency": "EUR", "country": "FR", "event_time": "2026-11-01T12:00:00Z"}) + " \t ",
