@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, StringType, StructField, StructType
+from pyspark.sql.types import ArrayType, StructType
 
 from lakehouse.quality import ISO_TS_WITH_OFFSET
 from lakehouse.reference import FX_TO_USD
@@ -38,10 +38,12 @@ def _clean(col: Column) -> Column:
     return F.when(trimmed == "", None).otherwise(trimmed)
 
 
-#: A ``\\uXXXX`` escape of half a surrogate pair without its other half: no character at all, which
+#: A ``\uXXXX`` escape of half a surrogate pair without its other half: no character at all, which
 #: Spark's parser turns into "?" (so two ids differing there would become one).
 _LONE_SURROGATE = (r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
                    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
 def _one_value(text: Column) -> Column:
     """True when the line holds one JSON value and nothing after it but whitespace. Spark's parser
     reads a line's first value and ignores what follows, so ``{...}{...}`` (a writer that left out a
@@ -56,8 +58,7 @@ def _one_value(text: Column) -> Column:
     options = {"mode": "PERMISSIVE", "allowSingleQuotes": "false"}
     values = F.from_json(F.concat(F.lit("["), text, F.lit("]")), ArrayType(StructType([])), options)
     closed = F.when(F.instr(text, "]") == 0, True).otherwise(
-        F.from_json(F.concat(F.lit('{"v":'), text, F.lit("}")), StructType([StructField("v", StringType())]),
-                    options)["v"].isNotNull())
+        F.from_json(F.concat(F.lit('{"v":'), text, F.lit("}")), "v string", options)["v"].isNotNull())
     return F.when(F.instr(text, "}") == F.length(F.rtrim(text)), True).otherwise(
         F.coalesce((F.size(values) == 1) & closed, F.lit(False)))
 
