@@ -76,15 +76,19 @@ def _parse(bronze: DataFrame, schema, fields: tuple[str, ...]) -> DataFrame:
     known = F.lit(False)
     for name in fields:
         known = known | F.col(f"_p.{name}").isNotNull()
-    return bronze.withColumns({"_p": parsed, "_one": _one_value(text)}).withColumns({
+    # An object that names a field twice at its top level ("amount": 5, "amount": 7): Spark's parser
+    # keeps the last, which the producer may not have meant.
+    keys = F.json_object_keys(text)
+    return bronze.withColumns({"_p": parsed, "_one": _one_value(text), "_keys": keys}).withColumns({
         "is_valid_json": valid_json,
         # Only asked of valid JSON, so a broken line fails one check, not two.
         "has_known_fields": F.when(valid_json, known),
+        "has_unique_fields": F.when(valid_json, F.size("_keys") == F.size(F.array_distinct("_keys"))),
         # The text source decodes undecodable bytes to U+FFFD (and other readers may hand over raw
         # bytes unchecked); a UTF-8 JSON feed never sends either, nor escapes a lone surrogate.
         "is_valid_utf8": (F.expr("is_valid_utf8(raw)") & ~F.col("raw").contains("\ufffd")
                           & ~(F.col("raw").contains("\\u") & F.col("raw").rlike(_LONE_SURROGATE))),
-    }).drop("_one")
+    }).drop("_one", "_keys")
 
 
 def _iso_timestamp(raw: Column) -> Column:

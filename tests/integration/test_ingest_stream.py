@@ -125,8 +125,9 @@ def test_bad_input_gets_a_clear_outcome(spark, settings):
     write_lines(inbox, "windows.jsonl", [b"\xef\xbb\xbf" + event_line(30).encode() + b"\r",
                                          event_line(31).encode() + b"\r"], mtime=FILE_MTIME)
     joined = event_line(32) + event_line(33)
+    twice = event_line(36).replace('"user_id": ', '"user_id": "u-other", "user_id": ')  # a field given twice
     write_lines(inbox, "odd.jsonl", [joined, event_line(34, event_time="2026-11-20T10:07Z"),
-                                     event_line(35, user_id="u\u0000")], mtime=FILE_MTIME)
+                                     event_line(35, user_id="u\u0000"), twice], mtime=FILE_MTIME)
     # Folders under the inbox (a feed that files by day; a partition-like name, which Spark would
     # otherwise take for a partition and then ignore the files beside it); a hidden one is a writer's.
     write_lines(inbox / "2026" / "11" / "20", "b.jsonl", [event_line(40)], mtime=FILE_MTIME)
@@ -139,9 +140,10 @@ def test_bad_input_gets_a_clear_outcome(spark, settings):
     q = {r["raw"]: sorted(r["failed_checks"]) for r in table(spark, settings, "silver_quarantine").collect()}
     by_file = {os.path.basename(r["source_file"]): r["n"] for r in table(spark, settings, "silver_quarantine")
                .groupBy("source_file").agg(F.count(F.lit(1)).alias("n")).collect()}
-    assert by_file == {"latin1.jsonl": 1, "foreign.csv": 2, "foreign.jsonl": 1, "types.jsonl": 4, "odd.jsonl": 2}
+    assert by_file == {"latin1.jsonl": 1, "foreign.csv": 2, "foreign.jsonl": 1, "types.jsonl": 4, "odd.jsonl": 3}
     assert q[joined] == ["record_is_valid_json"]
     assert [v for k, v in q.items() if "e000035" in k] == [["text_has_no_control_characters"]]
+    assert q[twice] == ["record_has_unique_fields"]
     assert q["sku,qty"] == ["record_is_valid_json"]
     assert q[json.dumps({"order": 1, "items": [1, 2]})] == ["record_has_known_fields"]
     assert sorted(v for k, v in q.items() if any(f"e0000{n}" in k for n in (20, 21, 22, 23))) == sorted(
@@ -154,7 +156,7 @@ def test_bad_input_gets_a_clear_outcome(spark, settings):
     assert sorted(times) == ["e000030", "e000031", "e000034", "e000040", "e000041"]
     assert times["e000034"] == datetime(2026, 11, 20, 10, 7)
     rec = summary.reconciliation(spark, settings)["events"]
-    assert rec["records_in"] == 3 + 1 + 2 + 1 + 4 + 2 + 3 + 2 + 30_000 and rec["reconciled"]
+    assert rec["records_in"] == 3 + 1 + 2 + 1 + 4 + 2 + 4 + 2 + 30_000 and rec["reconciled"]
 
 
 def test_replayed_batch_after_a_crash_writes_nothing_twice(spark, settings, monkeypatch):

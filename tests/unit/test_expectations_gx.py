@@ -29,6 +29,9 @@ def _lines():
     for i, v in enumerate(variants * 3):
         rec = {**good, **v, "event_id": f"e{i}"}
         lines.append(json.dumps({k: x for k, x in rec.items() if x is not None}))
+    # A field given twice (json.dumps cannot write one).
+    lines += [json.dumps({**good, "event_id": f"d{i}"}).replace('"amount": 5.0', '"amount": 5.0, "amount": 6')
+              for i in range(3)]
     return lines
 
 
@@ -52,3 +55,4 @@ def test_gx_and_spark_agree_on_every_expectation(spark, settings):
     assert spark_counts["amount_below_review_limit"] == 3
     assert spark_counts["event_time_is_iso8601_with_offset"] == 6  # no offset; February 30
     assert spark_counts["text_has_no_control_characters"] == 3
+    assert spark_counts["record_has_unique_fields"] == 3

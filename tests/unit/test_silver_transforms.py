@@ -87,6 +87,16 @@ CASES = [
                  "amount": 3, "currency": "EUR", "country": "FR", "event_time": "2026-11-01T12:00:00Z"}) + " \t ",
      []),
     ("\ufeff" + event(event_id="h"), []),
+    # A field given twice: Spark's parser keeps the last, which may not be the one meant.
+    (event(event_id="dup").replace('"amount": 12.5', '"amount": 5, "amount": 7'), ["record_has_unique_fields"]),
+    (event(event_id="dup2").replace('"event_id": "dup2"', '"event_id": "dup2", "event_id": "dup2"'),
+     ["record_has_unique_fields"]),
+    (event(event_id="dup3").replace('"amount": 12.5', '"amount": 12.5, "note": 1, "note": 2'),
+     ["record_has_unique_fields"]),
+    (event(event_id="dup6").replace('"amount": 12.5', '"amount": 12.5, "amount": 7}'), ["record_is_valid_json"]),
+    # ... not a name repeated inside a nested value, nor one in another case.
+    (event(event_id="dup4", meta={"amount": 1, "user_id": "x"}), []),
+    (event(event_id="dup5").replace('"amount": 12.5', '"amount": 12.5, "Amount": 9'), []),
 ]
 
 
@@ -219,13 +229,15 @@ def test_labels_typed_deduplicated_earliest_report_wins(spark, settings):
 
     lines = [label(), label(reported_at="2026-10-30T10:00:00Z"), label(event_id="e2", is_fraud="maybe"),
              label(event_id="e3", is_fraud=False, scenario="none"), label(event_id=...),
-             label(event_id="e4", scenario="card\u0000testing")]
+             label(event_id="e4", scenario="card\u0000testing"),
+             label(event_id="e5").replace('"is_fraud": true', '"is_fraud": true, "is_fraud": false')]
     df = spark.createDataFrame([(l, "l.jsonl", ARRIVAL) for l in lines], LINES_SCHEMA)
     checked = quality.apply_checks(label_validation_frame(to_bronze(df, 1, ARRIVAL)), quality.label_checks(settings))
     got = {r.event_id: (r.is_fraud, r.reported_at) for r in silver_labels(checked).collect()}
     assert got == {"e1": (True, datetime(2026, 10, 30, 10)), "e3": (False, datetime(2026, 11, 1, 10))}
     bad = sorted(sorted(r[0]) for r in quarantine_rows(checked, "labels").select("failed_checks").collect())
-    assert bad == [["event_id_not_null"], ["is_fraud_is_boolean"], ["text_has_no_control_characters"]]
+    assert bad == [["event_id_not_null"], ["is_fraud_is_boolean"], ["record_has_unique_fields"],
+                   ["text_has_no_control_characters"]]
 
 
 @pytest.mark.parametrize("kind", ["events", "labels"])
