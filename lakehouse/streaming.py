@@ -767,6 +767,7 @@ def inbox_lines(spark: SparkSession, inbox: Path, max_files: int) -> DataFrame:
     modification time (:data:`INBOX_MAX_FILE_AGE`), and wherever it is under the inbox: by default
     Spark reads no file in a folder, or takes ``date=...`` for a partition and skips the files beside
     it, or stops on "conflicting directory structures" (folders named with '.' or '_' stay unread).
+    A local file's name may hold a colon.
     """
     inbox.mkdir(parents=True, exist_ok=True)
     return (
@@ -774,6 +775,12 @@ def inbox_lines(spark: SparkSession, inbox: Path, max_files: int) -> DataFrame:
         .option("maxFilesPerTrigger", max_files)
         .option("maxFileAge", INBOX_MAX_FILE_AGE)
         .option("recursiveFileLookup", "true")
+        # A local inbox is read without Hadoop's checksum layer: it looks for a ".<name>.crc" beside
+        # each file, and a name holding a colon (a writer's time, "events 10:00.jsonl") makes that a
+        # URI it cannot parse, so the batch failed, and its replay after every restart. (Writers
+        # leave no .crc files; Delta's tables are written through the session's own file system.)
+        .option("fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
+        .option("fs.file.impl.disable.cache", "true")  # else the cached checksum file system is used
         .load(str(inbox))
         .select(
             F.col("value"),
