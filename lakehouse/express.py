@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lakehouse.config import Settings
-from lakehouse.io.paths import file_name
+from lakehouse.io.paths import file_name, local_path
 from lakehouse.quality import MAX_AMOUNT
 from lakehouse.reference import FX_TO_USD, ISO_COUNTRIES
 from lakehouse.schemas import EVENT_FIELDS
@@ -312,8 +312,11 @@ class ExpressLane(threading.Thread):
                         "retrying beside it")
 
     def processed(self, files: Iterable[str]) -> None:
-        """An events micro-batch has processed ``files`` (paths or URIs) and written their gold."""
-        names = {file_name(f) for f in files}
+        """An events micro-batch has processed ``files`` (paths or URIs) and written their gold. The lane
+        serves the inbox's top-level files, by name: a file of the same name in a folder under it
+        (``2026/12/05/part-0.jsonl``) is not one of them."""
+        inbox = os.path.realpath(self.settings.events_inbox)
+        names = {file_name(f) for f in files if os.path.realpath(os.path.dirname(local_path(f))) == inbox}
         with self._lock:
             self._done |= names
             for n in names:

@@ -187,6 +187,23 @@ def test_before_anything_is_ingested_the_lanes_look_back_is_empty_and_takes_no_s
     assert jobs and sorted(kept.table["event_id"].to_pylist()) == [f"e{i:06d}" for i in range(5)]
 
 
+def test_a_file_in_a_folder_is_not_taken_for_the_top_level_file_of_its_name(settings):
+    """The lane serves the inbox's top-level files, by name, and leaves a file to the stream once a
+    micro-batch has processed it. A feed that files by day repeats names in its folders: the stream
+    processing ``2026/11/20/part 0.jsonl`` says nothing of the top-level ``part 0.jsonl``."""
+    lane = ExpressLane(settings)
+    inbox = settings.events_inbox
+    nested = write_lines(inbox / "2026" / "11" / "20", "part 0.jsonl", [event_line(1)], mtime=FILE_MTIME)
+    top = write_lines(inbox, "part 0.jsonl", [event_line(2)], mtime=FILE_MTIME + 1)
+    lane.processed([nested.as_uri()])  # as Spark names it (file:///..., the space escaped)
+    assert [name for name, _, _ in lane._new_files()] == ["part 0.jsonl"]
+    assert lane.stats["files_left_to_stream"] == 0
+    # Processed itself before the lane looked: the stream's alone.
+    late = write_lines(inbox, "part 1.jsonl", [event_line(3)], mtime=FILE_MTIME + 2)
+    lane.processed([top.as_uri(), "file:" + str(late)])
+    assert list(lane._new_files()) == [] and lane.stats["files_left_to_stream"] == 1
+
+
 def test_the_lane_never_takes_a_line_silver_quarantines_and_reads_the_rest_as_silver(spark, settings, tmp_path):
     """On a generated feed (broken JSON, wrong types, missing fields, re-deliveries, late events), every
     event the lane reads from a file is the very row silver inserted from it, or a re-delivery of an
