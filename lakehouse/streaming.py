@@ -45,7 +45,7 @@ from lakehouse.config import Settings
 from lakehouse.express import ExpressLane
 from lakehouse.gold import GoldStream
 from lakehouse.io import delta
-from lakehouse.io.paths import copy_name, local_path, source_entries, source_log_entries
+from lakehouse.io.paths import copy_name, copy_origin, local_path, source_entries, source_log_all
 from lakehouse.laps import Laps
 from lakehouse.transforms import bronze as bronze_t
 from lakehouse.transforms import silver as silver_t
@@ -399,8 +399,9 @@ class InboxWatch:
     added after that copy's last whole line (this run's copies only: a restart copies whole once
     more). A watched file that is removed is dropped from the watch (removing files once read is fine).
 
-    The watch holds the files of the micro-batches of this run, and at a start those of the last
-    ``seed_batches`` the checkpoint lists; at most ``limit`` files, the latest read. It is checked at a
+    The watch holds the files of the micro-batches of this run, at most ``limit`` files, the latest
+    read; at a start, until its first check, every file the checkpoint lists (:meth:`seed`). A copy a
+    micro-batch read is not made again after a clean-up removed it. It is checked at a
     start, in every micro-batch, and by a continuous stream every few seconds between batches (Spark
     runs no batch while no new file lands, and the copy is one).
     """
@@ -409,11 +410,12 @@ class InboxWatch:
     READERS = {"start": "this run reads", "batch": "a later micro-batch reads (under --once, the next run)",
                "idle": "the next micro-batch reads"}
 
-    def __init__(self, checkpoint: Path, kind: str, limit: int = 10_000, seed_batches: int = 10):
-        self.checkpoint, self.kind, self.limit, self.seed_batches = checkpoint, kind, limit, seed_batches
+    def __init__(self, checkpoint: Path, kind: str, limit: int = 10_000):
+        self.checkpoint, self.kind, self.limit = checkpoint, kind, limit
         self.files: dict[str, int] = {}
         self.copied: dict[str, tuple[int, bytes]] = {}  # by file: the size and digest of its last copy's content
         self.requeued = 0
+        self.read_copies: set[str] = set()
         self._lock = threading.Lock()  # the batch function's thread and the stream loop's check it
 
     def add(self, entries: list[tuple[str, int]]) -> None:
@@ -421,20 +423,27 @@ class InboxWatch:
             for path, mtime_ms in entries:
                 self.files.pop(path, None)
                 self.files[path] = mtime_ms
-            while len(self.files) > self.limit:
-                self._forget(next(iter(self.files)))
+            self._trim()
+
+    def _trim(self) -> None:
+        while len(self.files) > self.limit:
+            self._forget(next(iter(self.files)))
 
     def _forget(self, path: str) -> None:
         del self.files[path]
         self.copied.pop(path, None)
 
     def seed(self) -> None:
-        """Watch the files of the last ``seed_batches`` micro-batches the checkpoint lists."""
-        folder = self.checkpoint / "sources" / "0"
-        names = os.listdir(folder) if folder.is_dir() else []
-        ids = sorted({int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()})
-        for batch_id in ids[-self.seed_batches:]:
-            self.add(source_log_entries(self.checkpoint, batch_id) or [])
+        """Watch every file the checkpoint lists, until the first check (made at the start): a writer
+        that reuses its names (``hour-00.jsonl`` every day) writes again a file read long ago, which
+        Spark's file source never reads again. That check then keeps the ``limit`` latest read."""
+        listed = source_log_all(self.checkpoint)
+        with self._lock:
+            for path, mtime_ms in listed.items():
+                self.files.pop(path, None)
+                self.files[path] = mtime_ms
+            # copies a micro-batch read: not made again when a clean-up has removed them since
+            self.read_copies |= {p for p in listed if copy_origin(p) is not None}
 
     def requeue_changed(self, when: str = "batch") -> list[Path]:
         """Copy every watched file that changed since it was listed; returns the copies made.
@@ -453,6 +462,9 @@ class InboxWatch:
                 self._forget(path)
                 continue
             if now_ms == listed_ms:
+                continue
+            if str(copy_name(Path(path), now_ms)) in self.read_copies:  # made and read before a restart
+                self.files[path] = now_ms
                 continue
             try:
                 copy, new, self.copied[path] = requeue_copy(Path(path), now_ms, self.copied.get(path))
@@ -477,6 +489,7 @@ class InboxWatch:
                     self.kind, os.path.basename(path), copy.name,
                     "whole" if copy.stat().st_size == self.copied[path][0] else "what it added since its last copy",
                     reader)
+        self._trim()
         return made
 
 

@@ -6,6 +6,7 @@ micro-batch (its log in the query's checkpoint)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -13,6 +14,8 @@ from urllib.parse import unquote, urlparse
 
 def local_path(uri: str) -> str:
     """``file:///a/b%20c`` as ``/a/b c``; a plain path as it is."""
+    if uri.startswith("file:///") and "%" not in uri and "?" not in uri and "#" not in uri:
+        return uri[7:]  # the usual local URI, read a million times at a start (urlparse: 4 µs each)
     return unquote(urlparse(uri).path) if "://" in uri or uri.startswith("file:") else uri
 
 
@@ -83,3 +86,31 @@ def source_log_entries(checkpoint: Path, source_batch: int) -> list[tuple[str, i
         return [(local_path(e["path"]), int(e.get("timestamp", -1))) for e in entries
                 if e.get("batchId") == source_batch]
     return None
+
+
+def source_log_all(checkpoint: Path) -> dict[str, int]:
+    """Every inbox file the file source's log lists, as local path -> modification time in ms when
+    listed, in the order the source took them. The log's latest ``<id>.compact`` holds the entries of
+    every batch up to ``id`` (Spark deletes the batch files before it); the batch files after it hold
+    the rest."""
+    folder = checkpoint / "sources" / "0"
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return {}
+    batches = sorted(int(n) for n in names if n.isdigit())
+    compacts = sorted(int(n.split(".")[0]) for n in names if n.endswith(".compact") and n.split(".")[0].isdigit())
+    start = compacts[-1] if compacts else -1
+    files: dict[str, int] = {}
+    for name in ([f"{start}.compact"] if compacts else []) + [str(b) for b in batches if b > start]:
+        try:
+            text = (folder / name).read_text(encoding="utf-8")
+        except FileNotFoundError:  # removed by the log's clean-up meanwhile: its entries are compacted
+            continue
+        for line in text.splitlines()[1:]:
+            if line.strip():
+                e = json.loads(line)
+                path = local_path(e["path"])
+                files.pop(path, None)
+                files[path] = int(e.get("timestamp", -1))
+    return files

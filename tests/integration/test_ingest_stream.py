@@ -464,6 +464,30 @@ def test_generated_feed_reconciles_with_the_generator_ground_truth(spark, settin
     assert labels.join(silver, "event_id", "left_anti").count() == 0
 
 
+def test_a_name_read_long_ago_and_written_again_is_read_again(spark, settings):
+    """A writer that reuses its file names (``hour-00.jsonl`` every day). Spark's file source reads a
+    path once, ever; the inbox watch copies a file that changed since it was read, but it watched the
+    files of the last ten micro-batches only, so a name read earlier than that was never read again,
+    without a word. At a start the watch now checks every file the checkpoint lists."""
+    settings = settings.replace(max_files_per_trigger=1)
+    inbox = settings.events_inbox
+    write_lines(inbox, "hour-00.jsonl", [event_line(i) for i in range(3)], mtime=FILE_MTIME)
+    for h in range(1, 12):
+        write_lines(inbox, f"hour-{h:02d}.jsonl", [event_line(10 * h)], mtime=FILE_MTIME + h)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert len(dq_rows(spark, settings)) == 12
+
+    # The next day, while no stream runs: hour-00.jsonl written again, with other events.
+    write_lines(inbox, "hour-00.jsonl", [event_line(i) for i in range(200, 203)], mtime=FILE_MTIME + 3600)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    ids = {r.event_id for r in table(spark, settings, "silver_transactions").collect()}
+    assert {f"e{i:06d}" for i in range(200, 203)} <= ids and len(ids) == 3 + 11 + 3
+    last = dq_rows(spark, settings)[-1]
+    assert (last["records_in"], last["inserted"], last["duplicates"], last["reconciled"]) == (3, 3, 0, True)
+    assert sorted(p.name for p in inbox.iterdir())[:2] == [
+        f"hour-00.changed-{int((FILE_MTIME + 3600) * 1000)}.jsonl", "hour-00.jsonl"]
+
+
 def test_continuous_mode_picks_up_new_files_and_appended_lines_until_stopped(spark, settings):
     """A continuous stream reads each new file; and lines appended to a file already read, while no
     new file lands (so Spark plans no batch), are copied by the stream's check between batches."""

@@ -285,18 +285,39 @@ def test_the_inbox_watch_copies_a_file_changed_after_it_was_listed_once_and_forg
     inbox.mkdir()
     folder = checkpoint / "sources" / "0"
     folder.mkdir(parents=True)
-    files = {}
+    files, entries = {}, []
     for b in range(12):  # batch b read f<b>.jsonl, listed at its modification time
         f = inbox / f"f{b}.jsonl"
         f.write_text(f'{{"n": {b}}}\n')
         os.utime(f, (1_700_000_000 + b, 1_700_000_000 + b))
         files[b] = f
-        entry = {"path": f.as_uri(), "timestamp": (1_700_000_000 + b) * 1000, "batchId": b}
-        (folder / str(b)).write_text("v1\n" + json.dumps(entry, separators=(",", ":")))  # as Spark writes it
-    watch = InboxWatch(checkpoint, "events", limit=5, seed_batches=10)
+        entries.append(json.dumps({"path": f.as_uri(), "timestamp": (1_700_000_000 + b) * 1000, "batchId": b},
+                                  separators=(",", ":")))  # as Spark writes it
+        if b >= 10:
+            (folder / str(b)).write_text("v1\n" + entries[-1])
+    # Batch 9 compacted the log: its .compact lists batches 0-9, whose own files Spark deleted.
+    (folder / "9.compact").write_text("v1\n" + "\n".join(entries[:10]))
+    watch = InboxWatch(checkpoint, "events", limit=5)
     watch.seed()
-    assert list(watch.files) == [str(files[b]) for b in range(7, 12)]  # the last ten batches, at most five files
-    assert watch.requeue_changed() == []  # nothing changed: nothing copied
+    assert list(watch.files) == [str(files[b]) for b in range(12)]  # every file the checkpoint lists ...
+    assert watch.requeue_changed("start") == []  # nothing changed: nothing copied
+    assert list(watch.files) == [str(files[b]) for b in range(7, 12)]  # ... then the latest five read
+
+    # A writer reuses a name read long ago (f1, beyond the five): found at the next start.
+    files[1].write_text('{"n": 101}\n')
+    os.utime(files[1], (1_700_000_050, 1_700_000_050))
+    assert watch.requeue_changed() == []
+    restarted = InboxWatch(checkpoint, "events", limit=5)
+    restarted.seed()
+    f1_copy = inbox / "f1.changed-1700000050000.jsonl"
+    assert restarted.requeue_changed("start") == [f1_copy]
+    # Batch 12 reads the copy; a clean-up then removes it: a restart does not make it again.
+    entry = {"path": f1_copy.as_uri(), "timestamp": 1_700_000_050_000, "batchId": 12}
+    (folder / "12").write_text("v1\n" + json.dumps(entry, separators=(",", ":")))
+    f1_copy.unlink()
+    restarted = InboxWatch(checkpoint, "events", limit=5)
+    restarted.seed()
+    assert restarted.requeue_changed("start") == [] and not f1_copy.exists()
 
     with open(files[9], "a") as f:  # a writer appends to a file already read
         f.write('{"n": 99}\n')
