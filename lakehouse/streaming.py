@@ -21,6 +21,7 @@ so the replay records exactly what an uninterrupted run would have.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -426,8 +427,9 @@ class InboxWatch:
             self._trim()
 
     def _trim(self) -> None:
-        while len(self.files) > self.limit:
-            self._forget(next(iter(self.files)))
+        # the oldest, in one pass (next(iter()) after deletions scans the dict's emptied slots again)
+        for path in list(itertools.islice(self.files, max(0, len(self.files) - self.limit))):
+            self._forget(path)
 
     def _forget(self, path: str) -> None:
         del self.files[path]
