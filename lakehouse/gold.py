@@ -10,7 +10,9 @@ latest event time of the transactions inserted by batches ``< b`` (read from the
 so a replayed batch sees the same watermark). Inside a batch of several files it moves on file by
 file, in the order the files arrived (the order the file source took them in: listing by listing,
 each by modification time): a file's transactions are judged by the batch's watermark and the latest event time inserted
-from the batch's files before it (:func:`file_marks`). So which events are too late does not hang on
+from the batch's files before it (:func:`file_marks`). Files listed with the same modification time
+landed at the same time as far as anyone can tell: they do not judge each other, in one batch or split
+between two (:meth:`GoldStream._tied_marks`). So which events are too late does not hang on
 how the files were grouped into batches -- a backlog read in one batch, ``maxFilesPerTrigger``, a
 crash after which Spark folds two listings into one batch -- only on the order they arrived in.
 Lines of one inbox file never judge each other: the lines a writer added to a file after the stream
@@ -50,6 +52,7 @@ young although it has matured.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -238,17 +241,28 @@ def inserted_by(silver: DataFrame, batch_id: int, dates: list[str]) -> DataFrame
 NO_MARK = np.iinfo(np.int64).min
 
 
-def file_marks(mark: int | None, files: list[str], latest: dict[str, int]) -> dict[str, int | None]:
+def file_marks(mark: int | None, files: list[str], latest: dict[str, int],
+               written: dict[str, int] | None = None) -> dict[str, int | None]:
     """The watermark (µs; None: none yet) each file of an events batch is judged by: ``mark``, the
     watermark before the batch, moved on by the latest event time the batch inserted from each file
     before it. ``files``: the batch's files in the order they arrived; ``latest``: the latest event
-    time (µs) inserted from each file (a file that inserted nothing is absent)."""
+    time (µs) inserted from each file (a file that inserted nothing is absent). ``written``: the
+    files' modification times (ms) as listed: files that follow each other with the same one landed
+    at the same time as far as anyone can tell, so they do not judge each other (each is judged by
+    the files before them all)."""
+    written = written or {}
     out: dict[str, int | None] = {}
-    running = mark
-    for f in files:
-        out[f] = running
-        if f in latest:
-            running = latest[f] if running is None else max(running, latest[f])
+    running, i = mark, 0
+    while i < len(files):
+        j, at = i + 1, written.get(files[i])
+        while j < len(files) and at is not None and written.get(files[j]) == at:
+            j += 1
+        for f in files[i:j]:
+            out[f] = running
+        for f in files[i:j]:
+            if f in latest:
+                running = latest[f] if running is None else max(running, latest[f])
+        i = j
     return out
 
 
@@ -471,6 +485,7 @@ class GoldStream:
         # for the rest of the run once the look-back outgrows settings.features_driver_max_rows.
         self._in_driver = settings.features_driver_max_rows > 0
         self._mark: tuple[str, int, int] | None = None  # (app id, batch id, watermark µs after it)
+        self._written: dict[str, int] = {}  # the events batch's files' modification times (ms) as listed
         self._kept: _Kept | None = None  # the last events batch's look-back (:meth:`_kept_lookback`)
         self._maturity_checked: date | None = None  # the UTC day stale matured flags were last fixed
         self._risk_from = self._owed_risk()  # the earliest day whose daily risk is owed, if any
@@ -500,11 +515,13 @@ class GoldStream:
 
     # -- events ------------------------------------------------------------------------------------
     def after_events(self, spark: SparkSession, app_id: str, batch_id: int, dates: list[str],
-                     files: list[str] | None = None) -> dict:
+                     files: list[str] | None = None, written: dict[str, int] | None = None) -> dict:
         """Gold for the transactions batch ``batch_id`` inserted into silver (partitions ``dates``):
         in the driver (:meth:`_events_in_driver`) while its look-back fits there, else in Spark.
         ``files``: the batch's inbox files (local paths) in the order they arrived, for the watermark
         inside the batch (:func:`file_marks`); None or one file: the batch's watermark for all.
+        ``written``: their modification times (ms) as listed (files landed at the same time do not
+        judge each other).
 
         Returns ``max_event_time`` (of the new transactions), ``too_late``, ``recomputed``.
         """
@@ -514,6 +531,7 @@ class GoldStream:
             self._ensure(spark)
             silver = delta.read(spark, self._path("silver_transactions"))
             files = list(files or [])
+            self._written = dict(written or {})
             done = (self._events_in_driver(spark, silver, app_id, batch_id, dates, files, laps)
                     if self._in_driver else None)
             if done is None:
@@ -601,10 +619,12 @@ class GoldStream:
             mark = self._watermark_us(spark, app_id, batch_id)
             judged = new
             copies = self._copy_marks(spark, silver, batch_id, files, lo_us)
-            if len(files) > 1 or copies:  # each file by its own watermark (file_marks, _copy_marks)
+            tied = self._tied_marks(silver, batch_id, files, lo_us)
+            if len(files) > 1 or copies or tied:  # each file by its own watermark (file_marks, ...)
                 latest = {r[0]: r[1] for r in with_files.groupBy("source_file")
                           .agg(F.max(F.unix_micros("event_time"))).collect()}
-                by_path = file_marks(mark, files, {local_path(f): t for f, t in latest.items()}) | copies
+                by_path = file_marks(mark, files, {local_path(f): t for f, t in latest.items()},
+                                     self._written) | tied | copies
                 marks = {f: m for f in latest if (m := by_path.get(local_path(f), mark)) is not None}
                 mark = max(marks.values()) if marks else None
                 if marks:
@@ -755,8 +775,10 @@ class GoldStream:
         batch_mark = NO_MARK if mark is None else mark
         if not len(new):
             return np.full(0, batch_mark, dtype=np.int64)
-        copies = self._copy_marks(spark, silver, batch_id, files, int(table["_t"].to_numpy()[new].min()))
-        if len(files) < 2:
+        lo_us = int(table["_t"].to_numpy()[new].min())
+        copies = self._copy_marks(spark, silver, batch_id, files, lo_us)
+        tied = self._tied_marks(silver, batch_id, files, lo_us)
+        if len(files) < 2 and not tied:
             if files and files[0] in copies:  # a batch of one copy
                 batch_mark = NO_MARK if copies[files[0]] is None else copies[files[0]]
             return np.full(len(new), batch_mark, dtype=np.int64)
@@ -769,10 +791,36 @@ class GoldStream:
         most = np.full(len(distinct), NO_MARK, dtype=np.int64)
         np.maximum.at(most, which[known], t[known])
         latest = {local_path(u): int(most[k]) for k, u in enumerate(distinct)}
-        by_path = file_marks(mark, files, latest) | copies
+        by_path = file_marks(mark, files, latest, self._written) | tied | copies
         per_file = np.array([NO_MARK if (m := by_path.get(local_path(u), mark)) is None else m for u in distinct]
                             + [batch_mark], dtype=np.int64)
         return per_file[which]  # -1 (a row whose file is unknown): the last, the batch's watermark
+
+    def _tied_marks(self, silver: DataFrame, batch_id: int, files: list[str], lo_us: int) -> dict[str, int | None]:
+        """The watermark (µs; None: none) of the events batch's first files when they have the
+        modification time of the last files of the batch before (files landed at the same time,
+        which ``maxFilesPerTrigger`` or a restart split between two batches): the latest event time
+        inserted by earlier batches from files other than those, as :func:`file_marks` judges files
+        tied inside one batch. Empty otherwise (the usual case: a look at the file source's log of
+        the batch before, no Spark job). Silver is read from the day before ``lo_us`` on, as in
+        :meth:`_copy_marks`."""
+        at = self._written.get(files[0]) if files else None
+        if at is None or at < 0:
+            return {}
+        checkpoint, tied, q = self.settings.checkpoint("events"), set(), batch_id - 1
+        while q >= 0 and (entries := source_entries(checkpoint, q)):
+            run = list(itertools.takewhile(lambda e: e[1] == at, reversed(entries)))
+            tied |= {path for path, _ in run}
+            if len(run) < len(entries):
+                break
+            q -= 1
+        if not tied:
+            return {}
+        day = instant(lo_us).date() - timedelta(days=1)
+        latest = silver.where((F.col("event_date") >= F.lit(day)) & (F.col("batch_id") < batch_id)) \
+            .groupBy("source_file").agg(F.max(F.unix_micros("event_time"))).collect()
+        mark = max((r[1] for r in latest if r[0] and local_path(r[0]) not in tied), default=None)
+        return {f: mark for f in itertools.takewhile(lambda f: self._written.get(f) == at, files)}
 
     def _copy_marks(self, spark, silver: DataFrame, batch_id: int, files: list[str], lo_us: int
                     ) -> dict[str, int | None]:

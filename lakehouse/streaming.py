@@ -46,7 +46,8 @@ from lakehouse.config import Settings
 from lakehouse.express import ExpressLane
 from lakehouse.gold import GoldStream
 from lakehouse.io import delta
-from lakehouse.io.paths import copy_name, copy_origin, local_path, source_entries, source_log_all
+from lakehouse.io.paths import (copy_name, copy_origin, in_arrival_order, local_path, source_entries,
+                                source_log_all)
 from lakehouse.laps import Laps
 from lakehouse.transforms import bronze as bronze_t
 from lakehouse.transforms import silver as silver_t
@@ -651,7 +652,8 @@ class IngestBatch:
                   for c in self.checks],
             ).first()
             planned = source_entries(self.settings.checkpoint(lay.kind), batch_id)
-            arrived = [path for path, _ in planned or []]  # the order the file source took the files in
+            # the order the file source took the files in (files listed with one time: by name)
+            arrived = [path for path, _ in in_arrival_order(planned or [])]
             self._check_files(batch_id, planned, stats["files"] or [])
             unfinished = self._unfinished(checked, stats, planned, batch_id)
             self.watch.requeue_changed()  # files of earlier batches written to since
@@ -692,7 +694,8 @@ class IngestBatch:
             gold_info: dict = {}
             if self.gold is not None and n_valid:
                 if lay.kind == "events":
-                    gold_info = self.gold.after_events(spark, app, batch_id, prune.get("event_date", []), arrived)
+                    gold_info = self.gold.after_events(spark, app, batch_id, prune.get("event_date", []), arrived,
+                                                       dict(planned or []))
                 else:
                     gold_info = self.gold.after_labels(spark, app, batch_id)
             lap("gold")

@@ -71,6 +71,22 @@ def source_entries(checkpoint: Path, batch_id: int) -> list[tuple[str, int]] | N
     return [entry for entries in found for entry in entries] if found else None
 
 
+def in_arrival_order(entries: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """``entries`` ((path, modification time in ms), in the order the file source took them) with the
+    files of each run of one modification time in the order of their names. Spark sorts a listing by
+    modification time, and files written within one millisecond (a backlog copied in bulk; a file
+    system or object store that keeps whole seconds) tie: it leaves them in its listing's order,
+    which no reader can reproduce. By name, they come in one order every time."""
+    out, i = [], 0
+    while i < len(entries):
+        j = i + 1
+        while j < len(entries) and entries[j][1] == entries[i][1]:
+            j += 1
+        out += sorted(entries[i:j])
+        i = j
+    return out
+
+
 def source_log_entries(checkpoint: Path, source_batch: int) -> list[tuple[str, int]] | None:
     """The entry of the file source's own batch ``source_batch`` in its log (``sources/0/<id>``, or
     ``<id>.compact``, which every tenth batch holds the entries of all batches so far in), as

@@ -75,6 +75,31 @@ def test_lateness_inside_updates_windows_and_beyond_is_recorded(spark, settings,
     assert dq["max_event_time"].iloc[0] == pd.Timestamp("2026-11-20 12:30:00")
 
 
+@pytest.mark.parametrize("driver_max_rows,files_per_batch", [(3_000_000, 1), (0, 1), (3_000_000, 3)],
+                         ids=["in-driver", "in-spark", "in-driver-one-batch"])
+def test_files_landed_in_the_same_millisecond_do_not_judge_each_other(spark, settings, driver_max_rows,
+                                                                       files_per_batch):
+    # A backlog copied in bulk: files written within a millisecond (Spark records modification times
+    # in ms; an object store keeps whole seconds). Spark leaves such ties in its listing's order, so
+    # whichever it took first made the other's events too late (here either order would). Tied files
+    # are judged by the files before them all, in one batch or split between batches.
+    settings = settings.replace(max_files_per_trigger=files_per_batch, features_driver_max_rows=driver_max_rows)
+    write_lines(settings.events_inbox, "a.jsonl", [_ev(1, "u1", 0), _ev(2, "u1", 40)], mtime=FILE_MTIME)
+    write_lines(settings.events_inbox, "b.jsonl", [_ev(3, "u2", 20), _ev(4, "u2", 50)], mtime=FILE_MTIME)
+    # a file that landed after both: judged by their latest event (12:50), its 12:30 is too late
+    write_lines(settings.events_inbox, "c.jsonl", [_ev(5, "u3", 30)], mtime=FILE_MTIME + 1)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+
+    late = _table(spark, settings, "gold_too_late_events")
+    assert list(late["event_id"]) == ["e000005"]
+    assert late["watermark"].iloc[0] == pd.Timestamp("2026-11-20 12:50:00")
+    windows = _table(spark, settings, "gold_user_features_5m")
+    assert windows.groupby("user_id")["window_start"].min().dt.strftime("%H:%M").to_dict() == {
+        "u1": "11:56", "u2": "12:16"}
+    dq = delta.read(spark, settings.table_path("silver_dq_batches")).orderBy("batch_id").toPandas()
+    assert list(dq["too_late"]) == ([0, 0, 1] if files_per_batch == 1 else [1])
+
+
 @pytest.mark.parametrize("driver_max_rows", [3_000_000, 0], ids=["in-driver", "in-spark"])
 def test_lines_a_writer_finished_after_the_read_are_judged_with_their_file(spark, settings, driver_max_rows):
     # A writer is stopped mid-line while the stream reads a.jsonl; it finishes the file before b.jsonl

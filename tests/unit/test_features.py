@@ -533,3 +533,21 @@ def test_each_file_of_a_batch_is_judged_by_the_watermark_of_the_files_before_it(
         "/in/d.jsonl": 30 * minute}
     # no watermark before the batch (the query's first): the first file has none, the next a's
     assert gold.file_marks(None, files[:2], latest) == {"/in/a.jsonl": None, "/in/b.jsonl": 30 * minute}
+    # b and c landed in the same millisecond: neither judges the other; d is judged by both
+    written = {"/in/a.jsonl": 1000, "/in/b.jsonl": 2000, "/in/c.jsonl": 2000, "/in/d.jsonl": 3000}
+    latest_bc = latest | {"/in/b.jsonl": 50 * minute}
+    assert gold.file_marks(25 * minute, files, latest_bc, written) == {
+        "/in/a.jsonl": 25 * minute, "/in/b.jsonl": 30 * minute, "/in/c.jsonl": 30 * minute,
+        "/in/d.jsonl": 50 * minute}
+    assert gold.file_marks(25 * minute, files, latest_bc) == {
+        "/in/a.jsonl": 25 * minute, "/in/b.jsonl": 30 * minute, "/in/c.jsonl": 50 * minute,
+        "/in/d.jsonl": 50 * minute}
+
+
+def test_files_listed_with_one_modification_time_come_in_the_order_of_their_names():
+    from lakehouse.io.paths import in_arrival_order
+
+    taken = [("/in/z.jsonl", 5), ("/in/c.jsonl", 7), ("/in/b.jsonl", 7), ("/in/a.jsonl", 3), ("/in/y.jsonl", 7)]
+    # (a restart folded two listings into one batch: the second starts at a.jsonl)
+    assert in_arrival_order(taken) == [("/in/z.jsonl", 5), ("/in/b.jsonl", 7), ("/in/c.jsonl", 7),
+                                       ("/in/a.jsonl", 3), ("/in/y.jsonl", 7)]
