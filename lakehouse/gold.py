@@ -252,17 +252,14 @@ def file_marks(mark: int | None, files: list[str], latest: dict[str, int],
     the files before them all)."""
     written = written or {}
     out: dict[str, int | None] = {}
-    running, i = mark, 0
-    while i < len(files):
-        j, at = i + 1, written.get(files[i])
-        while j < len(files) and at is not None and written.get(files[j]) == at:
-            j += 1
-        for f in files[i:j]:
-            out[f] = running
-        for f in files[i:j]:
+    running = mark
+    # runs of one listed time (a file without one is a run of its own: keyed by its path)
+    for _, run in itertools.groupby(files, key=lambda f: written.get(f, f)):
+        run = list(run)
+        out |= dict.fromkeys(run, running)
+        for f in run:
             if f in latest:
                 running = latest[f] if running is None else max(running, latest[f])
-        i = j
     return out
 
 
@@ -846,8 +843,7 @@ class GoldStream:
         if not copies:
             return {}
         checkpoint = self.settings.checkpoint("events")
-        taken = source_entries(checkpoint, batch_id) or [(f, -1) for f in files]
-        written = dict(taken)
+        written = self._written or dict(source_entries(checkpoint, batch_id) or [])  # as listed
         family = lambda path, original: path == original or (copy_origin(path) or ("",))[0] == original  # noqa: E731
         unseen: dict[str, set[str]] = {}  # per copy: the files whose rows it must not see
         for at, copy in enumerate(files):

@@ -422,10 +422,13 @@ class InboxWatch:
 
     def add(self, entries: list[tuple[str, int]]) -> None:
         with self._lock:
-            for path, mtime_ms in entries:
-                self.files.pop(path, None)
-                self.files[path] = mtime_ms
+            self._put(entries)
             self._trim()
+
+    def _put(self, entries: Iterable[tuple[str, int]]) -> None:
+        for path, mtime_ms in entries:  # the latest read last
+            self.files.pop(path, None)
+            self.files[path] = mtime_ms
 
     def _trim(self) -> None:
         # the oldest, in one pass (next(iter()) after deletions scans the dict's emptied slots again)
@@ -442,9 +445,7 @@ class InboxWatch:
         Spark's file source never reads again. That check then keeps the ``limit`` latest read."""
         listed = source_log_all(self.checkpoint)
         with self._lock:
-            for path, mtime_ms in listed.items():
-                self.files.pop(path, None)
-                self.files[path] = mtime_ms
+            self._put(listed.items())
             # copies a micro-batch read: not made again when a clean-up has removed them since
             self.read_copies |= {p for p in listed if copy_origin(p) is not None}
 

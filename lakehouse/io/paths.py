@@ -5,6 +5,7 @@ micro-batch (its log in the query's checkpoint)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -77,14 +78,7 @@ def in_arrival_order(entries: list[tuple[str, int]]) -> list[tuple[str, int]]:
     modification time, and files written within one millisecond (a backlog copied in bulk; a file
     system or object store that keeps whole seconds) tie: it leaves them in its listing's order,
     which no reader can reproduce. By name, they come in one order every time."""
-    out, i = [], 0
-    while i < len(entries):
-        j = i + 1
-        while j < len(entries) and entries[j][1] == entries[i][1]:
-            j += 1
-        out += sorted(entries[i:j])
-        i = j
-    return out
+    return [e for _, run in itertools.groupby(entries, key=lambda e: e[1]) for e in sorted(run)]
 
 
 def source_log_entries(checkpoint: Path, source_batch: int) -> list[tuple[str, int]] | None:
