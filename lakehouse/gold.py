@@ -17,7 +17,7 @@ how the files were grouped into batches -- a backlog read in one batch, ``maxFil
 crash after which Spark folds two listings into one batch -- only on the order they arrived in.
 Lines of one inbox file never judge each other: the lines a writer added to a file after the stream
 read it come in a copy the inbox watch makes, and the copy is judged by the files taken before it that
-were written no later than its lines, the file it copies aside (:meth:`GoldStream._copy_marks`), as the
+were written before its lines, the file it copies aside (:meth:`GoldStream._copy_marks`), as the
 file would have been, read once and whole. A new transaction whose event time is more than
 ``allowed_lateness_minutes`` (default 10) before its watermark is **too late**:
 
@@ -826,9 +826,10 @@ class GoldStream:
         (``<stem>.changed-<mtime_ms><suffix>``, :func:`paths.copy_origin`). Lines of one inbox file never
         judge each other, in however many reads and copies they come, and a copy's lines arrived when
         they were written, not when the watch noticed them. So a copy is judged by the latest event time
-        inserted from the files taken before it whose modification time is not after the copy's, other
-        than the file it copies and that file's other copies: as the file would have been, had it been
-        read once, whole, with its lines. Without this the lines a writer finished after a read were
+        inserted from the files taken before it whose modification time is before the copy's (a file
+        listed with the same time landed with its lines: they do not judge each other, as in
+        :func:`file_marks`), other than the file it copies and that file's other copies: as the file
+        would have been, had it been read once, whole, with its lines. Without this the lines a writer finished after a read were
         judged by the file's own first lines, and by the files that landed before the watch copied them.
 
         The files taken after a copy's lines were written are found in the file source's log, back to
@@ -850,10 +851,10 @@ class GoldStream:
             if copy not in copies:
                 continue
             original, ms = copies[copy]
-            out = set(files[at:]) | {f for f in files[:at] if written.get(f, -1) > ms}
+            out = set(files[at:]) | {f for f in files[:at] if written.get(f, -1) >= ms}
             q = -1 if any(family(f, original) for f in files[:at]) else batch_id - 1
             while q >= 0 and (entries := source_entries(checkpoint, q)) is not None:
-                out |= {path for path, listed in entries if listed > ms}
+                out |= {path for path, listed in entries if listed >= ms}
                 if any(family(path, original) for path, _ in entries):
                     break
                 q -= 1

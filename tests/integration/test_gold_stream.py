@@ -103,9 +103,10 @@ def test_files_landed_in_the_same_millisecond_do_not_judge_each_other(spark, set
 @pytest.mark.parametrize("driver_max_rows", [3_000_000, 0], ids=["in-driver", "in-spark"])
 def test_lines_a_writer_finished_after_the_read_are_judged_with_their_file(spark, settings, driver_max_rows):
     # A writer is stopped mid-line while the stream reads a.jsonl; it finishes the file before b.jsonl
-    # is written (modification times), but the watch copies the change only as b's batch runs. The
+    # is written (modification times), but the watch copies the change only as a later batch runs. The
     # copy's lines must be judged as the whole file would have been: by z alone (12:20), not by a's own
-    # first lines (12:40) nor by b (12:55), which was written after them.
+    # first lines (12:40), nor by t (12:35), which landed in the same millisecond as them, nor by b
+    # (12:55), which was written after them.
     settings = settings.replace(max_files_per_trigger=1, features_driver_max_rows=driver_max_rows)
     inbox = settings.events_inbox
     write_lines(inbox, "z.jsonl", [_ev(1, "u9", 20)], mtime=FILE_MTIME)
@@ -114,6 +115,7 @@ def test_lines_a_writer_finished_after_the_read_are_judged_with_their_file(spark
     with open(a, "ab") as f:
         f.write(tail[:25].encode())
     os.utime(a, (FILE_MTIME + 1, FILE_MTIME + 1))
+    write_lines(inbox, "t.jsonl", [_ev(7, "u5", 35)], mtime=FILE_MTIME + 5)  # 5 min before 12:40: on time
     write_lines(inbox, "b.jsonl", [_ev(6, "u4", 55)], mtime=FILE_MTIME + 10)
 
     def on_batch(result):  # a's writer finishes once its first lines were read
@@ -124,7 +126,7 @@ def test_lines_a_writer_finished_after_the_read_are_judged_with_their_file(spark
 
     streaming.run_streams(spark, settings, once=True, kinds=("events",), on_batch=on_batch)
     copy = a.with_name(f"a.changed-{int((FILE_MTIME + 5) * 1000)}.jsonl")
-    assert copy.exists()  # made while b's batch ran; the next run reads it
+    assert copy.exists()  # made while a later batch ran; the next run reads it
     streaming.run_streams(spark, settings, once=True, kinds=("events",))
 
     silver = delta.read(spark, settings.table_path("silver_transactions"))
