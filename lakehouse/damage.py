@@ -31,6 +31,8 @@ from pathlib import Path
 
 from lakehouse.config import TABLES, Settings
 
+#: The reason given for a file that is gone.
+MISSING = "it is missing"
 #: Error texts that mean a file of a table cannot be read (Spark's and Delta's error classes, and the
 #: Java exceptions under them), each with the words the message gives the user.
 _REASONS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), why) for p, why in (
@@ -40,7 +42,7 @@ _REASONS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), why) for p,
     (r"is not a Parquet file|ParquetDecodingException|CorruptedParquet", "it is not a readable Parquet file"),
     (r"DELTA_TRUNCATED_TRANSACTION_LOG", "the log's first commits are gone and no checkpoint stands in for them"),
     (r"FILE_NOT_EXIST|FileNotFoundException|DELTA_FILE_NOT_FOUND|DELTA_LOG_FILE_NOT_FOUND|does not exist",
-     "it is missing"),
+     MISSING),
     (r"FAILED_READ_FILE", "it cannot be read"),
 ))
 #: Damage whose error names no file: the table is found by its log (:func:`log_gap`).
@@ -164,7 +166,7 @@ def check_log(name: str, path: Path, since: int | None = None, until: int | None
         try:
             data = file.read_bytes()
         except FileNotFoundError:
-            return DamagedTable(name, Path(path), f"_delta_log/{file.name}", "it is missing")
+            return DamagedTable(name, Path(path), f"_delta_log/{file.name}", MISSING)
         if not data.strip():
             return DamagedTable(name, Path(path), f"_delta_log/{file.name}", EMPTY_COMMIT)
         n = first_line_not_json(data.splitlines())

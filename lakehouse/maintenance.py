@@ -95,12 +95,14 @@ def model_pins(settings: Settings) -> dict[str, int]:
 
 
 def mirror_pins(settings: Settings) -> dict[str, int]:
-    """Last Delta version the Postgres mirror applied, per gold table (its next read starts after it).
+    """Last Delta version the Postgres mirror applied, per mirrored table (gold, ``silver_labels``,
+    ``silver_dq_batches``, ``risk_scores``): its next change-feed read starts after it.
 
-    Empty when Postgres is unreachable: then only the model pins and the 7-day minimum apply.
+    Empty when Postgres is unreachable: then only the model pins and the 7-day minimum apply (should
+    VACUUM then remove a file the mirror's next read needs, the mirror reloads that table whole).
     """
-    from lakehouse.gold import GOLD_TABLES
     from lakehouse.io import pg_mirror, postgres
+    from lakehouse.mirror import MIRRORED_TABLES
 
     try:
         conn = postgres.connect(settings)
@@ -109,7 +111,7 @@ def mirror_pins(settings: Settings) -> dict[str, int]:
         return {}
     try:
         pins = {}
-        for name in GOLD_TABLES:
+        for name in MIRRORED_TABLES:
             applied = pg_mirror.applied_version(conn, settings.pg_schema, f"delta:{name}", name)
             if applied is not None:
                 pins[name] = int(applied)

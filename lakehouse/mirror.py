@@ -5,7 +5,9 @@ between the ledger's version and the latest one, netted per key (the last change
 last change is a delete is deleted), or the whole snapshot on the first run. The rows and the new
 ledger version are committed in one Postgres transaction (:mod:`lakehouse.io.pg_mirror`), so a kill at
 any moment leaves Postgres at some applied version, and the next run catches up from there. An
-unreachable Postgres is retried with back-off.
+unreachable Postgres is retried with back-off. A table whose changes since the ledger's version can no
+longer be read (VACUUM or log clean-up removed them while the mirror was behind) is read whole and
+replaces its Postgres rows, as one created again does.
 """
 
 from __future__ import annotations
@@ -113,30 +115,47 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
         if applied is not None:
             applied[name] = version
         return {"table": name, "version": version, "applied": done, "rows": 0}
+    # Log clean-up removed the commits after the ledger's (the mirror was behind for longer than the
+    # table's log retention): the snapshot replaces the rows, as for a table created again.
+    feed_gone = None
+    if done is not None and not recreated and (kept := delta.cleaned_before(path, done + 1)) is not None:
+        feed_gone = f"its log keeps the commits from version {kept} on (log retention)"
     # The commits this read takes in, checked before Delta reads an emptied one as a commit of nothing
     # and the ledger records its version as applied.
-    damaged = damage.check_log(name, path, since=None if done is None or recreated else done + 1, until=version)
+    incremental = done is not None and not recreated and not feed_gone
+    damaged = damage.check_log(name, path, since=done + 1 if incremental else None, until=version)
     if damaged is not None:
         raise damaged
-    if done is None or recreated:
-        upserts, deletes = snapshot, None
-    else:
-        cdf = (spark.read.format("delta").option("readChangeFeed", "true")
-               .option("startingVersion", done + 1).option("endingVersion", version).load(str(path)))
-        upserts, deletes = net_changes(cdf, table.key)
     # Arrow end to end (Spark -> pyarrow -> COPY CSV): no row-by-row Python conversion.
-    rows = as_json(upserts).toArrow()
-    gone = deletes.toArrow() if deletes is not None else None
+    rows, gone = None, None
+    if incremental:
+        try:
+            cdf = (spark.read.format("delta").option("readChangeFeed", "true")
+                   .option("startingVersion", done + 1).option("endingVersion", version).load(str(path)))
+            upserts, deletes = net_changes(cdf, table.key)
+            rows, gone = as_json(upserts).toArrow(), deletes.toArrow()
+        except Exception as exc:  # noqa: BLE001 -- only a file VACUUM removed is taken here
+            found = damage.find(str(exc), {name: path})
+            if found is None or found.reason != damage.MISSING:
+                raise
+            # VACUUM removed a file the changes since the ledger's version need (the mirror was behind
+            # for longer than the retention). A file the snapshot needs fails the read below: damage.
+            feed_gone = f"{found.file} is gone (VACUUM)"
+    if rows is None:
+        if feed_gone:
+            log.warning("%s: the changes after version %d, which Postgres holds, can no longer be read: %s; "
+                        "the rows of version %d replace the Postgres table's", name, done, feed_gone, version)
+        rows = as_json(snapshot).toArrow()
 
     def apply(conn) -> int:
         return pg_mirror.upsert_batch(conn, settings.pg_schema, table, rows, source, version, deletes=gone,
-                                      source_id=source_id)
+                                      source_id=source_id, replace=bool(feed_gone))
 
     changed = pg_mirror.with_retries(apply, settings, attempts=attempts, on_retry=on_retry)
     if applied is not None:
         applied[name] = version
     return {"table": name, "version": version, "applied_before": done, "rows": changed,
-            "deleted": 0 if gone is None else len(gone), **({"replaced": True} if recreated else {})}
+            "deleted": 0 if gone is None else len(gone), **({"replaced": True} if recreated or feed_gone else {})}
 
 
 def mirror_all(spark: SparkSession, settings: Settings, on_retry: Callable | None = None,

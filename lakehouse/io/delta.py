@@ -315,6 +315,27 @@ def last_checkpoint_version(log_dir: Path) -> int | None:
         return None
 
 
+def cleaned_before(path: Path | str, version: int) -> int | None:
+    """The earliest commit the log still holds, when log clean-up (``delta.logRetentionDuration``) has
+    removed commit ``version`` and those before it: the commits from ``version`` on can then no longer
+    be read one by one (a change-data-feed read from there fails), though a checkpoint stands in for
+    them in a snapshot. None when commit ``version`` is there (one ``stat``: the usual case), or when
+    it is gone with no checkpoint after it standing in (a damaged log, not a cleaned one)."""
+    log_dir = Path(path) / "_delta_log"
+    if (log_dir / _commit_name(version)).exists():
+        return None
+    try:
+        names = os.listdir(log_dir)
+    except FileNotFoundError:
+        return None
+    commits = [int(n[:20]) for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit()]
+    checkpoints = [int(n[:20]) for n in names if ".checkpoint" in n and n[:20].isdigit()]
+    first = min(commits, default=None)
+    if first is None or first <= version or not any(c >= first - 1 for c in checkpoints):
+        return None
+    return first
+
+
 def table_id(path: Path | str) -> str | None:
     """The table's id (Delta's ``metaData.id``): fixed when the table is created, new when it is deleted
     and created again, whatever its versions. Read from the log's files (no Spark job): the oldest commit

@@ -521,7 +521,7 @@ def _apply_deletes(cur, schema: str, table: MirrorTable, deletes) -> int:
 
 
 def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, version: int,
-                 deletes=None, source_id: str | None = None) -> int:
+                 deletes=None, source_id: str | None = None, replace: bool = False) -> int:
     """Apply one batch to ``schema.table`` exactly once; returns the number of rows inserted or changed.
 
     ``rows``: pandas DataFrame or pyarrow Table with (at least) the table's columns. ``source`` names
@@ -536,6 +536,9 @@ def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, versi
     ledger holds another one, the source was deleted and created again (``lakehouse stream --reset``,
     a restored table) and its versions count anew: ``rows`` must then be the whole new source, which
     replaces the table's rows (deleted first, in the same transaction), whatever the versions say.
+    ``replace``: ``rows`` are the whole source at ``version`` and replace the table's rows the same
+    way, unless the ledger has applied ``version`` already (the changes since the ledger's version can
+    no longer be read, say).
     """
     version = int(version)
     with _transaction(conn) as cur:
@@ -548,8 +551,9 @@ def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, versi
                      source, version, entry[0])
             return 0
         t0 = time.monotonic()
-        if replaced:
+        if replaced or replace:
             cur.execute(sql.SQL("DELETE FROM {}").format(_qualified(schema, table.name)))
+        if replaced:
             log.warning("%s.%s: %s was created again (id %s, was %s): its rows replace the table's",
                         schema, table.name, source, source_id, entry[1])
         upserted = _load_empty(cur, schema, table, rows)

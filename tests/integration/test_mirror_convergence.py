@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pytest
+from pyspark.sql import functions as F
 
 from lakehouse import gold, mirror, streaming
 from lakehouse.config import TABLES
@@ -190,6 +191,62 @@ def _pg_count(settings, name: str) -> int:
             return cur.fetchone()[0]
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("cleanup", ["vacuum", "log-retention"])
+def test_a_mirror_behind_the_tables_retention_reloads_it_whole(spark, pg, cleanup):
+    # Postgres applied version 0 of silver_labels, then fell behind (down for a week, say) while the
+    # table changed and was cleaned up: VACUUM removed files the change feed from version 1 needs, or
+    # log clean-up removed commit 1 itself. The mirror cannot read the changes; it reloads the table
+    # whole, and Postgres equals the Delta table again (not a "damaged table" error, nor stale rows).
+    from delta.tables import DeltaTable
+
+    from lakehouse import maintenance
+    from lakehouse.io import pg_mirror
+
+    settings, name = pg, "silver_labels"
+    path = str(settings.table_path(name))
+    rows = lambda ids, fraud: spark.createDataFrame(  # noqa: E731
+        [(f"e{i}", fraud, datetime(2026, 11, 20, 12, i)) for i in ids],
+        "event_id string, is_fraud boolean, reported_at timestamp")
+    rows(range(6), True).write.format("delta").option("delta.enableChangeDataFeed", "true") \
+        .option("delta.checkpointInterval", "3").save(path)
+    assert mirror.mirror_table(spark, settings, name)["version"] == 0
+    table = DeltaTable.forPath(spark, path)
+    table.delete("event_id = 'e1'")                                               # version 1
+    table.update("event_id = 'e2'", {"is_fraud": F.lit(False)})                   # 2
+    rows([7, 8], True).write.format("delta").mode("append").save(path)            # 3, checkpointed
+    table.delete("event_id = 'e7'")                                               # 4
+    log_dir = Path(path) / "_delta_log"
+    assert (log_dir / f"{3:020d}.checkpoint.parquet").exists()
+    assert maintenance.mirror_pins(settings)[name] == 0  # every mirrored table is pinned, not gold alone
+    if cleanup == "vacuum":  # with the pin unknown (Postgres was down): Delta's 7 days, here 0 hours
+        spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+        try:
+            spark.sql(f"VACUUM delta.`{path}` RETAIN 0 HOURS")
+        finally:
+            spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+        assert not any(f.is_file() for f in (Path(path) / "_change_data").rglob("*.parquet"))
+    else:  # what Delta's clean-up of expired log entries leaves: the checkpoint and the commits after it
+        for version in range(3):
+            (log_dir / f"{version:020d}.json").unlink()
+            (log_dir / f"{version:020d}.crc").unlink(missing_ok=True)
+    latest = delta.table_version(path)  # 4, or 6 after VACUUM's own commits
+    result = mirror.mirror_table(spark, settings, name)
+    assert result["version"] == latest and result.get("replaced") and result["rows"] == 6
+    assert assert_pg_equals_delta(spark, settings, [name]) == {name: 6}
+    got = pg_rows(settings, name, "event_id")
+    assert list(got["event_id"]) == ["e0", "e2", "e3", "e4", "e5", "e8"] and not got["is_fraud"].iloc[1]
+    conn = postgres.connect(settings)
+    try:
+        assert pg_mirror.applied_version(conn, settings.pg_schema, f"delta:{name}", name) == latest
+    finally:
+        conn.close()
+    # the next change is read from the feed again
+    table.delete("event_id = 'e8'")
+    result = mirror.mirror_table(spark, settings, name)
+    assert result["version"] == latest + 1 and not result.get("replaced") and result["deleted"] == 1
+    assert assert_pg_equals_delta(spark, settings, [name]) == {name: 5}
 
 
 @pytest.mark.slow

@@ -124,6 +124,19 @@ def test_log_gap_looks_only_at_the_commits_a_reader_needs(tmp_path):
     assert damage.log_gap(tmp_path / "none") is None
 
 
+def test_commits_removed_by_log_clean_up_are_told_from_a_damaged_log(tmp_path):
+    from lakehouse.io import delta
+
+    cleaned = _commits(tmp_path / "a", [9, 10, 11, 12], checkpoint=10)  # clean-up kept 9 on
+    assert delta.cleaned_before(cleaned, 3) == 9  # the changes from 3 on cannot be read
+    assert delta.cleaned_before(cleaned, 11) is None  # commit 11 is there
+    assert delta.cleaned_before(_commits(tmp_path / "b", [10, 11], checkpoint=9), 3) == 10
+    # a commit gone with no checkpoint standing in, or one gone after the first left: damage, not clean-up
+    assert delta.cleaned_before(_commits(tmp_path / "c", [5, 6]), 3) is None
+    assert delta.cleaned_before(_commits(tmp_path / "d", [9, 10, 12], checkpoint=10), 11) is None
+    assert delta.cleaned_before(tmp_path / "none", 0) is None
+
+
 def test_a_gap_error_names_no_file_so_the_table_is_found_by_its_log(tmp_path):
     settings = Settings.from_env({"LAKEHOUSE_DATA": str(tmp_path)})
     for name in ("bronze_events", "silver_transactions", "silver_labels"):
