@@ -201,7 +201,8 @@ def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
 
     Idempotent and safe to run concurrently. A table that already exists gets any declared column it
     lacks (``ALTER TABLE ... ADD COLUMN``, nullable); existing columns, types and keys are not changed.
-    Commits (runs in a transaction of its own).
+    A table created while the ledger has entries for it (it was dropped) loses those entries: the
+    next :func:`upsert_batch` must bring the whole source. Commits (runs in a transaction of its own).
     """
     tables = list(tables)
     with _transaction(conn) as cur:
@@ -240,6 +241,13 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
                 sql.Identifier(table.loaded_at))])
         cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
             target, cols, _idents(table.key)))
+        # A ledger entry for a table that was not there: someone dropped it. Its versions are forgotten,
+        # so the next batch loads the whole source again instead of only the changes after them.
+        cur.execute(sql.SQL("DELETE FROM {} WHERE table_name = %s RETURNING source, version").format(
+            _qualified(schema, LEDGER_TABLE)), (table.name,))
+        for source, version in cur.fetchall():
+            log.warning("%s.%s was dropped after %s version %d was applied: it is created again and loaded "
+                        "whole", schema, table.name, source, version)
     else:
         missing_keys = [c for c in table.key if c not in existing]
         if missing_keys:
