@@ -70,6 +70,8 @@ T = TypeVar("T")
 
 #: Ledger table (one row per (source, table) mirrored into the schema).
 LEDGER_TABLE = "_mirror_ledger"
+#: The trigger (and its function) that makes the ledger forget a mirrored table emptied by ``TRUNCATE``.
+FORGET = "_mirror_forget"
 #: Ordinal column added to the staging table (keeps the last row of a duplicated key).
 ORD_COLUMN = "_mirror_ord"
 #: Postgres identifier length limit (bytes).
@@ -202,7 +204,8 @@ def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
     Idempotent and safe to run concurrently. A table that already exists gets any declared column it
     lacks (``ALTER TABLE ... ADD COLUMN``, nullable); existing columns, types and keys are not changed.
     A table created while the ledger has entries for it (it was dropped) loses those entries: the
-    next :func:`upsert_batch` must bring the whole source. Commits (runs in a transaction of its own).
+    next :func:`upsert_batch` must bring the whole source. So does a table emptied by ``TRUNCATE`` (a
+    trigger on each table). Commits (runs in a transaction of its own).
     """
     tables = list(tables)
     with _transaction(conn) as cur:
@@ -220,8 +223,15 @@ def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
         if cur.fetchone() is None:  # a ledger from before the source's identity was kept
             cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS source_id text").format(
                 _qualified(schema, LEDGER_TABLE)))
+        cur.execute("SELECT to_regprocedure(%s)", (f"{sql.Identifier(schema, FORGET).as_string(cur)}()",))
+        if cur.fetchone()[0] is None:
+            cur.execute(sql.SQL(
+                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "DELETE FROM {} WHERE table_name = TG_TABLE_NAME; RETURN NULL; END $$"
+            ).format(sql.Identifier(schema, FORGET), _qualified(schema, LEDGER_TABLE)))
         for table in tables:
             _ensure_table(cur, schema, table)
+
 
 
 def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
@@ -264,6 +274,12 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
     for columns in table.indexes:
         cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
             sql.Identifier(table.index_name(columns)), target, _idents(columns)))
+    # TRUNCATE (someone emptying the table) makes the ledger forget it too, in its transaction.
+    cur.execute("SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = %s",
+                (target.as_string(cur), FORGET))
+    if cur.fetchone() is None:
+        cur.execute(sql.SQL("CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()")
+                    .format(sql.Identifier(FORGET), target, sql.Identifier(schema, FORGET)))
 
 
 # ---- ledger -----------------------------------------------------------------------------------

@@ -249,25 +249,31 @@ def test_a_mirror_behind_the_tables_retention_reloads_it_whole(spark, pg, cleanu
     assert assert_pg_equals_delta(spark, settings, [name]) == {name: 5}
 
 
-def test_a_postgres_table_dropped_behind_the_mirrors_back_is_loaded_whole_again(spark, pg):
-    # Someone drops a mirrored table in Postgres. The ledger still says which Delta version it holds:
-    # the mirror must not create it empty and apply only the changes after that version.
+def test_a_postgres_table_dropped_or_emptied_behind_the_mirrors_back_is_loaded_whole_again(spark, pg):
+    # Someone drops a mirrored table in Postgres, or empties it with TRUNCATE. The ledger still says
+    # which Delta version it holds: the mirror must not apply only the changes after that version.
     settings, name = pg, "silver_labels"
     path = str(settings.table_path(name))
     spark.createDataFrame([(f"e{i}", True, datetime(2026, 11, 20, 12, i)) for i in range(5)],
                           "event_id string, is_fraud boolean, reported_at timestamp") \
         .write.format("delta").option("delta.enableChangeDataFeed", "true").save(path)
     mirror.mirror_table(spark, settings, name)
-    conn = postgres.connect(settings)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(f"DROP TABLE {settings.pg_schema}.{name}")
-    finally:
-        conn.close()
-    spark.sql(f"DELETE FROM delta.`{path}` WHERE event_id = 'e0'")
-    result = mirror.mirror_table(spark, settings, name)
-    assert result["version"] == 1 and result["applied_before"] is None and result["rows"] == 4
-    assert assert_pg_equals_delta(spark, settings, [name]) == {name: 4}
+
+    def psql(statement):
+        conn = postgres.connect(settings)
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(statement)
+        finally:
+            conn.close()
+
+    for version, statement in enumerate(("DROP TABLE", "TRUNCATE"), start=1):
+        psql(f"{statement} {settings.pg_schema}.{name}")
+        spark.sql(f"DELETE FROM delta.`{path}` WHERE event_id = 'e{version - 1}'")
+        result = mirror.mirror_table(spark, settings, name)
+        assert result["version"] == version and result["applied_before"] is None, statement
+        assert result["rows"] == 5 - version
+        assert assert_pg_equals_delta(spark, settings, [name]) == {name: 5 - version}
 
 
 @pytest.mark.slow
