@@ -34,8 +34,10 @@ Spark does the joins and filters; the (small) result is collected with ``toPanda
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -189,11 +191,42 @@ def choose_windows(first_date: date, latest_date: date, cfg: SplitConfig) -> Win
     return Windows(train_start, train_end, test_start, test_end, latest_date)
 
 
+#: What to do about a snapshot older than what its tables keep.
+_RETAINED_HINT = ("Train on a version the table still holds: the latest (the default), or a newer one with "
+                  "--as-of-timestamp / --as-of-version. `lakehouse maintain` keeps the versions that registered "
+                  "models (and the champion) were trained on: register a model whose training set must stay "
+                  "reproducible.")
+
+
+def check_retained(spark: SparkSession, name: str, path, version: int) -> None:
+    """Raise :class:`DatasetError` when version ``version`` of table ``name`` is older than what the
+    table keeps: log clean-up removed its commit (``delta.logRetentionDuration``), or VACUUM removed
+    data files it reads (it was older than the retention and no model pinned it). Without this, the
+    read failed as a damaged table, whose fix (rebuild the table) is wrong: the table is whole, only
+    that old version is gone. The latest version is not looked at; an older one costs a log replay
+    (no data is read) and a ``stat`` per file."""
+    from lakehouse.io.paths import local_path
+
+    if version >= (delta.table_version(path) or 0):
+        return
+    kept = delta.cleaned_before(path, version)
+    if kept is not None and not any((Path(path) / "_delta_log").glob(f"{version:020d}.checkpoint*")):
+        raise DatasetError(f"{name} version {version} is gone: log clean-up removed its commit (the log keeps "
+                           f"the versions from {kept} on; delta.logRetentionDuration). {_RETAINED_HINT}")
+    uris = delta.read(spark, path, version=version).inputFiles()
+    gone = [u for u in uris if u.startswith("file:") and not os.path.exists(local_path(u))]
+    if gone:
+        raise DatasetError(f"{name} version {version} can no longer be read: VACUUM removed {len(gone)} of the "
+                           f"{len(uris)} data files it reads (e.g. {local_path(gone[0])}), as it was older than "
+                           f"the table's retention. {_RETAINED_HINT}")
+
+
 def build(spark: SparkSession, settings: Settings, cfg: SplitConfig, snapshot: Snapshot) -> TrainingSet:
     """Read the snapshot, split it and collect train, test and latest-day frames (see module doc)."""
     for name, version in (("gold_transaction_features", snapshot.features_version),
                           ("silver_labels", snapshot.labels_version)):
         if version is not None:  # an emptied commit would drop rows from the snapshot without a word
+            check_retained(spark, name, settings.table_path(name), version)
             damaged = damage.check_log(name, settings.table_path(name), until=version)
             if damaged is not None:
                 raise damaged

@@ -161,6 +161,37 @@ def test_pinned_snapshot_rebuilds_the_same_training_set(spark, champion, ml_sett
         "gold_transaction_features": pinned.features_version, "silver_labels": pinned.labels_version}
 
 
+def test_a_snapshot_older_than_the_tables_keep_is_told_as_such_not_as_damage(spark, settings):
+    # A run reproduced long after (--as-of-run of a model nobody registered): VACUUM removed the data
+    # files of its features version, or log clean-up its commit. The table is whole; training must say
+    # that this version is gone and what to do, not call the table damaged (whose fix is a rebuild).
+    features_path = str(settings.table_path("gold_transaction_features"))
+    ids = lambda n: spark.range(n).selectExpr("cast(id as string) as event_id")  # noqa: E731
+    ids(10).repartition(2).write.format("delta").save(features_path)  # two files
+    ids(5).write.format("delta").mode("overwrite").save(features_path)  # version 1: version 0's file removed
+    dataset.check_retained(spark, "gold_transaction_features", features_path, 0)  # still on disk: fine
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    try:
+        spark.sql(f"VACUUM delta.`{features_path}` RETAIN 0 HOURS")
+    finally:
+        spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+    with pytest.raises(dataset.DatasetError, match=r"gold_transaction_features version 0 can no longer be read: "
+                                                    r"VACUUM removed 2 of the 2 data files"):
+        dataset.build(spark, settings, dataset.SplitConfig(), dataset.Snapshot(0, None))
+    dataset.check_retained(spark, "gold_transaction_features", features_path, 1)  # the latest: fine
+
+    labels_path = settings.table_path("silver_labels")
+    ids(3).write.format("delta").option("delta.checkpointInterval", "2").save(str(labels_path))
+    for _ in range(3):  # versions 1..3, a checkpoint at 2
+        ids(3).write.format("delta").mode("append").save(str(labels_path))
+    for version in range(2):  # what log clean-up leaves: the checkpoint and the commits from it on
+        (labels_path / "_delta_log" / f"{version:020d}.json").unlink()
+    with pytest.raises(dataset.DatasetError, match=r"silver_labels version 1 is gone: log clean-up removed its "
+                                                    r"commit \(the log keeps the versions from 2 on"):
+        dataset.check_retained(spark, "silver_labels", labels_path, 1)
+    dataset.check_retained(spark, "silver_labels", labels_path, 2)  # the checkpoint's version reads
+
+
 def test_worse_model_is_not_promoted(worse, champion, ml_settings):
     assert worse.model_version != champion.model_version
     assert worse.metrics["average_precision"] < champion.metrics["average_precision"]
