@@ -29,6 +29,38 @@ class UserError(RuntimeError):
     """An error with a message that tells the user what to do."""
 
 
+class DiskFull(RuntimeError):
+    """A write failed because a file system is full (of the data folder, Spark's scratch or Postgres')."""
+
+
+#: The words of a write on a full file system: the OS's (Java's IOException and Postgres keep them).
+_DISK_FULL = ("No space left on device", "Disk quota exceeded")
+
+
+def disk_full(exc: BaseException, settings: Settings) -> DiskFull | None:
+    """``exc`` told as one line when a full file system caused it (however deep in a Java trace), with
+    the free space of the folders the jobs write; else None."""
+    import errno
+
+    from lakehouse import damage
+    from lakehouse.spark import scratch_root
+
+    text = damage._text(exc)
+    if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) \
+            and not any(words in text for words in _DISK_FULL):
+        return None
+    free = []
+    for what, folder in (("data folder", settings.data_root), ("Spark's scratch", scratch_root())):
+        try:
+            free.append(f"{what} {folder}: {shutil.disk_usage(folder).free / 1e9:.1f} GB free")
+        except OSError:
+            continue
+    return DiskFull(f"a file system is full (No space left on device); {'; '.join(free) or 'free space unknown'}. "
+                    "Free space (`lakehouse maintain` compacts and vacuums the Delta tables) and run the command "
+                    "again: the stream resumes from its checkpoint and replays a micro-batch cut short; the "
+                    "other jobs can simply be run again.")
+
+
 # ---- generate -------------------------------------------------------------------------------------
 
 def _parse_start(text: str | None):
@@ -752,7 +784,8 @@ def _user_error(exc: Exception, settings: Settings | None) -> Exception | None:
         return None
     from lakehouse import damage
 
-    return damage.explain(exc, settings)
+    # a full disk first: its error may name a table's file, which is not damaged for that
+    return disk_full(exc, settings) or damage.explain(exc, settings)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,30 @@ def test_the_cli_tells_a_damaged_table_as_its_one_error_line():
     assert cli._user_error(RuntimeError(DATA_GONE), None) is None  # no settings, nothing to map it to
 
 
+def test_a_full_disk_is_told_as_one_line_not_as_a_damaged_table(tmp_path):
+    import errno
+
+    settings = Settings.from_env({"LAKEHOUSE_DATA": str(tmp_path)})
+    # a Delta write on a full disk: the error names a file of a table, and Java's words for it
+    text = (": org.apache.spark.SparkException: Task failed while writing rows to file:" + str(tmp_path) +
+            "/delta/silver/transactions.\nCaused by: java.io.IOException: No space left on device\n"
+            "\tat java.base/java.io.FileOutputStream.writeBytes(Native Method)\n"
+            "Caused by: java.io.FileNotFoundException: File does not exist")
+    try:
+        try:
+            raise RuntimeError(text)
+        except RuntimeError as inner:
+            raise RuntimeError("[STREAM_FAILED] Query terminated with exception") from inner
+    except RuntimeError as exc:
+        told = cli._user_error(exc, settings)
+    assert isinstance(told, cli.DiskFull)
+    assert f"data folder {tmp_path}: " in str(told) and "GB free" in str(told) and "run the command again" in str(told)
+    assert isinstance(cli._user_error(OSError(errno.ENOSPC, "No space left on device"), settings), cli.DiskFull)
+    assert isinstance(cli._user_error(RuntimeError('could not extend file "base/5/16384": Disk quota exceeded'),
+                                      settings), cli.DiskFull)  # Postgres' words
+    assert cli.disk_full(RuntimeError("a bug"), settings) is None
+
+
 @pytest.mark.parametrize("data, problem", [
     (b'v1\n{"batchWatermarkMs":0,"batchTimestampMs":1}\n{"logOffset":0}\n', None),
     (b'v1\n{"batchWatermarkMs":0}\n-\n', None),  # a source with no offset yet
