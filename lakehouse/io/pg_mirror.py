@@ -233,7 +233,6 @@ def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
             _ensure_table(cur, schema, table)
 
 
-
 def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
     target = _qualified(schema, table.name)
     cur.execute("SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
