@@ -289,12 +289,19 @@ def table_version(path: Path | str) -> int | None:
         while (log_dir / _commit_name(version + 1)).exists():
             version += 1
         return version
+    listed = _log_versions(log_dir)
+    return None if listed is None else max(listed[0], default=None)
+
+
+def _log_versions(log_dir: Path) -> tuple[list[int], list[int]] | None:
+    """The versions of the commit files and of the checkpoint files in ``log_dir`` (one listing);
+    None without the folder."""
     try:
         names = os.listdir(log_dir)
     except FileNotFoundError:
         return None
-    versions = [int(n[:20]) for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit()]
-    return max(versions, default=None)
+    return ([int(n[:20]) for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit()],
+            [int(n[:20]) for n in names if ".checkpoint" in n and n[:20].isdigit()])
 
 
 def never_written(path: Path | str) -> bool:
@@ -324,12 +331,10 @@ def cleaned_before(path: Path | str, version: int) -> int | None:
     log_dir = Path(path) / "_delta_log"
     if (log_dir / _commit_name(version)).exists():
         return None
-    try:
-        names = os.listdir(log_dir)
-    except FileNotFoundError:
+    listed = _log_versions(log_dir)
+    if listed is None:
         return None
-    commits = [int(n[:20]) for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit()]
-    checkpoints = [int(n[:20]) for n in names if ".checkpoint" in n and n[:20].isdigit()]
+    commits, checkpoints = listed
     first = min(commits, default=None)
     if first is None or first <= version or not any(c >= first - 1 for c in checkpoints):
         return None
