@@ -150,6 +150,11 @@ def version_at(spark: SparkSession, path, ts: datetime) -> int:
     rows = DeltaTable.forPath(spark, str(path)).history().select("version", "timestamp").collect()
     ok = [r["version"] for r in rows if as_utc(r["timestamp"]) <= ts]
     if not ok:
+        oldest = min((r["version"] for r in rows), default=None)
+        if oldest:  # the log keeps no commit before it: log clean-up removed them
+            raise DatasetError(f"{path} has no version at or before {ts.isoformat()} any more: log clean-up "
+                               f"removed the commits before version {oldest} (delta.logRetentionDuration). "
+                               f"{_RETAINED_HINT}")
         raise DatasetError(f"{path} has no version at or before {ts.isoformat()}")
     return max(ok)
 

@@ -190,6 +190,8 @@ def test_a_snapshot_older_than_the_tables_keep_is_told_as_such_not_as_damage(spa
                                                     r"commit \(the log keeps the versions from 2 on"):
         dataset.check_retained(spark, "silver_labels", labels_path, 1)
     dataset.check_retained(spark, "silver_labels", labels_path, 2)  # the checkpoint's version reads
+    with pytest.raises(dataset.DatasetError, match=r"any more: log clean-up removed the commits before version 2"):
+        dataset.version_at(spark, labels_path, datetime(2026, 1, 1, tzinfo=timezone.utc))
 
 
 def test_worse_model_is_not_promoted(worse, champion, ml_settings):
