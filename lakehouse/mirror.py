@@ -135,8 +135,8 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
             upserts, deletes = net_changes(cdf, table.key)
             rows, gone = as_json(upserts).toArrow(), deletes.toArrow()
         except Exception as exc:  # noqa: BLE001 -- only a file VACUUM removed is taken here
-            found = damage.find(str(exc), {name: path})
-            if found is None or found.reason != damage.MISSING:
+            found = damage.explain(exc, settings)
+            if found is None or found.table != name or found.reason != damage.MISSING:
                 raise
             # VACUUM removed a file the changes since the ledger's version need (the mirror was behind
             # for longer than the retention). A file the snapshot needs fails the read below: damage.
