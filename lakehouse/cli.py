@@ -45,7 +45,7 @@ def disk_full(exc: BaseException, settings: Settings) -> DiskFull | None:
     from lakehouse import damage
     from lakehouse.spark import scratch_root
 
-    text = damage._text(exc)
+    text = damage.full_text(exc)
     if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) \
             and not any(words in text for words in _DISK_FULL):
         return None

@@ -200,7 +200,7 @@ def check_tables(settings: Settings, names=None) -> None:
             raise damaged
 
 
-def _text(exc: BaseException) -> str:
+def full_text(exc: BaseException) -> str:
     """The error's whole text: its own, then its causes' (a query's failure wraps the batch's)."""
     parts, seen = [], set()
     while exc is not None and id(exc) not in seen:
@@ -214,7 +214,7 @@ def explain(exc: BaseException, settings: Settings) -> DamagedTable | None:
     """``exc`` as a :class:`DamagedTable` when a file of one of the project's tables caused it, else None."""
     if isinstance(exc, DamagedTable):
         return exc
-    text = _text(exc)
+    text = full_text(exc)
     tables = {name: Path(os.path.realpath(settings.table_path(name))) for name in TABLES}
     found = find(text, tables) or find(text, {n: settings.table_path(n) for n in TABLES})
     if found is not None or not _GAP.search(text):
