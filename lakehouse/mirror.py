@@ -7,7 +7,10 @@ ledger version are committed in one Postgres transaction (:mod:`lakehouse.io.pg_
 any moment leaves Postgres at some applied version, and the next run catches up from there. An
 unreachable Postgres is retried with back-off. A table whose changes since the ledger's version can no
 longer be read (VACUUM or log clean-up removed them while the mirror was behind) is read whole and
-replaces its Postgres rows, as one created again does.
+replaces its Postgres rows, as one created again does. A table the ledger has no entry for (loaded
+for the first time, or forgotten because it was dropped, emptied or written outside the mirror in
+Postgres: :mod:`lakehouse.io.pg_mirror`'s triggers) gets the snapshot too, and loses the rows it holds
+that the snapshot does not (``upsert_batch(whole=True)``).
 """
 
 from __future__ import annotations
@@ -148,8 +151,10 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
         rows = as_json(snapshot).toArrow()
 
     def apply(conn) -> int:
+        # No ledger entry (a first load, or Postgres forgot the table: dropped, emptied, or written outside
+        # the mirror): the snapshot is upserted and the rows it does not hold are deleted (``whole``).
         return pg_mirror.upsert_batch(conn, settings.pg_schema, table, rows, source, version, deletes=gone,
-                                      source_id=source_id, replace=bool(feed_gone))
+                                      source_id=source_id, replace=bool(feed_gone), whole=done is None)
 
     changed = pg_mirror.with_retries(apply, settings, attempts=attempts, on_retry=on_retry)
     if applied is not None:

@@ -25,8 +25,16 @@ One call of :func:`upsert_batch` applies one batch in **one Postgres transaction
    replacement: the table's rows are deleted first, in the same transaction, whatever the versions.
 
 The data and the ledger commit together, so a batch is applied exactly once however often it is
-retried, and a failure anywhere leaves both untouched. :func:`with_retries` runs such a call with a
-fresh connection per attempt and exponential back-off while Postgres is unreachable.
+retried, and a failure anywhere leaves both untouched. The ledger's word holds only while nothing else
+writes the tables: a statement-level trigger on each of them (:data:`FOREIGN_WRITE`) deletes its ledger
+entries, and warns the writer, when an ``INSERT``, ``UPDATE`` or ``DELETE`` runs in a transaction that
+is not the mirror's own (those set :data:`WRITER_SETTING`); an ``AFTER TRUNCATE`` trigger
+(:data:`FORGET`) does the same for ``TRUNCATE``, and a dropped table loses its entries when it is
+created again. A source's next batch must then be the whole source (:mod:`lakehouse.mirror` reads the
+snapshot, and ``upsert_batch(whole=True)`` also deletes the rows it does not hold).
+
+:func:`with_retries` runs such a call with a fresh connection per attempt and exponential back-off
+while Postgres is unreachable.
 
 Value conversion (pandas ``DataFrame`` or pyarrow ``Table`` in, target column types from
 :class:`MirrorTable`):
@@ -72,6 +80,11 @@ T = TypeVar("T")
 LEDGER_TABLE = "_mirror_ledger"
 #: The trigger (and its function) that makes the ledger forget a mirrored table emptied by ``TRUNCATE``.
 FORGET = "_mirror_forget"
+#: The trigger (and its function) that makes the ledger forget a mirrored table an ``INSERT``, ``UPDATE``
+#: or ``DELETE`` wrote outside the mirror (by hand, say): its rows are no longer a version of the source.
+FOREIGN_WRITE = "_mirror_foreign_write"
+#: The setting (``SET LOCAL``) that marks a transaction as the mirror's own: :data:`FOREIGN_WRITE` spares it.
+WRITER_SETTING = "lakehouse.mirror_writer"
 #: Ordinal column added to the staging table (keeps the last row of a duplicated key).
 ORD_COLUMN = "_mirror_ord"
 #: Postgres identifier length limit (bytes).
@@ -180,6 +193,12 @@ def _transaction(conn) -> Iterator[Any]:
                 conn.autocommit = True
 
 
+def _as_writer(cur) -> None:
+    """Start a writing transaction of the mirror's: UTC for naive timestamps, and marked as the
+    mirror's own (:data:`WRITER_SETTING`), which the :data:`FOREIGN_WRITE` trigger spares."""
+    cur.execute(f"SET LOCAL TIME ZONE 'UTC'; SET LOCAL {WRITER_SETTING} = 'on'")
+
+
 def _lock_key(*parts: str) -> str:
     return "\x1f".join(("lakehouse.pg_mirror", *parts))
 
@@ -204,8 +223,9 @@ def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
     Idempotent and safe to run concurrently. A table that already exists gets any declared column it
     lacks (``ALTER TABLE ... ADD COLUMN``, nullable); existing columns, types and keys are not changed.
     A table created while the ledger has entries for it (it was dropped) loses those entries: the
-    next :func:`upsert_batch` must bring the whole source. So does a table emptied by ``TRUNCATE`` (a
-    trigger on each table). Commits (runs in a transaction of its own).
+    next :func:`upsert_batch` must bring the whole source. So does a table emptied by ``TRUNCATE``, or
+    written by an ``INSERT``, ``UPDATE`` or ``DELETE`` outside the mirror (two triggers on each table).
+    Commits (runs in a transaction of its own).
     """
     tables = list(tables)
     with _transaction(conn) as cur:
@@ -229,6 +249,17 @@ def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
                 "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
                 "DELETE FROM {} WHERE table_name = TG_TABLE_NAME; RETURN NULL; END $$"
             ).format(sql.Identifier(schema, FORGET), _qualified(schema, LEDGER_TABLE)))
+        cur.execute("SELECT to_regprocedure(%s)", (f"{sql.Identifier(schema, FOREIGN_WRITE).as_string(cur)}()",))
+        if cur.fetchone()[0] is None:
+            cur.execute(sql.SQL(
+                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF coalesce(current_setting({}, true), '') <> 'on' THEN "
+                "DELETE FROM {} WHERE table_name = TG_TABLE_NAME; "
+                "IF FOUND THEN RAISE WARNING '%.% was written outside the lakehouse mirror (%): the mirror "
+                "reloads it whole from its Delta table at its next round', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP; "
+                "END IF; END IF; RETURN NULL; END $$"
+            ).format(sql.Identifier(schema, FOREIGN_WRITE), sql.Literal(WRITER_SETTING),
+                     _qualified(schema, LEDGER_TABLE)))
         for table in tables:
             _ensure_table(cur, schema, table)
 
@@ -273,20 +304,26 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
     for columns in table.indexes:
         cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
             sql.Identifier(table.index_name(columns)), target, _idents(columns)))
-    # TRUNCATE (someone emptying the table) makes the ledger forget it too, in its transaction.
-    cur.execute("SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = %s",
-                (target.as_string(cur), FORGET))
-    if cur.fetchone() is None:
-        cur.execute(sql.SQL("CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()")
-                    .format(sql.Identifier(FORGET), target, sql.Identifier(schema, FORGET)))
+    # TRUNCATE (someone emptying the table), or a row written by anything but the mirror, makes the
+    # ledger forget it too, in the writer's transaction.
+    cur.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = ANY(%s)",
+                (target.as_string(cur), [FORGET, FOREIGN_WRITE]))
+    triggers = {r[0] for r in cur.fetchall()}
+    for name, events in ((FORGET, "TRUNCATE"), (FOREIGN_WRITE, "INSERT OR UPDATE OR DELETE")):
+        if name not in triggers:
+            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER {} ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()")
+                        .format(sql.Identifier(name), sql.SQL(events), target, sql.Identifier(schema, name)))
 
 
 # ---- ledger -----------------------------------------------------------------------------------
-def _read_entry(cur, schema: str, source: str, table_name: str) -> tuple[int, str | None] | None:
-    # source_id through to_jsonb: a ledger older than that column reads as None, not as an error
+def _read_entry(cur, schema: str, source: str, table_name: str,
+                for_update: bool = False) -> tuple[int, str | None] | None:
+    # source_id through to_jsonb: a ledger older than that column reads as None, not as an error.
+    # ``for_update``: a writer about to record a version holds the entry until it commits, so a foreign
+    # write's trigger deleting it waits and deletes the new version (it is not lost under the writer's).
     cur.execute(sql.SQL("SELECT version, to_jsonb(l) ->> 'source_id' FROM {} AS l "
-                        "WHERE source = %s AND table_name = %s").format(_qualified(schema, LEDGER_TABLE)),
-                (source, table_name))
+                        "WHERE source = %s AND table_name = %s{}").format(
+        _qualified(schema, LEDGER_TABLE), sql.SQL(" FOR UPDATE" if for_update else "")), (source, table_name))
     row = cur.fetchone()
     return None if row is None else (int(row[0]), row[1])
 
@@ -528,6 +565,18 @@ def _merge(cur, schema: str, table: MirrorTable, stage: sql.Identifier) -> int:
     return max(cur.rowcount, 0)
 
 
+def _delete_absent(cur, schema: str, table: MirrorTable, stage: sql.Identifier | None) -> int:
+    """Delete the target rows whose key is not in the staging table (every row when there is none)."""
+    target = _qualified(schema, table.name)
+    if stage is None:
+        cur.execute(sql.SQL("DELETE FROM {}").format(target))
+    else:
+        match = sql.SQL(" AND ").join(sql.SQL("s.{c} = t.{c}").format(c=sql.Identifier(c)) for c in table.key)
+        cur.execute(sql.SQL("DELETE FROM {} AS t WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})").format(
+            target, stage, match))
+    return max(cur.rowcount, 0)
+
+
 def _apply_deletes(cur, schema: str, table: MirrorTable, deletes) -> int:
     """Delete the target rows whose key is in ``deletes``; returns how many were deleted."""
     buf, n = _csv_buffer(deletes, table, table.key, "deletes", with_ordinal=False)
@@ -544,7 +593,7 @@ def _apply_deletes(cur, schema: str, table: MirrorTable, deletes) -> int:
 
 
 def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, version: int,
-                 deletes=None, source_id: str | None = None, replace: bool = False) -> int:
+                 deletes=None, source_id: str | None = None, replace: bool = False, whole: bool = False) -> int:
     """Apply one batch to ``schema.table`` exactly once; returns the number of rows inserted or changed.
 
     ``rows``: pandas DataFrame or pyarrow Table with (at least) the table's columns. ``source`` names
@@ -561,21 +610,26 @@ def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, versi
     replaces the table's rows (deleted first, in the same transaction), whatever the versions say.
     ``replace``: ``rows`` are the whole source at ``version`` and replace the table's rows the same
     way, unless the ledger has applied ``version`` already (the changes since the ledger's version can
-    no longer be read, say).
+    no longer be read, say). ``whole``: ``rows`` are the whole source at ``version``; they are upserted
+    as usual (rows already equal are not rewritten) and the table's rows whose key is not among them
+    are deleted, in the same transaction (a table the ledger forgot: written by hand, or holding rows
+    published ahead of versions not committed yet).
     """
     version = int(version)
     with _transaction(conn) as cur:
-        cur.execute("SET LOCAL TIME ZONE 'UTC'")
+        _as_writer(cur)
         _advisory_lock(cur, "batch", schema, source, table.name)
-        entry = _read_entry(cur, schema, source, table.name)
+        entry = _read_entry(cur, schema, source, table.name, for_update=True)
         replaced = recreated(entry, source_id)
         if entry is not None and entry[0] >= version and not replaced:
             log.info("%s.%s: %s version %d already applied (ledger at %d); skipped", schema, table.name,
                      source, version, entry[0])
             return 0
         t0 = time.monotonic()
+        cleared = 0
         if replaced or replace:
             cur.execute(sql.SQL("DELETE FROM {}").format(_qualified(schema, table.name)))
+            cleared = max(cur.rowcount, 0)
         if replaced:
             log.warning("%s.%s: %s was created again (id %s, was %s): its rows replace the table's",
                         schema, table.name, source, source_id, entry[1])
@@ -583,10 +637,13 @@ def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, versi
         if upserted is None:
             stage = _stage_rows(cur, schema, table, rows)
             upserted = _merge(cur, schema, table, stage) if stage is not None else 0
+            if whole:
+                cleared += _delete_absent(cur, schema, table, stage)
         deleted = _apply_deletes(cur, schema, table, deletes) if deletes is not None else 0
         _record_version(cur, schema, source, table.name, version, upserted, source_id)
-    log.info("%s.%s: applied %s version %d (%d rows upserted, %d deleted) in %.2f s", schema, table.name,
-             source, version, upserted, deleted, time.monotonic() - t0)
+    log.info("%s.%s: applied %s version %d (%d rows upserted, %d deleted%s) in %.2f s", schema, table.name,
+             source, version, upserted, deleted, f", {cleared} old rows removed" if cleared else "",
+             time.monotonic() - t0)
     return upserted
 
 
@@ -605,7 +662,7 @@ def publish_ahead(conn, schema: str, table: MirrorTable, rows, source: str, befo
     created again: the mirror first replaces the table). Returns the rows inserted or changed.
     """
     with _transaction(conn) as cur:
-        cur.execute("SET LOCAL TIME ZONE 'UTC'")
+        _as_writer(cur)
         _advisory_lock(cur, "batch", schema, source, table.name)
         entry = _read_entry(cur, schema, source, table.name)
         if entry is not None and (before is None or entry[0] > before or recreated(entry, source_id)):
@@ -643,7 +700,7 @@ def publish_provisional(conn, schema: str, table: MirrorTable, rows, source_file
     if table.key != ("event_id",):
         raise ValueError(f"{table.name}: provisional rows are journaled by event_id, not {table.key}")
     with _transaction(conn) as cur:
-        cur.execute("SET LOCAL TIME ZONE 'UTC'")
+        _as_writer(cur)
         stage = _stage_rows(cur, schema, table, rows)
         if stage is None:
             return []
@@ -681,6 +738,7 @@ def resolve_provisional(conn, schema: str, table: MirrorTable, entries: Iterable
     into an empty key, which nothing but gold may overwrite, and gold never holds an orphan."""
     entries, orphans = sorted(set(entries)), sorted(set(orphans))
     with _transaction(conn) as cur:
+        _as_writer(cur)
         deleted = 0
         if orphans:
             cur.execute(sql.SQL("DELETE FROM {t} AS t USING {j} AS j WHERE j.event_id = t.event_id "

@@ -152,6 +152,7 @@ def test_rows_published_ahead_of_the_mirror_never_overwrite_a_newer_applied_vers
     fixed = ("t2", "c1", 21.0, 2, False, ts("2024-01-01 10:01:00"), "fixed in version 2")
     assert mirror.publish_ahead(conn, SCHEMA, SCORES, frame([fixed]), "gold.scores", before=1) == 1
     assert contents(conn)[1] == as_db(fixed)
+    assert ledger(conn) == [("gold.scores", "scores", 1, 0)]  # a write of the mirror's: not forgotten
     # The mirror applies version 3 (t2 changed again); rows computed before it arrive late: skipped.
     again = ("t2", "c1", 22.0, 2, True, ts("2024-01-01 10:01:00"), "version 3")
     assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame([again]), "gold.scores", 3) == 1
@@ -183,6 +184,48 @@ def test_a_source_created_again_replaces_the_rows_whatever_its_versions(conn):
     assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", 2, source_id="b") == 0
     assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", 1) == 0
     assert contents(conn) == [as_db(r) for r in fresh]
+
+
+def test_a_write_outside_the_mirror_makes_the_ledger_forget_the_table(conn):
+    # The ledger vouches that the table holds a version of its source; an INSERT, UPDATE or DELETE by
+    # anything else (a person, a script) breaks that. A trigger deletes the table's entries in the
+    # writer's transaction and warns the writer; the mirror's own writes leave them.
+    events = MirrorTable(name="events", columns=(("event_id", "text"), ("note", "text")), key=("event_id",))
+    mirror.ensure_schema(conn, SCHEMA, [events])
+    mirror.ensure_journal(conn, SCHEMA)
+    rows = pd.DataFrame({"event_id": ["e1", "e2"], "note": ["one", "two"]})
+    assert mirror.upsert_batch(conn, SCHEMA, events, rows, "delta:events", 1) == 2
+    provisional = pd.DataFrame({"event_id": ["e3"], "note": ["provisional"]})
+    assert mirror.publish_provisional(conn, SCHEMA, events, provisional, "f.jsonl") == ["e3"]
+    assert mirror.resolve_provisional(conn, SCHEMA, events, ["e3"], orphans=["e3"]) == 1
+    assert mirror.publish_ahead(conn, SCHEMA, events, rows.assign(note="two, again"), "delta:events", 1) == 2
+    assert ledger(conn) == [("delta:events", "events", 1, 2)]
+
+    with conn.cursor() as cur:  # a foreign write rolled back forgets nothing
+        cur.execute(f"DELETE FROM {SCHEMA}.events")
+    conn.rollback()
+    assert ledger(conn) == [("delta:events", "events", 1, 2)]
+    version = 1
+    for op, statement in (("DELETE", "DELETE FROM {}.events WHERE event_id = 'e1'"),
+                          ("UPDATE", "UPDATE {}.events SET note = 'by hand'"),
+                          ("INSERT", "INSERT INTO {}.events VALUES ('stray', 'by hand')")):
+        version += 1
+        assert mirror.upsert_batch(conn, SCHEMA, events, rows, "delta:events", version) >= 0
+        assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", version) >= 0
+        del conn.notices[:]
+        with conn.cursor() as cur:
+            cur.execute(statement.format(SCHEMA))
+        conn.commit()
+        assert ledger(conn) == [("delta:scores", "scores", version, 3 if version == 2 else 0)], op
+        assert [n.strip() for n in conn.notices] == [
+            f"WARNING:  {SCHEMA}.events was written outside the lakehouse mirror ({op}): the mirror reloads it "
+            "whole from its Delta table at its next round"], op
+    # The next batch of a forgotten table is its whole source: equal rows stay as they are, the stray
+    # row goes, and the ledger holds the version again.
+    assert contents(conn, "events") == [("e1", "one"), ("e2", "two"), ("stray", "by hand")]
+    assert mirror.upsert_batch(conn, SCHEMA, events, rows, "delta:events", version + 1, whole=True) == 0
+    assert contents(conn, "events") == [("e1", "one"), ("e2", "two")]
+    assert ledger(conn)[0] == ("delta:events", "events", version + 1, 0)
 
 
 def test_duplicate_keys_in_one_batch_keep_the_last(conn):
