@@ -221,7 +221,9 @@ def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
     """Create ``schema``, the ledger and every table (with primary key and indexes) unless they exist.
 
     Idempotent and safe to run concurrently. A table that already exists gets any declared column it
-    lacks (``ALTER TABLE ... ADD COLUMN``, nullable); existing columns, types and keys are not changed.
+    lacks (``ALTER TABLE ... ADD COLUMN``, nullable), and loses its ledger entries then: its rows have
+    no value in that column until the next batch brings the whole source. Existing columns, types and
+    keys are not changed.
     A table created while the ledger has entries for it (it was dropped) loses those entries: the
     next :func:`upsert_batch` must bring the whole source. So does a table emptied by ``TRUNCATE``, or
     written by an ``INSERT``, ``UPDATE`` or ``DELETE`` outside the mirror (two triggers on each table).
@@ -293,11 +295,20 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
         if missing_keys:
             raise ValueError(f"{schema}.{table.name} exists without key columns {missing_keys}; migrate "
                              "or drop it (a primary key cannot be added by the mirror)")
-        for column, pgtype in table.columns:
-            if column not in existing:
-                log.info("adding column %s %s to %s.%s", column, pgtype, schema, table.name)
-                cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                    target, sql.Identifier(column), sql.SQL(pgtype)))
+        added = [(column, pgtype) for column, pgtype in table.columns if column not in existing]
+        for column, pgtype in added:
+            log.info("adding column %s %s to %s.%s", column, pgtype, schema, table.name)
+            cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                target, sql.Identifier(column), sql.SQL(pgtype)))
+        if added:
+            # The rows already there hold no value in the new columns (a column the source gained, or
+            # one dropped by hand): the ledger forgets the table, so its next batch brings every row.
+            cur.execute(sql.SQL("DELETE FROM {} WHERE table_name = %s RETURNING source, version").format(
+                _qualified(schema, LEDGER_TABLE)), (table.name,))
+            for source, version in cur.fetchall():
+                log.warning("%s.%s lacked columns %s after %s version %d was applied: they are added and the "
+                            "table is loaded whole", schema, table.name, ", ".join(c for c, _ in added), source,
+                            version)
         if table.loaded_at and table.loaded_at not in existing:
             cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} timestamptz NOT NULL DEFAULT now()")
                         .format(target, sql.Identifier(table.loaded_at)))

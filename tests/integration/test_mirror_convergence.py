@@ -275,14 +275,15 @@ def test_a_postgres_table_dropped_or_emptied_behind_the_mirrors_back_is_loaded_w
         assert result["rows"] == 5 - version
         assert assert_pg_equals_delta(spark, settings, [name]) == {name: 5 - version}
 
-    # Rows deleted, changed or added by hand, while the Delta table stays at version 2: the mirror's
-    # next run brings the table back to the snapshot, rewriting only the rows that differ (before, the
-    # ledger said version 2 was there, and it was skipped).
+    # Rows deleted, changed or added by hand, or a column dropped, while the Delta table stays at
+    # version 2: the mirror's next run brings the table back to the snapshot, rewriting only the rows
+    # that differ (before, the ledger said version 2 was there, and it was skipped).
     table = f"{settings.pg_schema}.{name}"
     for statement, rewritten in ((f"DELETE FROM {table} WHERE event_id = 'e3'", 1),
                                  (f"UPDATE {table} SET is_fraud = false WHERE event_id = 'e4'", 1),
                                  (f"INSERT INTO {table} (event_id, is_fraud, reported_at) VALUES ('x', true, now())",
-                                  0)):
+                                  0),
+                                 (f"ALTER TABLE {table} DROP COLUMN is_fraud", 3)):
         psql(statement)
         result = mirror.mirror_table(spark, settings, name)
         assert (result["version"], result["applied_before"], result["rows"]) == (2, None, rewritten), statement

@@ -437,6 +437,23 @@ def test_deletes_by_key(conn):
     assert [r[0] for r in contents(conn)] == ["t5"]
 
 
+def test_a_column_the_table_lacks_is_added_and_its_rows_are_brought_whole(conn, caplog):
+    # A source that gained a column (a new release's gold table), or a column someone dropped by hand:
+    # the rows already in the table have no value in it, which no version after the ledger's brings.
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", 1) == 3
+    with conn.cursor() as cur:
+        cur.execute(f"ALTER TABLE {SCHEMA}.scores DROP COLUMN note")
+    conn.commit()
+    mirror.ensure_schema(conn, SCHEMA, [SCORES])
+    assert "scores lacked columns note after delta:scores version 1 was applied" in caplog.text
+    assert ledger(conn) == [] and [r[6] for r in contents(conn)] == [None, None, None]
+    # t3's note is null anyway: only t1 and t2 are rewritten
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", 1, whole=True) == 2
+    assert contents(conn) == [as_db(r) for r in BATCH1]
+    mirror.ensure_schema(conn, SCHEMA, [SCORES])  # nothing lacking: the ledger stays
+    assert ledger(conn) == [("delta:scores", "scores", 1, 2)]
+
+
 def test_composite_key_and_key_only_table(conn):
     windows = MirrorTable("card_windows", (("card_id", "text"), ("window_start", "timestamptz"),
                                            ("n", "integer"), ("total", "numeric(12,2)")),
