@@ -154,9 +154,14 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
         # No ledger entry (a first load, or Postgres forgot the table: dropped, emptied, or written outside
         # the mirror): the snapshot is upserted and the rows it does not hold are deleted (``whole``).
         return pg_mirror.upsert_batch(conn, settings.pg_schema, table, rows, source, version, deletes=gone,
-                                      source_id=source_id, replace=bool(feed_gone), whole=done is None)
+                                      source_id=source_id, replace=bool(feed_gone), whole=done is None,
+                                      since=done if gone is not None else None)
 
-    changed = pg_mirror.with_retries(apply, settings, attempts=attempts, on_retry=on_retry)
+    try:
+        changed = pg_mirror.with_retries(apply, settings, attempts=attempts, on_retry=on_retry)
+    except pg_mirror.LedgerForgotten as exc:  # forgotten while the changes were read: read it whole
+        log.warning("%s; it is read whole", exc)
+        return mirror_table(spark, settings, name, on_retry=on_retry, attempts=attempts, applied=applied)
     if applied is not None:
         applied[name] = version
     return {"table": name, "version": version, "applied_before": done, "rows": changed,

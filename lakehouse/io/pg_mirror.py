@@ -31,7 +31,9 @@ entries, and warns the writer, when an ``INSERT``, ``UPDATE`` or ``DELETE`` runs
 is not the mirror's own (those set :data:`WRITER_SETTING`); an ``AFTER TRUNCATE`` trigger
 (:data:`FORGET`) does the same for ``TRUNCATE``, and a dropped table loses its entries when it is
 created again. A source's next batch must then be the whole source (:mod:`lakehouse.mirror` reads the
-snapshot, and ``upsert_batch(whole=True)`` also deletes the rows it does not hold).
+snapshot, and ``upsert_batch(whole=True)`` also deletes the rows it does not hold). A third trigger
+(:data:`FOREIGN_LOCK`) makes such a write and a batch being applied to the table wait for each other,
+so a forget is never lost under a batch's commit.
 
 :func:`with_retries` runs such a call with a fresh connection per attempt and exponential back-off
 while Postgres is unreachable.
@@ -83,6 +85,10 @@ FORGET = "_mirror_forget"
 #: The trigger (and its function) that makes the ledger forget a mirrored table an ``INSERT``, ``UPDATE``
 #: or ``DELETE`` wrote outside the mirror (by hand, say): its rows are no longer a version of the source.
 FOREIGN_WRITE = "_mirror_foreign_write"
+#: The trigger (and its function) that makes a write outside the mirror (``TRUNCATE`` too) wait for a
+#: batch being applied to the table, and a batch wait for it (a shared advisory lock on the table, which
+#: :func:`upsert_batch` takes exclusively): the forget of one is never lost under the other's commit.
+FOREIGN_LOCK = "_mirror_foreign_lock"
 #: The setting (``SET LOCAL``) that marks a transaction as the mirror's own: :data:`FOREIGN_WRITE` spares it.
 WRITER_SETTING = "lakehouse.mirror_writer"
 #: Ordinal column added to the staging table (keeps the last row of a duplicated key).
@@ -245,25 +251,41 @@ def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
         if cur.fetchone() is None:  # a ledger from before the source's identity was kept
             cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS source_id text").format(
                 _qualified(schema, LEDGER_TABLE)))
-        cur.execute("SELECT to_regprocedure(%s)", (f"{sql.Identifier(schema, FORGET).as_string(cur)}()",))
-        if cur.fetchone()[0] is None:
-            cur.execute(sql.SQL(
-                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "DELETE FROM {} WHERE table_name = TG_TABLE_NAME; RETURN NULL; END $$"
-            ).format(sql.Identifier(schema, FORGET), _qualified(schema, LEDGER_TABLE)))
-        cur.execute("SELECT to_regprocedure(%s)", (f"{sql.Identifier(schema, FOREIGN_WRITE).as_string(cur)}()",))
-        if cur.fetchone()[0] is None:
-            cur.execute(sql.SQL(
-                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "IF coalesce(current_setting({}, true), '') <> 'on' THEN "
-                "DELETE FROM {} WHERE table_name = TG_TABLE_NAME; "
-                "IF FOUND THEN RAISE WARNING '%.% was written outside the lakehouse mirror (%): the mirror "
-                "reloads it whole from its Delta table at its next round', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP; "
-                "END IF; END IF; RETURN NULL; END $$"
-            ).format(sql.Identifier(schema, FOREIGN_WRITE), sql.Literal(WRITER_SETTING),
-                     _qualified(schema, LEDGER_TABLE)))
+        for name, body in _trigger_functions(schema).items():
+            body = body.as_string(cur)
+            cur.execute("SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s) AND prosecdef",
+                        (f"{sql.Identifier(schema, name).as_string(cur)}()",))
+            if (cur.fetchone() or (None,))[0] != body:  # missing, or made by an older release
+                # SECURITY DEFINER: a role allowed to write the table may not be allowed the ledger.
+                cur.execute(sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql "
+                                    "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {}").format(
+                    sql.Identifier(schema, name), sql.Literal(body)))
         for table in tables:
             _ensure_table(cur, schema, table)
+
+
+def _trigger_functions(schema: str) -> dict[str, sql.Composable]:
+    """The body of each trigger function of the mirrored tables (see :data:`FORGET`,
+    :data:`FOREIGN_WRITE`, :data:`FOREIGN_LOCK`)."""
+    ledger = _qualified(schema, LEDGER_TABLE)
+    foreign = sql.SQL("coalesce(current_setting({}, true), '') <> 'on'").format(sql.Literal(WRITER_SETTING))
+    return {
+        FORGET: sql.SQL(" BEGIN DELETE FROM {} WHERE table_name = TG_TABLE_NAME; RETURN NULL; END ").format(ledger),
+        FOREIGN_LOCK: sql.SQL(
+            " BEGIN IF {} THEN PERFORM pg_advisory_xact_lock_shared(hashtextextended(concat_ws(chr(31), {}, "
+            "'table', TG_TABLE_SCHEMA, TG_TABLE_NAME), 0)); END IF; RETURN NULL; END ").format(
+            foreign, sql.Literal(_lock_key())),
+        FOREIGN_WRITE: sql.SQL(
+            " BEGIN IF {} THEN DELETE FROM {} WHERE table_name = TG_TABLE_NAME; "
+            "IF FOUND THEN RAISE WARNING '%.% was written outside the lakehouse mirror (%): the mirror reloads "
+            "it whole from its Delta table at its next round', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP; "
+            "END IF; END IF; RETURN NULL; END ").format(foreign, ledger),
+    }
+
+
+#: Each table's triggers: (name, when, events); the function of each has the trigger's name.
+_TRIGGERS = ((FORGET, "AFTER", "TRUNCATE"), (FOREIGN_WRITE, "AFTER", "INSERT OR UPDATE OR DELETE"),
+             (FOREIGN_LOCK, "BEFORE", "INSERT OR UPDATE OR DELETE OR TRUNCATE"))
 
 
 def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
@@ -302,7 +324,9 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
                 target, sql.Identifier(column), sql.SQL(pgtype)))
         if added:
             # The rows already there hold no value in the new columns (a column the source gained, or
-            # one dropped by hand): the ledger forgets the table, so its next batch brings every row.
+            # one dropped by hand): the ledger forgets the table, so its next batch brings every row;
+            # after a batch being applied to it has committed (its ledger entry with it).
+            _advisory_lock(cur, "table", schema, table.name)
             cur.execute(sql.SQL("DELETE FROM {} WHERE table_name = %s RETURNING source, version").format(
                 _qualified(schema, LEDGER_TABLE)), (table.name,))
             for source, version in cur.fetchall():
@@ -318,23 +342,20 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
     # TRUNCATE (someone emptying the table), or a row written by anything but the mirror, makes the
     # ledger forget it too, in the writer's transaction.
     cur.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = ANY(%s)",
-                (target.as_string(cur), [FORGET, FOREIGN_WRITE]))
+                (target.as_string(cur), [t[0] for t in _TRIGGERS]))
     triggers = {r[0] for r in cur.fetchall()}
-    for name, events in ((FORGET, "TRUNCATE"), (FOREIGN_WRITE, "INSERT OR UPDATE OR DELETE")):
+    for name, when, events in _TRIGGERS:
         if name not in triggers:
-            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER {} ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()")
-                        .format(sql.Identifier(name), sql.SQL(events), target, sql.Identifier(schema, name)))
+            cur.execute(sql.SQL("CREATE TRIGGER {} {} {} ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()").format(
+                sql.Identifier(name), sql.SQL(when), sql.SQL(events), target, sql.Identifier(schema, name)))
 
 
 # ---- ledger -----------------------------------------------------------------------------------
-def _read_entry(cur, schema: str, source: str, table_name: str,
-                for_update: bool = False) -> tuple[int, str | None] | None:
-    # source_id through to_jsonb: a ledger older than that column reads as None, not as an error.
-    # ``for_update``: a writer about to record a version holds the entry until it commits, so a foreign
-    # write's trigger deleting it waits and deletes the new version (it is not lost under the writer's).
+def _read_entry(cur, schema: str, source: str, table_name: str) -> tuple[int, str | None] | None:
+    # source_id through to_jsonb: a ledger older than that column reads as None, not as an error
     cur.execute(sql.SQL("SELECT version, to_jsonb(l) ->> 'source_id' FROM {} AS l "
-                        "WHERE source = %s AND table_name = %s{}").format(
-        _qualified(schema, LEDGER_TABLE), sql.SQL(" FOR UPDATE" if for_update else "")), (source, table_name))
+                        "WHERE source = %s AND table_name = %s").format(_qualified(schema, LEDGER_TABLE)),
+                (source, table_name))
     row = cur.fetchone()
     return None if row is None else (int(row[0]), row[1])
 
@@ -544,7 +565,8 @@ def _drop_indexes(cur, schema: str, table: MirrorTable) -> list[sql.Composable] 
         for name, definition in indexes:
             cur.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))  # regclass text: schema-qualified, quoted
             rebuild.append(sql.SQL(definition))
-    except (psycopg2.errors.LockNotAvailable, psycopg2.errors.DependentObjectsStillExist) as exc:
+    except (psycopg2.errors.LockNotAvailable, psycopg2.errors.DependentObjectsStillExist,
+            psycopg2.errors.DeadlockDetected) as exc:
         cur.execute("ROLLBACK TO SAVEPOINT lakehouse_mirror_indexes")  # lock_timeout's SET LOCAL too
         log.info("%s.%s: first load with its indexes in place (%s)", schema, table.name,
                  str(exc).strip().splitlines()[0])
@@ -603,8 +625,15 @@ def _apply_deletes(cur, schema: str, table: MirrorTable, deletes) -> int:
     return max(cur.rowcount, 0)
 
 
+class LedgerForgotten(RuntimeError):
+    """The ledger no longer holds the version a batch of changes was read after: Postgres forgot the
+    table meanwhile (dropped, emptied or written outside the mirror). Nothing was written; the batch
+    must be made again, as the whole source."""
+
+
 def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, version: int,
-                 deletes=None, source_id: str | None = None, replace: bool = False, whole: bool = False) -> int:
+                 deletes=None, source_id: str | None = None, replace: bool = False, whole: bool = False,
+                 since: int | None = None) -> int:
     """Apply one batch to ``schema.table`` exactly once; returns the number of rows inserted or changed.
 
     ``rows``: pandas DataFrame or pyarrow Table with (at least) the table's columns. ``source`` names
@@ -624,18 +653,27 @@ def upsert_batch(conn, schema: str, table: MirrorTable, rows, source: str, versi
     no longer be read, say). ``whole``: ``rows`` are the whole source at ``version``; they are upserted
     as usual (rows already equal are not rewritten) and the table's rows whose key is not among them
     are deleted, in the same transaction (a table the ledger forgot: written by hand, or holding rows
-    published ahead of versions not committed yet).
+    published ahead of versions not committed yet). ``since``: ``rows`` are the changes after that
+    version, which the ledger held when they were read; should it hold no entry now (Postgres forgot
+    the table meanwhile), :class:`LedgerForgotten` is raised and nothing is written.
+
+    The batch holds an exclusive advisory lock on the table until it commits; a write outside the
+    mirror takes it shared (:data:`FOREIGN_LOCK`), so the two never interleave.
     """
     version = int(version)
     with _transaction(conn) as cur:
         _as_writer(cur)
         _advisory_lock(cur, "batch", schema, source, table.name)
-        entry = _read_entry(cur, schema, source, table.name, for_update=True)
+        _advisory_lock(cur, "table", schema, table.name)
+        entry = _read_entry(cur, schema, source, table.name)
         replaced = recreated(entry, source_id)
         if entry is not None and entry[0] >= version and not replaced:
             log.info("%s.%s: %s version %d already applied (ledger at %d); skipped", schema, table.name,
                      source, version, entry[0])
             return 0
+        if since is not None and entry is None:
+            raise LedgerForgotten(f"{schema}.{table.name}: the ledger forgot {source} (it held version {since} "
+                                  "when the changes after it were read)")
         t0 = time.monotonic()
         cleared = 0
         if replaced or replace:

@@ -249,7 +249,7 @@ def test_a_mirror_behind_the_tables_retention_reloads_it_whole(spark, pg, cleanu
     assert assert_pg_equals_delta(spark, settings, [name]) == {name: 5}
 
 
-def test_a_postgres_table_dropped_or_emptied_behind_the_mirrors_back_is_loaded_whole_again(spark, pg):
+def test_a_postgres_table_dropped_or_emptied_behind_the_mirrors_back_is_loaded_whole_again(spark, pg, monkeypatch):
     # Someone drops a mirrored table in Postgres, or empties it with TRUNCATE. The ledger still says
     # which Delta version it holds: the mirror must not apply only the changes after that version.
     settings, name = pg, "silver_labels"
@@ -290,6 +290,21 @@ def test_a_postgres_table_dropped_or_emptied_behind_the_mirrors_back_is_loaded_w
         assert assert_pg_equals_delta(spark, settings, [name]) == {name: 3}
     # The mirror's own writes leave its ledger alone: the next run has nothing to do.
     assert mirror.mirror_table(spark, settings, name) == {"table": name, "version": 2, "applied": 2, "rows": 0}
+
+    # A row deleted by hand while the mirror reads the changes after the ledger's version: that batch
+    # of changes is refused (the ledger forgot the table meanwhile), and the table is read whole.
+    spark.sql(f"DELETE FROM delta.`{path}` WHERE event_id = 'e2'")
+    read_changes = mirror.net_changes
+
+    def meanwhile(cdf, key):
+        psql(f"DELETE FROM {table} WHERE event_id = 'e4'")
+        monkeypatch.setattr(mirror, "net_changes", read_changes)
+        return read_changes(cdf, key)
+
+    monkeypatch.setattr(mirror, "net_changes", meanwhile)
+    result = mirror.mirror_table(spark, settings, name)
+    assert (result["version"], result["applied_before"], result["rows"]) == (3, None, 1)
+    assert assert_pg_equals_delta(spark, settings, [name]) == {name: 2}
 
 
 @pytest.mark.slow

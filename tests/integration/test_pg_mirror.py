@@ -186,7 +186,7 @@ def test_a_source_created_again_replaces_the_rows_whatever_its_versions(conn):
     assert contents(conn) == [as_db(r) for r in fresh]
 
 
-def test_a_write_outside_the_mirror_makes_the_ledger_forget_the_table(conn):
+def test_a_write_outside_the_mirror_makes_the_ledger_forget_the_table(conn, pg_settings):
     # The ledger vouches that the table holds a version of its source; an INSERT, UPDATE or DELETE by
     # anything else (a person, a script) breaks that. A trigger deletes the table's entries in the
     # writer's transaction and warns the writer; the mirror's own writes leave them.
@@ -220,12 +220,48 @@ def test_a_write_outside_the_mirror_makes_the_ledger_forget_the_table(conn):
         assert [n.strip() for n in conn.notices] == [
             f"WARNING:  {SCHEMA}.events was written outside the lakehouse mirror ({op}): the mirror reloads it "
             "whole from its Delta table at its next round"], op
+    # Changes read after the version the ledger held then are refused: it forgot the table since.
+    with pytest.raises(mirror.LedgerForgotten, match="held version 4 when the changes after it were read"):
+        mirror.upsert_batch(conn, SCHEMA, events, rows.iloc[:1], "delta:events", version + 1, since=version)
     # The next batch of a forgotten table is its whole source: equal rows stay as they are, the stray
     # row goes, and the ledger holds the version again.
     assert contents(conn, "events") == [("e1", "one"), ("e2", "two"), ("stray", "by hand")]
     assert mirror.upsert_batch(conn, SCHEMA, events, rows, "delta:events", version + 1, whole=True) == 0
     assert contents(conn, "events") == [("e1", "one"), ("e2", "two")]
     assert ledger(conn)[0] == ("delta:events", "events", version + 1, 0)
+
+    # A write not committed yet when a batch starts: the batch waits for it (a shared advisory lock
+    # the write's trigger took), then sees its rows. Otherwise the write would commit after the batch,
+    # its forget finding no ledger entry to delete, and the stray row would stay under a new version.
+    with conn.cursor() as cur:
+        cur.execute(f"INSERT INTO {SCHEMA}.events VALUES ('late stray', 'by hand')")
+    other = pg.connect(pg_settings)
+    try:
+        batch = threading.Thread(target=mirror.upsert_batch, kwargs={"whole": True},
+                                 args=(other, SCHEMA, events, rows, "delta:events", version + 2))
+        batch.start()
+        batch.join(1.0)
+        assert batch.is_alive()  # waiting for the write's transaction
+        conn.commit()
+        batch.join(30)
+    finally:
+        other.close()
+    assert contents(conn, "events") == [("e1", "one"), ("e2", "two")]
+    assert ledger(conn)[0] == ("delta:events", "events", version + 2, 0)
+
+    # A trigger function an older release made (another body, no SECURITY DEFINER) is brought up to date.
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE OR REPLACE FUNCTION {SCHEMA}._mirror_forget() RETURNS trigger LANGUAGE plpgsql "
+                    "AS $$ BEGIN RETURN NULL; END $$")
+    conn.commit()
+    mirror.ensure_schema(conn, SCHEMA, [events])
+    with conn.cursor() as cur:
+        cur.execute("SELECT proname, prosecdef, position('DELETE FROM' in prosrc) > 0 FROM pg_proc "
+                    "WHERE proname = ANY(%s) ORDER BY 1", (["_mirror_forget", "_mirror_foreign_write",
+                                                            "_mirror_foreign_lock"],))
+        assert cur.fetchall() == [("_mirror_foreign_lock", True, False), ("_mirror_foreign_write", True, True),
+                                  ("_mirror_forget", True, True)]
+    conn.rollback()
 
 
 def test_duplicate_keys_in_one_batch_keep_the_last(conn):
