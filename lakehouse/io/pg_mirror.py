@@ -251,11 +251,14 @@ def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
         if cur.fetchone() is None:  # a ledger from before the source's identity was kept
             cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS source_id text").format(
                 _qualified(schema, LEDGER_TABLE)))
-        for name, body in _trigger_functions(schema).items():
+        functions = _trigger_functions(schema)
+        cur.execute("SELECT p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                    "WHERE n.nspname = %s AND p.proname = ANY(%s) AND p.pronargs = 0 AND p.prosecdef",
+                    (schema, list(functions)))
+        made = dict(cur.fetchall())
+        for name, body in functions.items():
             body = body.as_string(cur)
-            cur.execute("SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s) AND prosecdef",
-                        (f"{sql.Identifier(schema, name).as_string(cur)}()",))
-            if (cur.fetchone() or (None,))[0] != body:  # missing, or made by an older release
+            if made.get(name) != body:  # missing, or made by an older release
                 # SECURITY DEFINER: a role allowed to write the table may not be allowed the ledger.
                 cur.execute(sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql "
                                     "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {}").format(
@@ -288,6 +291,14 @@ _TRIGGERS = ((FORGET, "AFTER", "TRUNCATE"), (FOREIGN_WRITE, "AFTER", "INSERT OR 
              (FOREIGN_LOCK, "BEFORE", "INSERT OR UPDATE OR DELETE OR TRUNCATE"))
 
 
+def _forget(cur, schema: str, table_name: str) -> list[tuple[str, int]]:
+    """Delete the ledger entries of ``table_name`` (its next batch must be the whole source); returns
+    the (source, version) pairs forgotten."""
+    cur.execute(sql.SQL("DELETE FROM {} WHERE table_name = %s RETURNING source, version").format(
+        _qualified(schema, LEDGER_TABLE)), (table_name,))
+    return cur.fetchall()
+
+
 def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
     target = _qualified(schema, table.name)
     cur.execute("SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
@@ -307,9 +318,7 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
             target, cols, _idents(table.key)))
         # A ledger entry for a table that was not there: someone dropped it. Its versions are forgotten,
         # so the next batch loads the whole source again instead of only the changes after them.
-        cur.execute(sql.SQL("DELETE FROM {} WHERE table_name = %s RETURNING source, version").format(
-            _qualified(schema, LEDGER_TABLE)), (table.name,))
-        for source, version in cur.fetchall():
+        for source, version in _forget(cur, schema, table.name):
             log.warning("%s.%s was dropped after %s version %d was applied: it is created again and loaded "
                         "whole", schema, table.name, source, version)
     else:
@@ -327,9 +336,7 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
             # one dropped by hand): the ledger forgets the table, so its next batch brings every row;
             # after a batch being applied to it has committed (its ledger entry with it).
             _advisory_lock(cur, "table", schema, table.name)
-            cur.execute(sql.SQL("DELETE FROM {} WHERE table_name = %s RETURNING source, version").format(
-                _qualified(schema, LEDGER_TABLE)), (table.name,))
-            for source, version in cur.fetchall():
+            for source, version in _forget(cur, schema, table.name):
                 log.warning("%s.%s lacked columns %s after %s version %d was applied: they are added and the "
                             "table is loaded whole", schema, table.name, ", ".join(c for c, _ in added), source,
                             version)
