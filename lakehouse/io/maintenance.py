@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -18,6 +19,14 @@ from lakehouse.spark import as_utc
 #: How long the transaction log keeps old commits at least (time travel needs the log entry of a
 #: version as well as its data files).
 LOG_RETENTION_DAYS = 30
+
+#: The Spark setting by which Delta's VACUUM spreads its listing of a table: each level of folders is
+#: repartitioned into this many tasks, 10,000 unless set (a size for object stores holding millions
+#: of files). On 2 local cores that is 10,000 tasks of a few milliseconds each per level: 20 to 40 s
+#: for a table of a handful of files. :func:`vacuum` uses a few tasks per core instead, unless the
+#: session sets it (``--conf`` under spark-submit, or ``spark.conf.set``).
+LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
+LISTING_TASKS_PER_CORE = 4
 
 
 def _files_on_disk(path: Path | str) -> tuple[dict[str, int], bool]:
@@ -151,5 +160,20 @@ def vacuum(spark: SparkSession, path: Path | str, retention_hours: float) -> int
     from delta.tables import DeltaTable
 
     before = data_files(path)
-    DeltaTable.forPath(spark, str(path)).vacuum(float(retention_hours))
+    with _listing_tasks(spark):
+        DeltaTable.forPath(spark, str(path)).vacuum(float(retention_hours))
     return before - data_files(path)
+
+
+@contextmanager
+def _listing_tasks(spark: SparkSession):
+    """Within it, Delta lists a table in :data:`LISTING_TASKS_PER_CORE` tasks per core of the
+    session (its default parallelism), unless the session sets :data:`LISTING_PARALLELISM` itself."""
+    if spark.conf.get(LISTING_PARALLELISM, None) is not None:
+        yield
+        return
+    spark.conf.set(LISTING_PARALLELISM, str(LISTING_TASKS_PER_CORE * max(1, spark.sparkContext.defaultParallelism)))
+    try:
+        yield
+    finally:
+        spark.conf.unset(LISTING_PARALLELISM)

@@ -217,3 +217,39 @@ def test_a_table_id_survives_log_clean_up_and_changes_when_the_table_is_created_
     shutil.rmtree(path)
     spark.range(3).write.format("delta").save(str(path))
     assert delta.table_id(path) not in (None, first)
+
+
+def _tasks_of_jobs_in(spark, group: str) -> list[int]:
+    """The number of tasks of each stage the jobs of ``group`` ran."""
+    tracker = spark.sparkContext.statusTracker()
+    stages = [s for j in tracker.getJobIdsForGroup(group) for s in (tracker.getJobInfo(j).stageIds or [])]
+    return [info.numTasks for s in stages if (info := tracker.getStageInfo(s)) is not None]
+
+
+def test_vacuum_lists_a_table_in_a_few_tasks_per_core_unless_the_session_says(spark, tmp_path):
+    # Delta's VACUUM spreads its listing over spark.sql.sources.parallelPartitionDiscovery.parallelism
+    # tasks per folder level, 10,000 unless set: 20 to 40 s of empty tasks on 2 cores, for 4 files.
+    path = tmp_path / "t"
+    for day in ("2026-11-01", "2026-11-02"):
+        spark.range(3).selectExpr("id", f"date'{day}' as event_date").write.format("delta") \
+            .partitionBy("event_date").mode("append").save(str(path))
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    try:
+        spark.sparkContext.setJobGroup("vacuum-default", "vacuum")
+        DeltaTable.forPath(spark, str(path)).delete("event_date = '2026-11-01'")  # one file to delete
+        assert mio.vacuum(spark, path, 0) >= 1
+        tasks = _tasks_of_jobs_in(spark, "vacuum-default")
+        cores = spark.sparkContext.defaultParallelism
+        assert tasks and max(tasks) == mio.LISTING_TASKS_PER_CORE * cores
+        assert spark.conf.get(mio.LISTING_PARALLELISM, None) is None  # the session's setting is left as it was
+
+        spark.conf.set(mio.LISTING_PARALLELISM, "3")  # the session's own choice is kept
+        spark.sparkContext.setJobGroup("vacuum-set", "vacuum")
+        assert mio.vacuum(spark, path, 0) == 0
+        assert max(_tasks_of_jobs_in(spark, "vacuum-set")) == 3
+        assert spark.conf.get(mio.LISTING_PARALLELISM) == "3"
+    finally:
+        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+        spark.conf.unset(mio.LISTING_PARALLELISM)
+        spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+    assert sorted(r[0] for r in delta.read(spark, path).select("id").collect()) == [0, 1, 2]
