@@ -38,15 +38,22 @@ _PG_TYPES = {StringType: "text", DoubleType: "double precision", FloatType: "rea
              MapType: "jsonb", ArrayType: "jsonb"}
 _JSON_TYPES = (MapType, ArrayType)
 
-#: Every table served from Postgres (schema ``Settings.pg_schema``): primary key and indexes. Each
-#: also gets ``mirrored_at`` (when the mirror last wrote the row) for freshness checks.
+#: Every table served from Postgres (schema ``Settings.pg_schema``): primary key and indexes, and the
+#: days a deleted row marks as changed for the dbt marts (:attr:`pg_mirror.MirrorTable.deleted_days`:
+#: the UTC days the marts group it by; a label, its payment's day). Each also gets ``mirrored_at``
+#: (when the mirror last wrote the row) for freshness checks and the marts' incremental builds.
 MIRRORED_TABLES: dict[str, dict] = {
-    **{name: {"key": spec["key"], "indexes": spec["indexes"]} for name, spec in GOLD_TABLES.items()},
-    "silver_labels": {"key": ("event_id",), "indexes": (("reported_at",),)},
-    "silver_dq_batches": {"key": ("kind", "app_id", "batch_id"), "indexes": (("processed_at",),)},
+    **{name: {"key": spec["key"], "indexes": spec["indexes"], "deleted_days": (f"o.{spec['partition']}",)}
+       for name, spec in GOLD_TABLES.items()},
+    "silver_labels": {"key": ("event_id",), "indexes": (("reported_at",),), "deleted_days": (
+        "(SELECT t.event_date FROM {schema}.gold_transaction_features AS t WHERE t.event_id = o.event_id)",)},
+    "silver_dq_batches": {"key": ("kind", "app_id", "batch_id"), "indexes": (("processed_at",),),
+                          "deleted_days": ("o.processed_at AT TIME ZONE 'UTC'",)},
     "risk_scores": {"key": ("event_id",), "indexes": (("event_date",), ("is_alert", "event_time"),
-                                                      ("user_id", "event_time"))},
+                                                      ("user_id", "event_time")), "deleted_days": ("o.event_date",)},
 }
+# The data-quality mart counts too-late events by the day they were detected.
+MIRRORED_TABLES["gold_too_late_events"]["deleted_days"] += ("o.detected_at AT TIME ZONE 'UTC'",)
 LOADED_AT = "mirrored_at"
 
 log = logging.getLogger(__name__)
@@ -63,7 +70,7 @@ def mirror_spec(name: str, schema: StructType) -> pg_mirror.MirrorTable:
             raise TypeError(f"{name}.{f.name}: no Postgres type for {f.dataType.simpleString()}")
         columns.append((f.name, pg_type))
     return pg_mirror.MirrorTable(name=name, columns=tuple(columns), key=spec["key"], indexes=spec["indexes"],
-                                 loaded_at=LOADED_AT)
+                                 loaded_at=LOADED_AT, deleted_days=spec.get("deleted_days", ()))
 
 
 def as_json(df: DataFrame) -> DataFrame:

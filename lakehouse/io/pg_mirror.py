@@ -89,6 +89,14 @@ FOREIGN_WRITE = "_mirror_foreign_write"
 #: batch being applied to the table, and a batch wait for it (a shared advisory lock on the table, which
 #: :func:`upsert_batch` takes exclusively): the forget of one is never lost under the other's commit.
 FOREIGN_LOCK = "_mirror_foreign_lock"
+#: The table in which a statement trigger on each mirrored table records the days of the rows any
+#: ``DELETE`` removed (:attr:`MirrorTable.deleted_days`): ``(table_name, day, deleted_at)``, one row per
+#: table and day, ``deleted_at`` the last such delete's transaction time. An incremental model that
+#: recomputes the days whose input rows changed (each row's ``loaded_at``) reads it for the days whose
+#: rows were only deleted, which leave no row behind to say so.
+DELETED_DAYS_TABLE = "_mirror_deleted_days"
+#: The trigger on each mirrored table that records them (its function: :meth:`MirrorTable.deleted_days_function`).
+DELETED_DAYS = "_mirror_deleted_days"
 #: The setting (``SET LOCAL``) that marks a transaction as the mirror's own: :data:`FOREIGN_WRITE` spares it.
 WRITER_SETTING = "lakehouse.mirror_writer"
 #: Ordinal column added to the staging table (keeps the last row of a duplicated key).
@@ -119,10 +127,16 @@ class MirrorTable:
     #: Optional ``timestamptz`` column set to ``now()`` whenever the mirror inserts or changes a row
     #: (not part of ``columns``; the source rows need not carry it). Freshness checks read it.
     loaded_at: str | None = None
+    #: SQL expressions, each the ``date`` a deleted row marks as changed (null: none), over the deleted
+    #: row as ``o``; ``{schema}`` stands for the table's schema (quoted). Written by the programmer,
+    #: like the column types. A trigger records them in :data:`DELETED_DAYS_TABLE` at every ``DELETE``.
+    deleted_days: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from config files) and store tuples, so instances stay hashable.
         object.__setattr__(self, "columns", tuple((str(c), str(t)) for c, t in self.columns))
+        object.__setattr__(self, "deleted_days", (self.deleted_days,) if isinstance(self.deleted_days, str)
+                           else tuple(str(e) for e in self.deleted_days))
         object.__setattr__(self, "key", (self.key,) if isinstance(self.key, str) else tuple(self.key))
         object.__setattr__(self, "indexes", tuple(((ix,) if isinstance(ix, str) else tuple(ix))
                                                   for ix in self.indexes))
@@ -161,12 +175,21 @@ class MirrorTable:
 
     def index_name(self, columns: tuple[str, ...]) -> str:
         """``<table>_<cols>_idx``, shortened with a hash when longer than Postgres allows."""
-        name = f"{self.name}_{'_'.join(columns)}_idx"
-        if len(name.encode()) <= MAX_IDENTIFIER:
-            return name
-        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-        head = name.encode()[:MAX_IDENTIFIER - len(digest) - 5].decode(errors="ignore")
-        return f"{head}_{digest}_idx"
+        return _identifier(f"{self.name}_{'_'.join(columns)}", "_idx")
+
+    @property
+    def deleted_days_function(self) -> str:
+        """The name of the function of this table's :data:`DELETED_DAYS` trigger."""
+        return _identifier(f"{DELETED_DAYS}_{self.name}", "")
+
+
+def _identifier(name: str, suffix: str) -> str:
+    """``name + suffix``, its name part shortened with a hash when longer than Postgres allows."""
+    if len(f"{name}{suffix}".encode()) <= MAX_IDENTIFIER:
+        return f"{name}{suffix}"
+    digest = hashlib.sha1(f"{name}{suffix}".encode()).hexdigest()[:10]
+    head = name.encode()[:MAX_IDENTIFIER - len(digest) - len(suffix.encode()) - 1].decode(errors="ignore")
+    return f"{head}_{digest}{suffix}"
 
 
 # ---- transactions -----------------------------------------------------------------------------
@@ -251,7 +274,12 @@ def ensure_schema(conn, schema: str, tables: Iterable[MirrorTable]) -> None:
         if cur.fetchone() is None:  # a ledger from before the source's identity was kept
             cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS source_id text").format(
                 _qualified(schema, LEDGER_TABLE)))
+        cur.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (table_name text NOT NULL, day date NOT NULL, "
+            "deleted_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (table_name, day))"
+        ).format(_qualified(schema, DELETED_DAYS_TABLE)))
         functions = _trigger_functions(schema)
+        functions.update({t.deleted_days_function: _deleted_days_body(schema, t) for t in tables if t.deleted_days})
         cur.execute("SELECT p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
                     "WHERE n.nspname = %s AND p.proname = ANY(%s) AND p.pronargs = 0 AND p.prosecdef",
                     (schema, list(functions)))
@@ -284,6 +312,26 @@ def _trigger_functions(schema: str) -> dict[str, sql.Composable]:
             "it whole from its Delta table at its next round', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP; "
             "END IF; END IF; RETURN NULL; END ").format(foreign, ledger),
     }
+
+
+def _deleted_days_body(schema: str, table: MirrorTable) -> sql.Composable:
+    """The body of ``table``'s :data:`DELETED_DAYS` trigger function: the days of the deleted rows
+    (the transition table ``_old``), each upserted into :data:`DELETED_DAYS_TABLE` with the time."""
+    def day(expr: str) -> sql.Composable:  # "{schema}" as the quoted identifier, the rest as written
+        parts = expr.split("{schema}")
+        pieces = [p for part in parts[:-1] for p in (sql.SQL(part), sql.Identifier(schema))] + [sql.SQL(parts[-1])]
+        return sql.SQL("(({})::date)").format(sql.Composed(pieces))
+
+    days = sql.SQL(", ").join(day(expr) for expr in table.deleted_days)
+    # A day looked up in another table that is not there (not created yet, or dropped: the mirror loads
+    # it whole, and its rows mark their days) is not known: the delete goes on without it.
+    return sql.SQL(
+        " BEGIN INSERT INTO {} AS d (table_name, day, deleted_at) SELECT DISTINCT TG_TABLE_NAME, x.day, now() "
+        "FROM _old AS o CROSS JOIN LATERAL (VALUES {}) AS x(day) WHERE x.day IS NOT NULL "
+        "ON CONFLICT (table_name, day) DO UPDATE SET deleted_at = EXCLUDED.deleted_at; RETURN NULL; "
+        "EXCEPTION WHEN undefined_table THEN RAISE WARNING 'the days of the rows deleted from %.% are not "
+        "recorded: %', TG_TABLE_SCHEMA, TG_TABLE_NAME, SQLERRM; RETURN NULL; END ").format(
+        _qualified(schema, DELETED_DAYS_TABLE), days)
 
 
 #: Each table's triggers: (name, when, events); the function of each has the trigger's name.
@@ -349,12 +397,17 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
     # TRUNCATE (someone emptying the table), or a row written by anything but the mirror, makes the
     # ledger forget it too, in the writer's transaction.
     cur.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = ANY(%s)",
-                (target.as_string(cur), [t[0] for t in _TRIGGERS]))
+                (target.as_string(cur), [t[0] for t in _TRIGGERS] + [DELETED_DAYS]))
     triggers = {r[0] for r in cur.fetchall()}
     for name, when, events in _TRIGGERS:
         if name not in triggers:
             cur.execute(sql.SQL("CREATE TRIGGER {} {} {} ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()").format(
                 sql.Identifier(name), sql.SQL(when), sql.SQL(events), target, sql.Identifier(schema, name)))
+    # Any DELETE (the mirror's or another's) records the days of the rows it removed.
+    if table.deleted_days and DELETED_DAYS not in triggers:
+        cur.execute(sql.SQL("CREATE TRIGGER {} AFTER DELETE ON {} REFERENCING OLD TABLE AS _old "
+                            "FOR EACH STATEMENT EXECUTE FUNCTION {}()").format(
+            sql.Identifier(DELETED_DAYS), target, sql.Identifier(schema, table.deleted_days_function)))
 
 
 # ---- ledger -----------------------------------------------------------------------------------

@@ -473,6 +473,59 @@ def test_deletes_by_key(conn):
     assert [r[0] for r in contents(conn)] == ["t5"]
 
 
+def deleted_days(conn) -> dict[tuple[str, dt.date], dt.datetime]:
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT table_name, day, deleted_at FROM {SCHEMA}._mirror_deleted_days")
+        rows = {(r[0], r[1]): r[2] for r in cur.fetchall()}
+    conn.rollback()
+    return rows
+
+
+def test_every_delete_records_the_days_of_the_rows_it_removed(conn):
+    # The days a deletion changed, for models that recompute the days whose rows changed: a deleted row
+    # leaves nothing behind to say so. Each table says which days a row marks (here its UTC event day,
+    # and for a note the day of the score it names, looked up in the schema).
+    scores = MirrorTable(name="scores", columns=SCORES.columns, key=SCORES.key,
+                         deleted_days=("o.event_ts AT TIME ZONE 'UTC'",))
+    notes = MirrorTable(name="notes", columns=(("txn_id", "text"), ("text", "text")), key=("txn_id",),
+                        deleted_days=("(SELECT s.event_ts AT TIME ZONE 'UTC' FROM {schema}.scores AS s "
+                                      "WHERE s.txn_id = o.txn_id)",))
+    mirror.ensure_schema(conn, SCHEMA, [scores, notes])
+    rows = BATCH1 + [("t4", "c3", 1.0, 1, False, ts("2024-01-02 23:59:59.999999"), None),
+                     ("t5", "c3", 1.0, 1, False, ts("2024-01-03 00:00:00"), None)]
+    mirror.upsert_batch(conn, SCHEMA, scores, frame(rows), "s", 1)
+    mirror.upsert_batch(conn, SCHEMA, notes, pd.DataFrame({"txn_id": ["t4", "gone"], "text": ["a", "b"]}), "n", 1)
+    assert deleted_days(conn) == {}  # inserts and updates mark nothing here (their mirrored_at does)
+
+    # the mirror's own deletes: by key (a change feed's deletes) ...
+    mirror.upsert_batch(conn, SCHEMA, notes, pd.DataFrame(columns=["txn_id", "text"]), "n", 2,
+                        deletes=pd.DataFrame({"txn_id": ["t4", "gone"]}))  # "gone" names no score: no day
+    assert set(deleted_days(conn)) == {("notes", dt.date(2024, 1, 2))}
+    mirror.upsert_batch(conn, SCHEMA, scores, frame([]), "s", 2, deletes=pd.DataFrame({"txn_id": ["t1", "t4"]}))
+    assert set(deleted_days(conn)) == {("notes", dt.date(2024, 1, 2)), ("scores", dt.date(2024, 1, 1)),
+                                       ("scores", dt.date(2024, 1, 2))}
+    # ... and the rows a whole load does not hold; the day's record keeps the last delete's time
+    before = deleted_days(conn)[("scores", dt.date(2024, 1, 2))]
+    mirror.upsert_batch(conn, SCHEMA, scores, frame([BATCH1[1], rows[4]]), "s2", 1, whole=True)  # t3 goes
+    after = deleted_days(conn)
+    assert after[("scores", dt.date(2024, 1, 1))] > before and after[("scores", dt.date(2024, 1, 2))] == before
+    assert [r[0] for r in contents(conn)] == ["t2", "t5"]
+
+    # a DELETE by hand too (the mirror forgets the table and loads it whole again)
+    with conn, conn.cursor() as cur:
+        cur.execute(f"DELETE FROM {SCHEMA}.scores WHERE txn_id = 't5'")
+    assert ("scores", dt.date(2024, 1, 3)) in deleted_days(conn)
+    assert len(deleted_days(conn)) == 4
+
+    # a day looked up in a table that is gone is not known, and the delete goes on without it
+    mirror.upsert_batch(conn, SCHEMA, notes, pd.DataFrame({"txn_id": ["t2"], "text": ["c"]}), "n", 3)
+    with conn, conn.cursor() as cur:
+        cur.execute(f"DROP TABLE {SCHEMA}.scores")
+    mirror.upsert_batch(conn, SCHEMA, notes, pd.DataFrame(columns=["txn_id", "text"]), "n", 4,
+                        deletes=pd.DataFrame({"txn_id": ["t2"]}))
+    assert contents(conn, "notes") == [] and len(deleted_days(conn)) == 4
+
+
 def test_a_column_the_table_lacks_is_added_and_its_rows_are_brought_whole(conn, caplog):
     # A source that gained a column (a new release's gold table), or a column someone dropped by hand:
     # the rows already in the table have no value in it, which no version after the ledger's brings.
