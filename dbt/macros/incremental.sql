@@ -6,6 +6,8 @@
       * every day with an input row mirrored after the mart's previous watermark (minus a safety
         margin for mirror transactions still open while dbt read): late events, late labels
         (a chargeback changes the fraud rate of its transaction's day), new scores, new batches;
+      * every day whose rows were deleted from a mirrored table after that watermark (source
+        `mirror_deleted_days`, kept by a trigger on each table: a deleted row leaves no row behind);
       * the last `lookback_days` days before the newest day already in the mart, and every day
         younger than `label_maturity_days`: its "matured" flag flips with the passing of time alone.
     Days are recomputed whole (delete+insert on the mart's key), so a rebuilt day equals a full refresh.
@@ -35,6 +37,13 @@
     where src.mirrored_at > previous.watermark
     union
     {%- endfor %}
+    select deleted.day
+    from (
+        {{ source_or_empty('lakehouse', 'mirror_deleted_days',
+                           {'table_name': 'text', 'day': 'date', 'deleted_at': 'timestamptz'}) }}
+    ) as deleted, previous
+    where deleted.deleted_at > previous.watermark
+    union
     select d::date as day
     from previous,
         generate_series(

@@ -7,7 +7,9 @@ One scenario, in order (each step needs the previous one):
 2. mart contents against direct queries; the analyst role reads the marts and nothing else;
 3. late data arrives (payments for the old days, chargebacks for old payments), is streamed and
    mirrored; the incremental `dbt build` picks it up although those days are outside the recent
-   days it always recomputes, and equals a `--full-refresh` build.
+   days it always recomputes;
+4. rows of an old day are erased from silver and gold, and the mirror deletes them; the incremental build
+   recomputes that day too, and equals a `--full-refresh` build.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import psycopg2
 import psycopg2.errors
 import pytest
 import yaml
+from delta.tables import DeltaTable
 
-from lakehouse import mirror, streaming
+from lakehouse import gold, mirror, streaming
 from lakehouse.generator import GeneratorConfig, generate_backlog
 from lakehouse.io import dbt, postgres
 from lakehouse.marts import format_risk_summary, risk_summary
@@ -239,8 +242,9 @@ def test_dbt_marts_end_to_end(spark, pg, tmp_path):
                               reported_at=(at + timedelta(days=5)).strftime("%Y-%m-%dT%H:%M:%SZ")))
               for e, at in zip(victims["event_id"], victims["event_time"])]
     write_lines(settings.labels_inbox, "zz-late-labels.jsonl", labels)
-    late = [_line(f"late{i}", "u_late", f"m_late{i % 2}", START + timedelta(hours=2, minutes=7 * i), 50.0 + i)
-            for i in range(8)]
+    # (a user, merchants and a country of their own: erasing them later changes no other payment's row)
+    late = [_line(f"late{i}", "u_late", f"m_late{i % 2}", START + timedelta(hours=2, minutes=7 * i), 50.0 + i,
+                  country="IS") for i in range(8)]
     write_lines(settings.events_inbox, "zz-late-events.jsonl", late)
     _ingest(spark, settings)
     _score_everything(settings)
@@ -253,6 +257,25 @@ def test_dbt_marts_end_to_end(spark, pg, tmp_path):
     assert (after["n_fraud_known"].sum() - before["n_fraud_known"].sum()) == len(labels)
     _check_against_sources(settings, gen, extra_event_lines=len(burst) + len(late))
     _check_model_performance(settings)
+
+    # An erasure (a right-to-be-forgotten request): the late payments are deleted from silver and their
+    # day's gold is backfilled without them; the mirror deletes their rows in Postgres, and the
+    # incremental build recomputes their day, which is outside the recent days it always recomputes
+    # and has no row left to mark it.
+    DeltaTable.forPath(spark, str(settings.table_path("silver_transactions"))).delete("user_id = 'u_late'")
+    gold.backfill(spark, settings, START.date(), START.date())
+    mirror.mirror_all(spark, settings)
+    assert _query(settings, "select count(*) as n from lakehouse.gold_transaction_features "
+                            "where user_id = 'u_late'")["n"][0] == 0
+    days = _query(settings, "select distinct event_date from lakehouse.gold_transaction_features "
+                            "where mirrored_at > (select max(inputs_mirrored_at) from marts.risk_monitoring_daily)")
+    assert START.date() not in set(days["event_date"])  # no row of the day left, or changed, to mark it
+    # Without the margins that would recompute it anyway: the recent days (from START + 2 on), and the
+    # rows mirrored up to 10 minutes before the last build (all of this test's).
+    _build(settings, "--vars", "{lookback_days: 0, mirror_safety_minutes: 0}")
+    erased = _mart(settings, "risk_monitoring_daily", "day")
+    assert int(erased.loc[erased["day"] == START.date(), "n_transactions"].iloc[0]) == int(
+        after.loc[first, "n_transactions"].iloc[0]) - len(late)
 
     incremental = {name: _mart(settings, name, order) for name, order in {**INCREMENTAL_MARTS, **TABLE_MARTS}.items()}
     _build(settings, "--full-refresh")
