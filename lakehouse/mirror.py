@@ -240,13 +240,30 @@ class MirrorLoop(threading.Thread):
 
     def run_round(self, remember: bool = True, workers: int = 1) -> list[dict]:
         """One round; with ``remember``, tables whose Delta version has not moved since this loop
-        last applied it are skipped without a snapshot load or a Postgres round trip (a poll every
-        second must not compete with the stream for the driver). ``workers``: tables mirrored at once
+        last applied it are skipped without a snapshot load (a poll every second must not compete
+        with the stream for the driver), once one query found the ledger still holding that version. ``workers``: tables mirrored at once
         (:func:`mirror_all`); one beside a running stream."""
         if not remember:
             self._applied.clear()  # relearned from the ledger in this round
+        elif self._applied:
+            self._forget_what_postgres_forgot()
         return mirror_all(self.spark, self.settings, attempts=1, tables=self.tables,
                           view_always=self.rounds == 0, applied=self._applied, workers=workers)
+
+    def _forget_what_postgres_forgot(self) -> None:
+        """Drop from memory the tables whose ledger entry is gone or behind it (written outside the
+        mirror, emptied, dropped, or a restored Postgres): this round reads them from the ledger, and
+        loads whole those it forgot. One query, on a connection of its own."""
+        schema, names = self.settings.pg_schema, list(self._applied)
+        held = pg_mirror.with_retries(
+            lambda conn: pg_mirror.held_versions(conn, schema, [(f"delta:{n}", n) for n in names]),
+            self.settings, attempts=1)
+        for name in names:
+            version = held[(f"delta:{name}", name)]
+            if version is None or version < self._applied[name]:
+                log.info("mirror: Postgres no longer holds %s.%s at version %d (ledger: %s); it is checked again",
+                         schema, name, self._applied[name], version)
+                del self._applied[name]
 
     def run(self) -> None:
         delay = self.interval

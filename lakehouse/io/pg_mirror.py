@@ -451,6 +451,25 @@ def ledger_entry(conn, schema: str, source: str, table_name: str) -> tuple[int, 
         return query(cur)
 
 
+def held_versions(conn, schema: str, entries: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int | None]:
+    """The version the ledger holds for each ``(source, table)`` of ``entries``: None where it holds
+    none (the table was never loaded, or Postgres forgot it: written outside the mirror, emptied) or
+    the table is not there (dropped). One query; what a mirror that remembers the versions it applied
+    checks before trusting its memory."""
+    entries = list(entries)
+    with _transaction(conn) as cur:
+        cur.execute("SELECT to_regclass(%s)", (_qualified(schema, LEDGER_TABLE).as_string(cur),))
+        if cur.fetchone()[0] is None:
+            return {e: None for e in entries}
+        cur.execute(sql.SQL(
+            "SELECT e.source, e.table_name, CASE WHEN to_regclass(format('%%I.%%I', %s::text, e.table_name)) "
+            "IS NULL THEN NULL ELSE l.version END FROM unnest(%s::text[], %s::text[]) AS e(source, table_name) "
+            "LEFT JOIN {} AS l ON l.source = e.source AND l.table_name = e.table_name").format(
+            _qualified(schema, LEDGER_TABLE)), (schema, [e[0] for e in entries], [e[1] for e in entries]))
+        held = {(r[0], r[1]): (None if r[2] is None else int(r[2])) for r in cur.fetchall()}
+    return {e: held.get(e) for e in entries}
+
+
 def _record_version(cur, schema: str, source: str, table_name: str, version: int, rows: int,
                     source_id: str | None = None) -> None:
     cur.execute(sql.SQL(
