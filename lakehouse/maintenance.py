@@ -102,7 +102,7 @@ def mirror_pins(settings: Settings) -> dict[str, int]:
     VACUUM then remove a file the mirror's next read needs, the mirror reloads that table whole).
     """
     from lakehouse.io import pg_mirror, postgres
-    from lakehouse.mirror import MIRRORED_TABLES
+    from lakehouse.mirror import MIRRORED_TABLES, ledger_source
 
     try:
         conn = postgres.connect(settings)
@@ -112,7 +112,7 @@ def mirror_pins(settings: Settings) -> dict[str, int]:
     try:
         pins = {}
         for name in MIRRORED_TABLES:
-            applied = pg_mirror.applied_version(conn, settings.pg_schema, f"delta:{name}", name)
+            applied = pg_mirror.applied_version(conn, settings.pg_schema, ledger_source(name), name)
             if applied is not None:
                 pins[name] = int(applied)
         return pins

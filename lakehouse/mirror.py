@@ -56,6 +56,11 @@ MIRRORED_TABLES: dict[str, dict] = {
 MIRRORED_TABLES["gold_too_late_events"]["deleted_days"] += ("o.detected_at AT TIME ZONE 'UTC'",)
 LOADED_AT = "mirrored_at"
 
+
+def ledger_source(name: str) -> str:
+    """The name under which the Postgres ledger records the versions of Delta table ``name``."""
+    return f"delta:{name}"
+
 log = logging.getLogger(__name__)
 
 
@@ -111,7 +116,7 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
         return {"table": name, "version": version, "applied": version, "rows": 0}
     snapshot = delta.read(spark, path, version=version)
     table = mirror_spec(name, snapshot.schema)
-    source, source_id = f"delta:{name}", delta.table_id(path)
+    source, source_id = ledger_source(name), delta.table_id(path)
 
     def ledger_entry(conn) -> tuple[int, str | None] | None:
         pg_mirror.ensure_schema(conn, settings.pg_schema, [table])
@@ -241,8 +246,8 @@ class MirrorLoop(threading.Thread):
     def run_round(self, remember: bool = True, workers: int = 1) -> list[dict]:
         """One round; with ``remember``, tables whose Delta version has not moved since this loop
         last applied it are skipped without a snapshot load (a poll every second must not compete
-        with the stream for the driver), once one query found the ledger still holding that version. ``workers``: tables mirrored at once
-        (:func:`mirror_all`); one beside a running stream."""
+        with the stream for the driver), once one query found the ledger still holding that version.
+        ``workers``: tables mirrored at once (:func:`mirror_all`); one beside a running stream."""
         if not remember:
             self._applied.clear()  # relearned from the ledger in this round
         elif self._applied:
@@ -254,12 +259,11 @@ class MirrorLoop(threading.Thread):
         """Drop from memory the tables whose ledger entry is gone or behind it (written outside the
         mirror, emptied, dropped, or a restored Postgres): this round reads them from the ledger, and
         loads whole those it forgot. One query, on a connection of its own."""
-        schema, names = self.settings.pg_schema, list(self._applied)
-        held = pg_mirror.with_retries(
-            lambda conn: pg_mirror.held_versions(conn, schema, [(f"delta:{n}", n) for n in names]),
-            self.settings, attempts=1)
-        for name in names:
-            version = held[(f"delta:{name}", name)]
+        schema, entries = self.settings.pg_schema, [(ledger_source(n), n) for n in self._applied]
+        held = pg_mirror.with_retries(lambda conn: pg_mirror.held_versions(conn, schema, entries),
+                                      self.settings, attempts=1)
+        for entry in entries:
+            name, version = entry[1], held[entry]
             if version is None or version < self._applied[name]:
                 log.info("mirror: Postgres no longer holds %s.%s at version %d (ledger: %s); it is checked again",
                          schema, name, self._applied[name], version)
@@ -334,7 +338,7 @@ class Publisher(threading.Thread):
         if name not in self._ensured:
             pg_mirror.ensure_schema(self._conn, self.settings.pg_schema, [table])
             self._ensured.add(name)
-        n = pg_mirror.publish_ahead(self._conn, self.settings.pg_schema, table, rows, f"delta:{name}", before,
+        n = pg_mirror.publish_ahead(self._conn, self.settings.pg_schema, table, rows, ledger_source(name), before,
                                     source_id=delta.table_id(self.settings.table_path(name)))
         if n is None:
             self.skipped += 1
