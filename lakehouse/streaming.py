@@ -169,6 +169,8 @@ def ensure_tables(spark: SparkSession, settings: Settings, kinds=("events", "lab
 # ---- checkpoints ----------------------------------------------------------------------------------
 
 APP_FILE = "lakehouse_app.json"
+#: Beside Spark's checkpoint: what the inbox watch copied of each watched file (:class:`InboxWatch`).
+COPIES_FILE = "lakehouse_inbox_copies.json"
 
 
 def _corrupt(path: Path, why: str) -> CheckpointError:
@@ -398,8 +400,10 @@ class InboxWatch:
     ingested come again as re-deliveries of the same records (the silver MERGE keeps one; the batch's
     data-quality row counts them as duplicates), and the new lines are ingested. When the same file
     changes again and still begins with what its last copy held, the next copy holds only what was
-    added after that copy's last whole line (this run's copies only: a restart copies whole once
-    more). A watched file that is removed is dropped from the watch (removing files once read is fine).
+    added after that copy's last whole line. What each copy held is kept beside the checkpoint
+    (:data:`COPIES_FILE`, written once the copy is on disk), so this holds across a restart too; when
+    that file is lost or unreadable, the next copy is whole (re-deliveries, never a lost line). A
+    watched file that is removed is dropped from the watch (removing files once read is fine).
 
     The watch holds the files of the micro-batches of this run, at most ``limit`` files, the latest
     read; at a start, until its first check, every file the checkpoint lists (:meth:`seed`). A copy a
@@ -415,7 +419,9 @@ class InboxWatch:
     def __init__(self, checkpoint: Path, kind: str, limit: int = 10_000):
         self.checkpoint, self.kind, self.limit = checkpoint, kind, limit
         self.files: dict[str, int] = {}
-        self.copied: dict[str, tuple[int, bytes]] = {}  # by file: the size and digest of its last copy's content
+        # by file: the size and digest of the content its copies hold, up to the last one's end
+        self.copied: dict[str, tuple[int, bytes]] = self._load_copied()
+        self._saved = dict(self.copied)
         self.requeued = 0
         self.read_copies: set[str] = set()
         self._lock = threading.Lock()  # the batch function's thread and the stream loop's check it
@@ -494,7 +500,36 @@ class InboxWatch:
                     "whole" if copy.stat().st_size == self.copied[path][0] else "what it added since its last copy",
                     reader)
         self._trim()
+        self._save_copied()
         return made
+
+    def _load_copied(self) -> dict[str, tuple[int, bytes]]:
+        path = self.checkpoint / COPIES_FILE
+        try:
+            entries = json.loads(path.read_text())["copies"]
+            return {f: (int(size), bytes.fromhex(digest)) for f, (size, digest) in entries.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s inbox watch: %s is unreadable (%s); a file changed again is copied whole "
+                        "(its lines read before count as re-deliveries)", self.kind, path, exc)
+            return {}
+
+    def _save_copied(self) -> None:
+        """Keep what the copies hold beside the checkpoint, once they are on disk (a copy made and
+        not recorded is only copied again: re-deliveries, never a line lost)."""
+        copied = {f: v for f, v in self.copied.items() if f in self.files}
+        if copied == self._saved:
+            return
+        from lakehouse.generator.writer import write_atomic
+
+        body = {"copies": {f: [size, digest.hex()] for f, (size, digest) in copied.items()}}
+        try:
+            write_atomic(self.checkpoint, COPIES_FILE, json.dumps(body).encode())
+        except OSError as exc:  # a full disk: the next copy after a restart is whole, that is all
+            log.warning("%s inbox watch: could not write %s (%s)", self.kind, self.checkpoint / COPIES_FILE, exc)
+            return
+        self._saved = copied
 
 
 #: The error a batch function raised, by checkpoint, when it is one the user can act on: the query's

@@ -422,3 +422,51 @@ def test_the_inbox_watch_tries_a_failed_copy_again_at_the_next_check(tmp_path, c
     copy = inbox / "a.changed-1700000100000.jsonl"
     assert watch.requeue_changed("idle") == [copy] and copy.read_text() == f.read_text()
     assert watch.requeue_changed("idle") == []
+
+
+def test_what_the_inbox_watch_copied_is_remembered_across_a_restart(tmp_path, caplog):
+    import os
+
+    from lakehouse.streaming import COPIES_FILE, InboxWatch
+
+    inbox, checkpoint = tmp_path / "inbox", tmp_path / "checkpoint"
+    inbox.mkdir()
+    f = inbox / "a.jsonl"
+
+    def append(data: bytes, at: int) -> int:
+        with open(f, "ab") as fh:
+            fh.write(data)
+        os.utime(f, (at, at))
+        return at * 1000
+
+    listed = append(b'{"n": 1}\n', 1_700_000_000)
+    watch = InboxWatch(checkpoint, "events")
+    watch.add([(str(f), listed)])  # a batch read it, then its writer appended
+    append(b'{"n": 2}\n', 1_700_000_100)
+    assert [p.read_bytes() for p in watch.requeue_changed()] == [b'{"n": 1}\n{"n": 2}\n']  # the first: whole
+    assert (checkpoint / COPIES_FILE).exists()
+
+    # A restart (the start check found the copy made, as seed() does): the next change is copied from
+    # where the last copy ended, not whole again.
+    restarted = InboxWatch(checkpoint, "events")
+    restarted.add([(str(f), 1_700_000_100_000)])
+    append(b'{"n": 3}\n', 1_700_000_200)
+    assert [p.read_bytes() for p in restarted.requeue_changed()] == [b'{"n": 3}\n']
+    again = InboxWatch(checkpoint, "events")
+    again.add([(str(f), 1_700_000_200_000)])
+    append(b'{"n": 4}\n', 1_700_000_300)
+    assert [p.read_bytes() for p in again.requeue_changed()] == [b'{"n": 4}\n']
+
+    # The record unreadable (or lost): the next copy is whole, said once; never a line lost.
+    (checkpoint / COPIES_FILE).write_text("{not json")
+    with caplog.at_level("WARNING", logger="lakehouse.streaming"):
+        damaged = InboxWatch(checkpoint, "events")
+    assert "is unreadable" in caplog.text and "copied whole" in caplog.text
+    damaged.add([(str(f), 1_700_000_300_000)])
+    append(b'{"n": 5}\n', 1_700_000_400)
+    assert [p.read_bytes() for p in damaged.requeue_changed()] == [f.read_bytes()]
+    # ... and it is written anew: a restart after that copies from there again.
+    after = InboxWatch(checkpoint, "events")
+    after.add([(str(f), 1_700_000_400_000)])
+    append(b'{"n": 6}\n', 1_700_000_500)
+    assert [p.read_bytes() for p in after.requeue_changed()] == [b'{"n": 6}\n']
