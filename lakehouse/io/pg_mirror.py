@@ -347,13 +347,38 @@ def _forget(cur, schema: str, table_name: str) -> list[tuple[str, int]]:
     return cur.fetchall()
 
 
+def _restore_key(cur, schema: str, table: MirrorTable, keyed: list[str], constraint: str | None) -> None:
+    """Give ``table`` its primary key back: one dropped (or changed) by hand. Every upsert of the
+    mirror, the publisher and the express lane names the key (``ON CONFLICT``) and fails without it,
+    and rows written meanwhile may hold a key twice: the table is emptied, keyed again and forgotten by
+    the ledger, so its next batch loads it whole."""
+    target = _qualified(schema, table.name)
+    _advisory_lock(cur, "table", schema, table.name)  # after a batch being applied to it has committed
+    forgotten = _forget(cur, schema, table.name)
+    log.warning("%s.%s lost its primary key (%s)%s: it is emptied, keyed again and loaded whole from its "
+                "source (the ledger forgot %s)", schema, table.name, ", ".join(table.key),
+                f", it has one on ({', '.join(keyed)}) instead" if keyed else "",
+                ", ".join(f"{src} version {v}" for src, v in forgotten) or "nothing")
+    if constraint is not None:
+        cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(target, sql.Identifier(constraint)))
+    # A DELETE, not TRUNCATE: its trigger records the days of the rows for the marts (the whole load
+    # marks only the days its rows hold).
+    cur.execute(sql.SQL("DELETE FROM {}").format(target))
+    for column in table.key:  # a key column made nullable by hand
+        cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(target, sql.Identifier(column)))
+    cur.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(target, _idents(table.key)))
+
+
 def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
     target = _qualified(schema, table.name)
-    cur.execute("SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    # Each column, and whether it is in the table's primary key (none: NULL).
+    cur.execute("SELECT a.attname, a.attnum = ANY(k.conkey), k.conname FROM pg_attribute a "
+                "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "LEFT JOIN pg_constraint k ON k.conrelid = c.oid AND k.contype = 'p' "
                 "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
                 (schema, table.name))
-    existing = {r[0] for r in cur.fetchall()}
+    rows = cur.fetchall()
+    existing = {r[0] for r in rows}
     if not existing:
         cols = sql.SQL(", ").join(
             sql.SQL("{} {}{}").format(sql.Identifier(c), sql.SQL(t),
@@ -374,6 +399,9 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
         if missing_keys:
             raise ValueError(f"{schema}.{table.name} exists without key columns {missing_keys}; migrate "
                              "or drop it (a primary key cannot be added by the mirror)")
+        keyed = sorted(r[0] for r in rows if r[1])
+        if keyed != sorted(table.key):
+            _restore_key(cur, schema, table, keyed, next((r[2] for r in rows if r[2]), None))
         added = [(column, pgtype) for column, pgtype in table.columns if column not in existing]
         for column, pgtype in added:
             log.info("adding column %s %s to %s.%s", column, pgtype, schema, table.name)

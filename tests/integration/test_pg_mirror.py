@@ -543,6 +543,37 @@ def test_a_column_the_table_lacks_is_added_and_its_rows_are_brought_whole(conn, 
     assert ledger(conn) == [("delta:scores", "scores", 1, 2)]
 
 
+def test_a_primary_key_dropped_by_hand_is_restored_and_the_table_loaded_whole(conn, caplog):
+    # Every upsert names the key (ON CONFLICT), so without it each batch would fail, round after round;
+    # and rows written meanwhile may hold a key twice, so the key cannot simply be added back.
+    def primary_key() -> list[tuple]:
+        with conn.cursor() as cur:
+            cur.execute("SELECT conname, array_agg(a.attname::text ORDER BY a.attname) FROM pg_constraint k "
+                        "JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = ANY(k.conkey) "
+                        "WHERE k.conrelid = %s::regclass AND k.contype = 'p' GROUP BY conname",
+                        (f"{SCHEMA}.scores",))
+            rows = cur.fetchall()
+        conn.rollback()
+        return rows
+
+    assert primary_key() == [("scores_pkey", ["txn_id"])]
+    for change in ("DROP CONSTRAINT scores_pkey", "DROP CONSTRAINT scores_pkey, ADD PRIMARY KEY (txn_id, card_id)"):
+        assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", 1, whole=True) >= 0
+        with conn.cursor() as cur:
+            cur.execute(f"ALTER TABLE {SCHEMA}.scores {change}")
+            cur.execute(f"INSERT INTO {SCHEMA}.scores (txn_id, card_id) VALUES ('t1', 'c9')")  # t1 twice now
+        conn.commit()
+        caplog.clear()
+        mirror.ensure_schema(conn, SCHEMA, [SCORES])
+        assert "scores lost its primary key (txn_id)" in caplog.text and "loaded whole" in caplog.text, change
+        assert primary_key() == [("scores_pkey", ["txn_id"])] and contents(conn) == [] and ledger(conn) == []
+        assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", 1, whole=True) == 3
+        assert contents(conn) == [as_db(r) for r in BATCH1]
+    caplog.clear()
+    mirror.ensure_schema(conn, SCHEMA, [SCORES])  # keyed as declared: nothing happens
+    assert "primary key" not in caplog.text and ledger(conn) == [("delta:scores", "scores", 1, 3)]
+
+
 def test_composite_key_and_key_only_table(conn):
     windows = MirrorTable("card_windows", (("card_id", "text"), ("window_start", "timestamptz"),
                                            ("n", "integer"), ("total", "numeric(12,2)")),
