@@ -97,6 +97,9 @@ FOREIGN_LOCK = "_mirror_foreign_lock"
 DELETED_DAYS_TABLE = "_mirror_deleted_days"
 #: The trigger on each mirrored table that records them (its function: :meth:`MirrorTable.deleted_days_function`).
 DELETED_DAYS = "_mirror_deleted_days"
+#: The same function's ``BEFORE TRUNCATE`` trigger: a ``TRUNCATE`` has no transition table, so the days
+#: are read from the table itself, before it is emptied.
+TRUNCATED_DAYS = "_mirror_truncated_days"
 #: The setting (``SET LOCAL``) that marks a transaction as the mirror's own: :data:`FOREIGN_WRITE` spares it.
 WRITER_SETTING = "lakehouse.mirror_writer"
 #: Ordinal column added to the staging table (keeps the last row of a duplicated key).
@@ -315,8 +318,9 @@ def _trigger_functions(schema: str) -> dict[str, sql.Composable]:
 
 
 def _deleted_days_body(schema: str, table: MirrorTable) -> sql.Composable:
-    """The body of ``table``'s :data:`DELETED_DAYS` trigger function: the days of the deleted rows
-    (the transition table ``_old``), each upserted into :data:`DELETED_DAYS_TABLE` with the time."""
+    """The body of ``table``'s :data:`DELETED_DAYS` and :data:`TRUNCATED_DAYS` trigger function: the
+    days of the deleted rows (the transition table ``_old``; for a ``TRUNCATE``, every row of the table,
+    before it is emptied), each upserted into :data:`DELETED_DAYS_TABLE` with the time."""
     def day(expr: str) -> sql.Composable:  # "{schema}" as the quoted identifier, the rest as written
         parts = expr.split("{schema}")
         pieces = [p for part in parts[:-1] for p in (sql.SQL(part), sql.Identifier(schema))] + [sql.SQL(parts[-1])]
@@ -325,13 +329,18 @@ def _deleted_days_body(schema: str, table: MirrorTable) -> sql.Composable:
     days = sql.SQL(", ").join(day(expr) for expr in table.deleted_days)
     # A day looked up in another table that is not there (not created yet, or dropped: the mirror loads
     # it whole, and its rows mark their days) is not known: the delete goes on without it.
+    def record(rows: sql.Composable) -> sql.Composable:
+        return sql.SQL(
+            "INSERT INTO {} AS d (table_name, day, deleted_at) SELECT DISTINCT TG_TABLE_NAME, x.day, now() "
+            "FROM {} AS o CROSS JOIN LATERAL (VALUES {}) AS x(day) WHERE x.day IS NOT NULL "
+            "ON CONFLICT (table_name, day) DO UPDATE SET deleted_at = EXCLUDED.deleted_at;").format(
+            _qualified(schema, DELETED_DAYS_TABLE), rows, days)
+
     return sql.SQL(
-        " BEGIN INSERT INTO {} AS d (table_name, day, deleted_at) SELECT DISTINCT TG_TABLE_NAME, x.day, now() "
-        "FROM _old AS o CROSS JOIN LATERAL (VALUES {}) AS x(day) WHERE x.day IS NOT NULL "
-        "ON CONFLICT (table_name, day) DO UPDATE SET deleted_at = EXCLUDED.deleted_at; RETURN NULL; "
+        " BEGIN IF TG_OP = 'TRUNCATE' THEN {} ELSE {} END IF; RETURN NULL; "
         "EXCEPTION WHEN undefined_table THEN RAISE WARNING 'the days of the rows deleted from %.% are not "
         "recorded: %', TG_TABLE_SCHEMA, TG_TABLE_NAME, SQLERRM; RETURN NULL; END ").format(
-        _qualified(schema, DELETED_DAYS_TABLE), days)
+        record(_qualified(schema, table.name)), record(sql.SQL("_old")))
 
 
 #: Each table's triggers: (name, when, events); the function of each has the trigger's name.
@@ -361,9 +370,7 @@ def _restore_key(cur, schema: str, table: MirrorTable, keyed: list[str], constra
                 ", ".join(f"{src} version {v}" for src, v in forgotten) or "nothing")
     if constraint is not None:
         cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(target, sql.Identifier(constraint)))
-    # A DELETE, not TRUNCATE: its trigger records the days of the rows for the marts (the whole load
-    # marks only the days its rows hold).
-    cur.execute(sql.SQL("DELETE FROM {}").format(target))
+    cur.execute(sql.SQL("TRUNCATE {}").format(target))  # its trigger records the days of the rows
     for column in table.key:  # a key column made nullable by hand
         cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(target, sql.Identifier(column)))
     cur.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(target, _idents(table.key)))
@@ -425,7 +432,7 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
     # TRUNCATE (someone emptying the table), or a row written by anything but the mirror, makes the
     # ledger forget it too, in the writer's transaction.
     cur.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = ANY(%s)",
-                (target.as_string(cur), [t[0] for t in _TRIGGERS] + [DELETED_DAYS]))
+                (target.as_string(cur), [t[0] for t in _TRIGGERS] + [DELETED_DAYS, TRUNCATED_DAYS]))
     triggers = {r[0] for r in cur.fetchall()}
     for name, when, events in _TRIGGERS:
         if name not in triggers:
@@ -436,6 +443,10 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
         cur.execute(sql.SQL("CREATE TRIGGER {} AFTER DELETE ON {} REFERENCING OLD TABLE AS _old "
                             "FOR EACH STATEMENT EXECUTE FUNCTION {}()").format(
             sql.Identifier(DELETED_DAYS), target, sql.Identifier(schema, table.deleted_days_function)))
+    # ... and so does a TRUNCATE (by hand, or the mirror's own when it puts a primary key back).
+    if table.deleted_days and TRUNCATED_DAYS not in triggers:
+        cur.execute(sql.SQL("CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()").format(
+            sql.Identifier(TRUNCATED_DAYS), target, sql.Identifier(schema, table.deleted_days_function)))
 
 
 # ---- ledger -----------------------------------------------------------------------------------

@@ -517,13 +517,25 @@ def test_every_delete_records_the_days_of_the_rows_it_removed(conn):
     assert ("scores", dt.date(2024, 1, 3)) in deleted_days(conn)
     assert len(deleted_days(conn)) == 4
 
+    # a TRUNCATE by hand: no transition table, so the days are read from the table before it is emptied
+    mirror.upsert_batch(conn, SCHEMA, scores, frame([rows[2]]), "s3", 1)  # t3, 2024-01-01
+    mirror.upsert_batch(conn, SCHEMA, notes, pd.DataFrame({"txn_id": ["t3"], "text": ["d"]}), "n", 5)
+    before = deleted_days(conn)
+    with conn, conn.cursor() as cur:
+        cur.execute(f"TRUNCATE {SCHEMA}.notes, {SCHEMA}.scores")  # notes' day is looked up before scores empties
+    after = deleted_days(conn)
+    assert contents(conn) == [] and set(after) == set(before) | {("notes", dt.date(2024, 1, 1))}
+    assert after[("scores", dt.date(2024, 1, 1))] > before[("scores", dt.date(2024, 1, 1))]
+    assert after[("scores", dt.date(2024, 1, 2))] == before[("scores", dt.date(2024, 1, 2))]
+    mirror.upsert_batch(conn, SCHEMA, scores, frame([rows[0]]), "s3", 2, whole=True)  # t1, loaded again
+
     # a day looked up in a table that is gone is not known, and the delete goes on without it
     mirror.upsert_batch(conn, SCHEMA, notes, pd.DataFrame({"txn_id": ["t2"], "text": ["c"]}), "n", 3)
     with conn, conn.cursor() as cur:
         cur.execute(f"DROP TABLE {SCHEMA}.scores")
     mirror.upsert_batch(conn, SCHEMA, notes, pd.DataFrame(columns=["txn_id", "text"]), "n", 4,
                         deletes=pd.DataFrame({"txn_id": ["t2"]}))
-    assert contents(conn, "notes") == [] and len(deleted_days(conn)) == 4
+    assert contents(conn, "notes") == [] and len(deleted_days(conn)) == 5
 
 
 def test_a_column_the_table_lacks_is_added_and_its_rows_are_brought_whole(conn, caplog):
