@@ -386,6 +386,7 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
                 (schema, table.name))
     rows = cur.fetchall()
     existing = {r[0] for r in rows}
+    keyed = sorted(r[0] for r in rows if r[1])
     if not existing:
         cols = sql.SQL(", ").join(
             sql.SQL("{} {}{}").format(sql.Identifier(c), sql.SQL(t),
@@ -406,9 +407,6 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
         if missing_keys:
             raise ValueError(f"{schema}.{table.name} exists without key columns {missing_keys}; migrate "
                              "or drop it (a primary key cannot be added by the mirror)")
-        keyed = sorted(r[0] for r in rows if r[1])
-        if keyed != sorted(table.key):
-            _restore_key(cur, schema, table, keyed, next((r[2] for r in rows if r[2]), None))
         added = [(column, pgtype) for column, pgtype in table.columns if column not in existing]
         for column, pgtype in added:
             log.info("adding column %s %s to %s.%s", column, pgtype, schema, table.name)
@@ -447,6 +445,8 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
     if table.deleted_days and TRUNCATED_DAYS not in triggers:
         cur.execute(sql.SQL("CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()").format(
             sql.Identifier(TRUNCATED_DAYS), target, sql.Identifier(schema, table.deleted_days_function)))
+    if existing and keyed != sorted(table.key):  # once its triggers are there: they record what it empties
+        _restore_key(cur, schema, table, keyed, next((r[2] for r in rows if r[2]), None))
 
 
 # ---- ledger -----------------------------------------------------------------------------------

@@ -558,6 +558,9 @@ def test_a_column_the_table_lacks_is_added_and_its_rows_are_brought_whole(conn, 
 def test_a_primary_key_dropped_by_hand_is_restored_and_the_table_loaded_whole(conn, caplog):
     # Every upsert names the key (ON CONFLICT), so without it each batch would fail, round after round;
     # and rows written meanwhile may hold a key twice, so the key cannot simply be added back.
+    scores = MirrorTable(name="scores", columns=SCORES.columns, key=SCORES.key, indexes=SCORES.indexes,
+                         deleted_days=("o.event_ts AT TIME ZONE 'UTC'",))
+
     def primary_key() -> list[tuple]:
         with conn.cursor() as cur:
             cur.execute("SELECT conname, array_agg(a.attname::text ORDER BY a.attname) FROM pg_constraint k "
@@ -570,19 +573,20 @@ def test_a_primary_key_dropped_by_hand_is_restored_and_the_table_loaded_whole(co
 
     assert primary_key() == [("scores_pkey", ["txn_id"])]
     for change in ("DROP CONSTRAINT scores_pkey", "DROP CONSTRAINT scores_pkey, ADD PRIMARY KEY (txn_id, card_id)"):
-        assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", 1, whole=True) >= 0
+        assert mirror.upsert_batch(conn, SCHEMA, scores, frame(BATCH1), "delta:scores", 1, whole=True) >= 0
         with conn.cursor() as cur:
             cur.execute(f"ALTER TABLE {SCHEMA}.scores {change}")
             cur.execute(f"INSERT INTO {SCHEMA}.scores (txn_id, card_id) VALUES ('t1', 'c9')")  # t1 twice now
         conn.commit()
         caplog.clear()
-        mirror.ensure_schema(conn, SCHEMA, [SCORES])
+        mirror.ensure_schema(conn, SCHEMA, [scores])
         assert "scores lost its primary key (txn_id)" in caplog.text and "loaded whole" in caplog.text, change
         assert primary_key() == [("scores_pkey", ["txn_id"])] and contents(conn) == [] and ledger(conn) == []
-        assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "delta:scores", 1, whole=True) == 3
+        assert set(deleted_days(conn)) == {("scores", dt.date(2024, 1, 1))}  # the marts hear of its rows' day
+        assert mirror.upsert_batch(conn, SCHEMA, scores, frame(BATCH1), "delta:scores", 1, whole=True) == 3
         assert contents(conn) == [as_db(r) for r in BATCH1]
     caplog.clear()
-    mirror.ensure_schema(conn, SCHEMA, [SCORES])  # keyed as declared: nothing happens
+    mirror.ensure_schema(conn, SCHEMA, [scores])  # keyed as declared: nothing happens
     assert "primary key" not in caplog.text and ledger(conn) == [("delta:scores", "scores", 1, 3)]
 
 
