@@ -56,12 +56,12 @@ MIRRORED_TABLES: dict[str, dict] = {
 MIRRORED_TABLES["gold_too_late_events"]["deleted_days"] += ("o.detected_at AT TIME ZONE 'UTC'",)
 LOADED_AT = "mirrored_at"
 
+log = logging.getLogger(__name__)
+
 
 def ledger_source(name: str) -> str:
     """The name under which the Postgres ledger records the versions of Delta table ``name``."""
     return f"delta:{name}"
-
-log = logging.getLogger(__name__)
 
 
 def mirror_spec(name: str, schema: StructType) -> pg_mirror.MirrorTable:

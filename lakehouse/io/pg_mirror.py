@@ -327,8 +327,7 @@ def _deleted_days_body(schema: str, table: MirrorTable) -> sql.Composable:
         return sql.SQL("(({})::date)").format(sql.Composed(pieces))
 
     days = sql.SQL(", ").join(day(expr) for expr in table.deleted_days)
-    # A day looked up in another table that is not there (not created yet, or dropped: the mirror loads
-    # it whole, and its rows mark their days) is not known: the delete goes on without it.
+
     def record(rows: sql.Composable) -> sql.Composable:
         return sql.SQL(
             "INSERT INTO {} AS d (table_name, day, deleted_at) SELECT DISTINCT TG_TABLE_NAME, x.day, now() "
@@ -336,6 +335,8 @@ def _deleted_days_body(schema: str, table: MirrorTable) -> sql.Composable:
             "ON CONFLICT (table_name, day) DO UPDATE SET deleted_at = EXCLUDED.deleted_at;").format(
             _qualified(schema, DELETED_DAYS_TABLE), rows, days)
 
+    # A day looked up in another table that is not there (not created yet, or dropped: the mirror loads
+    # it whole, and its rows mark their days) is not known: the delete goes on without it.
     return sql.SQL(
         " BEGIN IF TG_OP = 'TRUNCATE' THEN {} ELSE {} END IF; RETURN NULL; "
         "EXCEPTION WHEN undefined_table THEN RAISE WARNING 'the days of the rows deleted from %.% are not "

@@ -527,7 +527,6 @@ def test_every_delete_records_the_days_of_the_rows_it_removed(conn):
     assert contents(conn) == [] and set(after) == set(before) | {("notes", dt.date(2024, 1, 1))}
     assert after[("scores", dt.date(2024, 1, 1))] > before[("scores", dt.date(2024, 1, 1))]
     assert after[("scores", dt.date(2024, 1, 2))] == before[("scores", dt.date(2024, 1, 2))]
-    mirror.upsert_batch(conn, SCHEMA, scores, frame([rows[0]]), "s3", 2, whole=True)  # t1, loaded again
 
     # a day looked up in a table that is gone is not known, and the delete goes on without it
     mirror.upsert_batch(conn, SCHEMA, notes, pd.DataFrame({"txn_id": ["t2"], "text": ["c"]}), "n", 3)
