@@ -120,6 +120,16 @@ def reset_stream(settings: Settings) -> list[str]:
 
 
 def cmd_stream(args, settings: Settings) -> int:
+    from lakehouse import streaming
+
+    kinds = tuple(args.only) if args.only else QUERIES
+    # Before the reset and Spark's start: a second stream is refused at once, and a reset never
+    # removes what a running stream writes to.
+    with streaming.stream_lock(settings, QUERIES if args.reset else kinds):
+        return _stream(args, settings, kinds)
+
+
+def _stream(args, settings: Settings, kinds: tuple[str, ...]) -> int:
     from lakehouse import quality, streaming, summary
     from lakehouse.spark import build_spark
 
@@ -130,7 +140,6 @@ def cmd_stream(args, settings: Settings) -> int:
         settings = settings.replace(trigger_seconds=args.trigger_seconds)
     if args.max_files:
         settings = settings.replace(max_files_per_trigger=args.max_files)
-    kinds = tuple(args.only) if args.only else QUERIES
     console.print(f"[bold]starting Spark[/] ({settings.spark_master}) ...")
     quality.preload()  # the checks' import runs while the JVM starts
     spark = build_spark(settings, app_name="lakehouse-stream")
@@ -314,6 +323,13 @@ def cmd_demo(args, settings: Settings) -> int:
     """The whole story on embedded defaults: generate simulated days with fraud and stream defects,
     stream them (silver and gold in each micro-batch), train and promote a model, score, mirror into
     Postgres, build the dbt marts, and print a summary."""
+    from lakehouse import streaming
+
+    with streaming.stream_lock(settings, QUERIES):  # refused before it starts, beside a running stream
+        return _demo(args, settings)
+
+
+def _demo(args, settings: Settings) -> int:
     from datetime import datetime as _dt, timedelta
 
     from lakehouse import marts, mirror, quality, streaming, summary
@@ -777,7 +793,7 @@ def _user_error(exc: Exception, settings: Settings | None) -> Exception | None:
     """``exc`` when it is an error the user can fix with what its message says; a failure caused by a
     damaged Delta table as :class:`lakehouse.damage.DamagedTable`; else None (a bug: the trace)."""
     names = {"JavaMissing", "CheckpointError", "PostgresUnavailable", "UserError", "ExpectationFailed",
-             "DbtUnavailable", "DamagedTable", "InboxFileGone"}
+             "DbtUnavailable", "DamagedTable", "InboxFileGone", "StreamRunning"}
     if type(exc).__name__ in names:
         return exc
     if settings is None:

@@ -20,19 +20,23 @@ so the replay records exactly what an uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import itertools
 import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -89,6 +93,93 @@ DQ_SCHEMA = StructType(
 
 class CheckpointError(RuntimeError):
     """The checkpoint cannot be used; the message names the folder and the fix."""
+
+
+class StreamRunning(RuntimeError):
+    """Another process runs a stream query on the same checkpoint; the message names it and the fix."""
+
+
+#: The lock file of each stream query, beside its checkpoint folder (``stream --reset`` removes the
+#: folder, and is refused while another process holds the lock).
+def lock_path(settings: Settings, kind: str) -> Path:
+    return settings.checkpoint_root / f".{kind}.lock"
+
+
+_held: dict[Path, list] = {}  # lock file -> [fd, holders in this process]
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def stream_lock(settings: Settings, kinds: Iterable[str]) -> Iterator[None]:
+    """Hold the lock of each stream query of ``kinds`` for the block, or raise :class:`StreamRunning`
+    naming the process that holds one. Two processes running one query would race each other for
+    its checkpoint and tables (Spark and Delta refuse the loser with an exception from deep inside,
+    after its inbox watch and express lane may have acted). An ``fcntl.flock``: the kernel releases
+    it however the holder ends, ``kill -9`` included, so a crash leaves no stale lock. Re-entrant in
+    one process (``stream --reset`` holds both while its run takes its own)."""
+    taken: list[Path] = []
+    try:
+        for kind in sorted(set(kinds)):
+            path = lock_path(settings, kind)
+            if _take(path, kind, settings):
+                taken.append(path)
+        yield
+    finally:
+        for path in taken:
+            _release(path)
+
+
+def _take(path: Path, kind: str, settings: Settings) -> bool:
+    """Lock ``path`` (or count one more holder in this process); False when locks are not available here."""
+    with _held_guard:
+        if path in _held:
+            _held[path][1] += 1
+            return True
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # a file system without locks (some network mounts): run, unguarded, and say so
+                log.warning("cannot lock %s (%s): a second stream on %s would not be refused", path, exc,
+                            settings.data_root)
+                return False
+            raise StreamRunning(_holder_message(path, kind, settings)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode())
+        _held[path] = [fd, 1]
+        return True
+
+
+def _release(path: Path) -> None:
+    with _held_guard:
+        entry = _held.get(path)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held[path]
+            # Unlocked before it is closed: a child forked meanwhile (multiprocessing) shares the
+            # descriptor, and would hold the lock until it exits.
+            fcntl.flock(entry[0], fcntl.LOCK_UN)
+            os.close(entry[0])
+
+
+def _holder_message(path: Path, kind: str, settings: Settings) -> str:
+    try:
+        who = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        who = {}
+    pid = who.get("pid")
+    named = (f"process {pid} on {who.get('host', 'this host')}, running since {who.get('since', '?')}"
+             if pid else "another process")
+    stop = f"Ctrl-C in its terminal, or `kill {pid}`" if pid else f"the process holding {path}"
+    return (f"the {kind} stream on {settings.data_root} is already running ({named}); a second one would race "
+            f"it for the same checkpoint and tables. Stop that one first ({stop}), or point LAKEHOUSE_DATA at "
+            "another folder for this one.")
 
 
 @dataclass(frozen=True)
@@ -890,8 +981,15 @@ def run_streams(
     receives the feature rows of each events batch's new transactions (for scoring), and
     ``publish`` the gold rows each events batch is about to write (see :class:`GoldStream`).
     ``express``: an :class:`lakehouse.express.ExpressLane` to run beside a continuous stream with gold
-    (started and stopped here), serving provisional features of newly landed files.
+    (started and stopped here), serving provisional features of newly landed files. Refused
+    (:class:`StreamRunning`) while another process runs one of the queries ``kinds``.
     """
+    with stream_lock(settings, kinds):
+        _run_streams(spark, settings, once, kinds, on_batch, stop_event, on_features, publish, express)
+
+
+def _run_streams(spark, settings: Settings, once: bool, kinds, on_batch, stop_event, on_features, publish,
+                 express) -> None:
     damage.check_tables(settings)  # a commit emptied by a power loss, before Delta reads it as nothing
     ensure_tables(spark, settings, kinds)
     if on_features is None and settings.stream_gold and settings.stream_scoring:

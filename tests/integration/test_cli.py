@@ -56,6 +56,61 @@ def test_unreachable_postgres_is_one_clear_error(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_a_second_stream_on_the_same_data_is_refused_before_it_starts(tmp_path):
+    import fcntl
+    import signal
+
+    from lakehouse import streaming
+    from lakehouse.config import Settings
+
+    env = {"LAKEHOUSE_DATA": str(tmp_path)}
+    settings = Settings.from_env(env)
+    (settings.checkpoint("events") / "offsets").mkdir(parents=True)  # what a running stream has written
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lakehouse import streaming; from lakehouse.config import "
+         "Settings; held = streaming.stream_lock(Settings.from_env({'LAKEHOUSE_DATA': sys.argv[1]}), ['events']); "
+         "held.__enter__(); print('held', flush=True); time.sleep(600)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (["stream", "--once", "--only", "events"], ["stream", "--reset", "--only", "labels"], ["demo"]):
+            res = run(args, env)
+            assert res.returncode == 2, (args, res.stderr[-2000:])
+            assert "already running" in res.stderr and f"kill {holder.pid}" in res.stderr, args
+            assert "Traceback" not in res.stderr and "starting Spark" not in res.stdout
+        # Nothing was reset, generated or streamed.
+        assert (settings.checkpoint("events") / "offsets").is_dir()
+        assert not settings.events_inbox.exists() and not settings.table_path("silver_transactions").exists()
+        # Each query has its own lock: the labels stream may run in another process.
+        with streaming.stream_lock(settings, ["labels"]):
+            pass
+        with pytest.raises(streaming.StreamRunning, match=f"process {holder.pid} "):
+            with streaming.stream_lock(settings, ["labels", "events"]):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # kill -9 leaves no stale lock; in one process the lock is re-entrant, and released by the last holder.
+    path = streaming.lock_path(settings, "events")
+
+    def free() -> bool:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    with streaming.stream_lock(settings, ["events", "labels"]):
+        with streaming.stream_lock(settings, ["events"]):
+            assert not free()
+        assert not free()
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert free()
+
+
 def test_bad_setting_is_one_clear_error(tmp_path):
     res = run(["info"], {"LAKEHOUSE_DATA": str(tmp_path), "LAKEHOUSE_MAX_FILES_PER_TRIGGER": "lots"})
     assert res.returncode == 2 and "LAKEHOUSE_MAX_FILES_PER_TRIGGER" in res.stderr
