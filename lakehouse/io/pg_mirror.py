@@ -379,9 +379,10 @@ def _restore_key(cur, schema: str, table: MirrorTable, keyed: list[str], constra
 
 def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
     target = _qualified(schema, table.name)
-    # Each column, and whether it is in the table's primary key (none: NULL).
-    cur.execute("SELECT a.attname, a.attnum = ANY(k.conkey), k.conname FROM pg_attribute a "
-                "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+    # Each column, whether it is in the table's primary key (none: NULL), and its type.
+    cur.execute("SELECT a.attname, a.attnum = ANY(k.conkey), k.conname, a.atttypid::regtype::text "
+                "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "LEFT JOIN pg_constraint k ON k.conrelid = c.oid AND k.contype = 'p' "
                 "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
                 (schema, table.name))
@@ -448,6 +449,66 @@ def _ensure_table(cur, schema: str, table: MirrorTable) -> None:
             sql.Identifier(TRUNCATED_DAYS), target, sql.Identifier(schema, table.deleted_days_function)))
     if existing and keyed != sorted(table.key):  # once its triggers are there: they record what it empties
         _restore_key(cur, schema, table, keyed, next((r[2] for r in rows if r[2]), None))
+    if existing:
+        _restore_types(cur, schema, table, {r[0]: r[3] for r in rows})
+
+
+def _restore_types(cur, schema: str, table: MirrorTable, actual: dict[str, str]) -> None:
+    """Give the columns of ``table`` whose type was changed by hand (or declared anew by a newer
+    release) the declared type. The rows are COPYed through a staging table ``LIKE`` the target, so
+    a column made ``integer`` fails every batch whose values have a fraction, and one made ``text``
+    serves its numbers as strings. The table is emptied first (no cast of the rows there can fail)
+    and forgotten by the ledger, so its next batch loads it whole. A column a view reads cannot
+    change type: then a warning says which views, and the table is left as it is."""
+    declared = [(c, t) for c, t in table.columns if c in actual]
+    if table.loaded_at and table.loaded_at in actual:
+        declared.append((table.loaded_at, "timestamptz"))
+    # Postgres names "timestamptz" "timestamp with time zone"; a type modifier (numeric's precision) is
+    # not compared. A name told apart here is asked of Postgres itself before anything is changed.
+    suspects = [(c, t) for c, t in declared if actual[c] != _PG_NAMES.get(_base_type(t), _base_type(t))]
+    if not suspects:
+        return
+    cur.execute("SELECT t::regtype::text FROM unnest(%s::text[]) WITH ORDINALITY AS d(t, i) ORDER BY i",
+                ([t for _, t in suspects],))
+    changed = [(c, t, actual[c]) for (c, t), (name,) in zip(suspects, cur.fetchall()) if actual[c] != name]
+    if not changed:
+        return
+    target = _qualified(schema, table.name)
+    what = ", ".join(f"{c} is {was}, not {t}" for c, t, was in changed)
+    cur.execute("SELECT DISTINCT v.oid::regclass::text FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid "
+                "JOIN pg_class v ON v.oid = r.ev_class JOIN pg_attribute a ON a.attrelid = d.refobjid "
+                "AND a.attnum = d.refobjsubid WHERE d.refobjid = to_regclass(%s) AND v.oid <> d.refobjid "
+                "AND a.attname = ANY(%s) ORDER BY 1", (target.as_string(cur), [c for c, _, _ in changed]))
+    views = [r[0] for r in cur.fetchall()]
+    if views:
+        log.warning("%s.%s: %s; it keeps these types while views read those columns (%s): drop the views "
+                    "(`DROP VIEW ... CASCADE`), the mirror then puts the declared types back and loads the table "
+                    "whole, and `lakehouse dbt build` builds them again", schema, table.name, what,
+                    ", ".join(views))
+        return
+    _advisory_lock(cur, "table", schema, table.name)  # after a batch being applied to it has committed
+    forgotten = _forget(cur, schema, table.name)
+    log.warning("%s.%s: %s: it is emptied, given the declared types and loaded whole from its source (the "
+                "ledger forgot %s)", schema, table.name, what,
+                ", ".join(f"{src} version {v}" for src, v in forgotten) or "nothing")
+    cur.execute(sql.SQL("TRUNCATE {}").format(target))  # its trigger records the days of the rows
+    for column, pgtype, _ in changed:
+        # The default (mirrored_at's now()) is set again after: one cast to another type may not cast back.
+        name, default = sql.Identifier(column), column == table.loaded_at
+        cur.execute(sql.SQL("ALTER TABLE {} {}ALTER COLUMN {} TYPE {} USING NULL{}").format(
+            target, sql.SQL("ALTER COLUMN {} DROP DEFAULT, ").format(name) if default else sql.SQL(""), name,
+            sql.SQL(pgtype), sql.SQL(", ALTER COLUMN {} SET DEFAULT now()").format(name) if default else sql.SQL("")))
+
+
+#: Postgres' names (``format_type``) of the type names the mirror declares that it spells otherwise.
+_PG_NAMES = {"timestamptz": "timestamp with time zone", "timestamp": "timestamp without time zone",
+             "int": "integer", "int4": "integer", "int8": "bigint", "int2": "smallint", "float8": "double precision",
+             "float4": "real", "bool": "boolean", "varchar": "character varying", "decimal": "numeric"}
+
+
+def _base_type(pgtype: str) -> str:
+    """A declared type without its modifier: ``numeric(12,2)`` -> ``numeric``."""
+    return pgtype.split("(")[0].strip().lower()
 
 
 # ---- ledger -----------------------------------------------------------------------------------

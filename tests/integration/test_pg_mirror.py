@@ -589,6 +589,57 @@ def test_a_primary_key_dropped_by_hand_is_restored_and_the_table_loaded_whole(co
     assert "primary key" not in caplog.text and ledger(conn) == [("delta:scores", "scores", 1, 3)]
 
 
+def test_a_column_type_changed_by_hand_is_put_back_and_the_table_loaded_whole(conn, caplog):
+    # The rows are COPYed through a staging table LIKE the target: a double made integer rounds (or
+    # fails) every value with a fraction, and a timestamp made text is served as a string.
+    scores = MirrorTable(name="scores", columns=SCORES.columns, key=SCORES.key, indexes=SCORES.indexes,
+                         loaded_at="mirrored_at", deleted_days=("o.event_ts AT TIME ZONE 'UTC'",))
+
+    def types() -> dict[str, str]:
+        with conn.cursor() as cur:
+            cur.execute("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                        "%s::regclass AND attnum > 0 AND NOT attisdropped", (f"{SCHEMA}.scores",))
+            rows = dict(cur.fetchall())
+        conn.rollback()
+        return rows
+
+    def load() -> list[tuple]:
+        assert mirror.upsert_batch(conn, SCHEMA, scores, frame(BATCH1), "delta:scores", 1, whole=True) >= 0
+        rows = contents(conn)
+        assert all(r[-1] is not None for r in rows)  # mirrored_at, by its default
+        return [r[:-1] for r in rows]
+
+    mirror.ensure_schema(conn, SCHEMA, [scores])
+    declared = types()
+    assert declared["amount"] == "double precision" and declared["mirrored_at"] == "timestamp with time zone"
+    assert load() == [as_db(r) for r in BATCH1]
+    with conn.cursor() as cur:
+        cur.execute(f"ALTER TABLE {SCHEMA}.scores ALTER COLUMN amount TYPE integer, "
+                    "ALTER COLUMN mirrored_at TYPE text")
+    conn.commit()
+    assert [r[2] for r in contents(conn)] == [10, 20, 30]  # 10.5 and 30.25 rounded
+    caplog.clear()
+    mirror.ensure_schema(conn, SCHEMA, [scores])
+    assert "amount is integer, not double precision" in caplog.text and "loaded whole" in caplog.text
+    assert "mirrored_at is text, not timestamptz" in caplog.text
+    assert types() == declared and contents(conn) == [] and ledger(conn) == []
+    assert set(deleted_days(conn)) == {("scores", dt.date(2024, 1, 1))}  # the marts hear of its rows' day
+    assert load() == [as_db(r) for r in BATCH1]  # 10.5 again
+    caplog.clear()
+    mirror.ensure_schema(conn, SCHEMA, [scores])  # the declared types: nothing happens
+    assert "scores" not in caplog.text and ledger(conn) == [("delta:scores", "scores", 1, 3)]
+
+    # A column a view reads cannot change type: the table is left as it is, and the warning says why.
+    with conn.cursor() as cur:
+        cur.execute(f"ALTER TABLE {SCHEMA}.scores ALTER COLUMN n_items TYPE numeric")
+        cur.execute(f"CREATE VIEW {SCHEMA}.scores_view AS SELECT txn_id, n_items FROM {SCHEMA}.scores")
+    conn.commit()
+    caplog.clear()
+    mirror.ensure_schema(conn, SCHEMA, [scores])
+    assert "n_items is numeric, not bigint" in caplog.text and f"{SCHEMA}.scores_view" in caplog.text
+    assert types()["n_items"] == "numeric" and len(contents(conn)) == 3 and len(ledger(conn)) == 1
+
+
 def test_composite_key_and_key_only_table(conn):
     windows = MirrorTable("card_windows", (("card_id", "text"), ("window_start", "timestamptz"),
                                            ("n", "integer"), ("total", "numeric(12,2)")),
