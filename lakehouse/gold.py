@@ -494,6 +494,13 @@ class GoldStream:
     def _path(self, name: str) -> str:
         return str(self.settings.table_path(name))
 
+    def forget(self) -> None:
+        """Drop what this object keeps of the tables between batches (the look-back, the watermark),
+        so the next batch reads them again, as a restarted stream's first does: before a batch runs
+        again after one of its writes lost a commit race."""
+        with self._lock:
+            self._kept, self._mark, self._written = None, None, {}
+
     def _ensure(self, spark: SparkSession) -> None:
         if not self._ready:
             self._schemas = _schemas_of(spark, self.settings)

@@ -627,6 +627,30 @@ class InboxWatch:
 #: failure wraps it in a Java trace, and :func:`_await` raises it again as itself.
 _TOLD: dict[str, Exception] = {}
 
+#: Attempts at a micro-batch whose write lost a Delta commit race with another writer of the table,
+#: and the wait before the second (doubled before each next).
+CONFLICT_ATTEMPTS = 5
+CONFLICT_BACKOFF_SECONDS = 2.0
+
+
+def _commit_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Delta commit conflict (``io.delta.exceptions.*``: a concurrent append,
+    delete, metadata or protocol change), here or as the cause of another error."""
+    from delta.exceptions import (ConcurrentAppendException, ConcurrentDeleteDeleteException,
+                                  ConcurrentDeleteReadException, ConcurrentTransactionException,
+                                  ConcurrentWriteException, DeltaConcurrentModificationException,
+                                  MetadataChangedException, ProtocolChangedException)
+
+    kinds = (ConcurrentAppendException, ConcurrentDeleteDeleteException, ConcurrentDeleteReadException,
+             ConcurrentTransactionException, ConcurrentWriteException, DeltaConcurrentModificationException,
+             MetadataChangedException, ProtocolChangedException)
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, kinds) or "io.delta.exceptions.Concurrent" in str(exc).split("\n", 1)[0]:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
 
 class IngestBatch:
     """The foreachBatch function of one inbox stream."""
@@ -715,7 +739,14 @@ class IngestBatch:
 
     def __call__(self, lines: DataFrame, batch_id: int) -> None:
         try:
-            self._batch(lines, batch_id)
+            for attempt in itertools.count(1):
+                try:
+                    self._batch(lines, batch_id)
+                    break
+                except Exception as exc:  # noqa: BLE001 -- only a commit conflict is taken here
+                    if not _commit_conflict(exc) or attempt >= CONFLICT_ATTEMPTS:
+                        raise
+                    self._after_conflict(exc, batch_id, attempt)
         except Exception as exc:
             if isinstance(exc, (InboxFileGone, quality.ExpectationFailed)):
                 _TOLD[str(self.settings.checkpoint(self.layer.kind))] = exc
@@ -727,6 +758,19 @@ class IngestBatch:
                 f"py4j.protocol.Py4JJavaError: An error occurred while calling Spark in {self.layer.kind} batch "
                 f"{batch_id}: java.lang.InterruptedException (the query was stopped during the batch; a "
                 "restart replays it, and each of its writes lands once)") from None
+
+    def _after_conflict(self, exc: Exception, batch_id: int, attempt: int) -> None:
+        """A write of the batch lost a commit race with another writer of its table (the nightly
+        backfill, compaction or scoring: a late event landing in the day they rewrite). Each write of
+        the batch lands once (idempotent per batch), so the batch runs again, as a replay after a
+        crash does: from the tables, the in-memory look-back dropped. The query goes on."""
+        wait = CONFLICT_BACKOFF_SECONDS * 2 ** (attempt - 1)
+        log.warning("%s batch %d: %s from a concurrent writer of the same table (%s); the batch runs again in "
+                    "%.0f s (attempt %d of %d), and each of its writes lands once", self.layer.kind, batch_id,
+                    type(exc).__name__, str(exc).splitlines()[0][:300], wait, attempt + 1, CONFLICT_ATTEMPTS)
+        if self.gold is not None:
+            self.gold.forget()
+        time.sleep(wait)
 
     def _first_attempt(self, spark: SparkSession, batch_id: int) -> DataFrame | None:
         """The lines an earlier attempt at ``batch_id`` received, as it wrote them to bronze, when this

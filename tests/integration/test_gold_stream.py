@@ -142,6 +142,50 @@ def test_lines_a_writer_finished_after_the_read_are_judged_with_their_file(spark
     assert "u3" not in set(windows["user_id"])
 
 
+def test_a_batch_whose_write_loses_a_commit_race_runs_again_and_each_write_lands_once(spark, settings, tmp_path,
+                                                                                      monkeypatch, caplog):
+    # The nightly backfill, compaction or scoring rewrites a day while a late event of that day
+    # lands: one of the two commits loses (Delta's ConcurrentAppendException and kin). The stream's
+    # batch runs again, from the tables, and goes on, instead of the live query dying.
+    from pyspark.errors.exceptions import captured
+
+    monkeypatch.setattr(streaming, "CONFLICT_BACKOFF_SECONDS", 0.0)
+    settings = settings.replace(max_files_per_trigger=1)
+    clean = settings.with_data_root(tmp_path / "clean")
+    for s in (settings, clean):
+        write_lines(s.events_inbox, "b.jsonl", [_ev(1, "u1", 0), _ev(2, "u1", 30), _ev(3, "u2", 31)], mtime=FILE_MTIME)
+        write_lines(s.events_inbox, "a.jsonl", [_ev(4, "u1", 26), _ev(5, "u1", 5), _ev(6, "u2", 29)],
+                    mtime=FILE_MTIME + 1)
+    streaming.run_streams(spark, clean, once=True, kinds=("events",))
+
+    lost = []  # (batch, table) of each conflict raised
+    write = gold.GoldStream._write
+
+    def racing(self, session, name, rows, new, app_id, batch_id):
+        # the features write loses once in batch 0, twice in batch 1; the windows write beside it lands
+        if name == "gold_transaction_features" and lost.count((batch_id, name)) < batch_id + 1:
+            lost.append((batch_id, name))
+            raise captured.convert_exception(spark._jvm.io.delta.exceptions.ConcurrentAppendException(
+                "Files were added to partition [event_date=2026-11-20] by a concurrent update."))
+        return write(self, session, name, rows, new, app_id, batch_id)
+
+    monkeypatch.setattr(gold.GoldStream, "_write", racing)
+    with caplog.at_level("WARNING", logger="lakehouse.streaming"):
+        streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert lost == [(0, "gold_transaction_features")] + [(1, "gold_transaction_features")] * 2
+    assert caplog.text.count("ConcurrentAppendException from a concurrent writer") == 3
+    assert "(attempt 3 of 5)" in caplog.text
+
+    for name in (*gold.COMPUTED_TABLES, "gold_too_late_events"):
+        got, want = _table(spark, settings, name), _table(spark, clean, name)
+        cols = [c for c in want.columns if c not in ("detected_at",)]
+        pd.testing.assert_frame_equal(got[cols], want[cols], check_exact=True, obj=name)
+    assert list(_table(spark, settings, "gold_too_late_events")["event_id"]) == ["e000005"]
+    dq = delta.read(spark, settings.table_path("silver_dq_batches")).orderBy("batch_id").toPandas()
+    assert list(dq["batch_id"]) == [0, 1] and dq["reconciled"].all() and list(dq["inserted"]) == [3, 3]
+    assert delta.read(spark, settings.table_path("silver_transactions")).count() == 6
+
+
 def test_the_watermark_survives_a_restart_and_an_older_batch(spark, settings):
     # The watermark is kept between batches and read from the data-quality rows after a restart;
     # a batch of older (on-time) events must not lower it for the next batch.
