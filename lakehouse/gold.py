@@ -499,7 +499,7 @@ class GoldStream:
         so the next batch reads them again, as a restarted stream's first does: before a batch runs
         again after one of its writes lost a commit race."""
         with self._lock:
-            self._kept, self._mark, self._written = None, None, {}
+            self._kept, self._mark = None, None
 
     def _ensure(self, spark: SparkSession) -> None:
         if not self._ready:

@@ -99,9 +99,9 @@ class StreamRunning(RuntimeError):
     """Another process runs a stream query on the same checkpoint; the message names it and the fix."""
 
 
-#: The lock file of each stream query, beside its checkpoint folder (``stream --reset`` removes the
-#: folder, and is refused while another process holds the lock).
 def lock_path(settings: Settings, kind: str) -> Path:
+    """The lock file of the stream query ``kind`` (:func:`stream_lock`), beside its checkpoint folder
+    (``stream --reset`` removes the folder, and is refused while another process holds the lock)."""
     return settings.checkpoint_root / f".{kind}.lock"
 
 

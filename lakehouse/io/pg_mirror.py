@@ -357,21 +357,27 @@ def _forget(cur, schema: str, table_name: str) -> list[tuple[str, int]]:
     return cur.fetchall()
 
 
+def _empty_for_whole_load(cur, schema: str, table: MirrorTable, found: str, repair: str) -> None:
+    """Empty ``table`` for a repair (what was ``found``, what the ``repair`` does), under its advisory
+    lock, after a batch being applied to it has committed; the ledger forgets it, so its next batch
+    loads it whole. Its TRUNCATE trigger records the days of the rows for the incremental marts."""
+    _advisory_lock(cur, "table", schema, table.name)
+    forgotten = _forget(cur, schema, table.name)
+    log.warning("%s.%s%s: it is emptied, %s and loaded whole from its source (the ledger forgot %s)", schema,
+                table.name, found, repair, ", ".join(f"{src} version {v}" for src, v in forgotten) or "nothing")
+    cur.execute(sql.SQL("TRUNCATE {}").format(_qualified(schema, table.name)))
+
+
 def _restore_key(cur, schema: str, table: MirrorTable, keyed: list[str], constraint: str | None) -> None:
     """Give ``table`` its primary key back: one dropped (or changed) by hand. Every upsert of the
     mirror, the publisher and the express lane names the key (``ON CONFLICT``) and fails without it,
     and rows written meanwhile may hold a key twice: the table is emptied, keyed again and forgotten by
     the ledger, so its next batch loads it whole."""
     target = _qualified(schema, table.name)
-    _advisory_lock(cur, "table", schema, table.name)  # after a batch being applied to it has committed
-    forgotten = _forget(cur, schema, table.name)
-    log.warning("%s.%s lost its primary key (%s)%s: it is emptied, keyed again and loaded whole from its "
-                "source (the ledger forgot %s)", schema, table.name, ", ".join(table.key),
-                f", it has one on ({', '.join(keyed)}) instead" if keyed else "",
-                ", ".join(f"{src} version {v}" for src, v in forgotten) or "nothing")
+    _empty_for_whole_load(cur, schema, table, f" lost its primary key ({', '.join(table.key)})"
+                          + (f", it has one on ({', '.join(keyed)}) instead" if keyed else ""), "keyed again")
     if constraint is not None:
         cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(target, sql.Identifier(constraint)))
-    cur.execute(sql.SQL("TRUNCATE {}").format(target))  # its trigger records the days of the rows
     for column in table.key:  # a key column made nullable by hand
         cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(target, sql.Identifier(column)))
     cur.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(target, _idents(table.key)))
@@ -486,12 +492,7 @@ def _restore_types(cur, schema: str, table: MirrorTable, actual: dict[str, str])
                     "whole, and `lakehouse dbt build` builds them again", schema, table.name, what,
                     ", ".join(views))
         return
-    _advisory_lock(cur, "table", schema, table.name)  # after a batch being applied to it has committed
-    forgotten = _forget(cur, schema, table.name)
-    log.warning("%s.%s: %s: it is emptied, given the declared types and loaded whole from its source (the "
-                "ledger forgot %s)", schema, table.name, what,
-                ", ".join(f"{src} version {v}" for src, v in forgotten) or "nothing")
-    cur.execute(sql.SQL("TRUNCATE {}").format(target))  # its trigger records the days of the rows
+    _empty_for_whole_load(cur, schema, table, f": {what}", "given the declared types")
     for column, pgtype, _ in changed:
         # The default (mirrored_at's now()) is set again after: one cast to another type may not cast back.
         name, default = sql.Identifier(column), column == table.loaded_at
