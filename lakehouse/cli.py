@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -140,9 +141,12 @@ def _stream(args, settings: Settings, kinds: tuple[str, ...]) -> int:
         settings = settings.replace(trigger_seconds=args.trigger_seconds)
     if args.max_files:
         settings = settings.replace(max_files_per_trigger=args.max_files)
+    serving = _start_serving(settings) if args.mirror else None
     console.print(f"[bold]starting Spark[/] ({settings.spark_master}) ...")
     quality.preload()  # the checks' import runs while the JVM starts
     spark = build_spark(settings, app_name="lakehouse-stream")
+    if serving is not None:
+        _serving_started(serving)
     started = time.time()
     totals = {"records_in": 0, "inserted": 0}
 
@@ -199,6 +203,32 @@ def _stream(args, settings: Settings, kinds: tuple[str, ...]) -> int:
         console.print("[red]reconciliation failed: see silver_dq_batches[/]")
         return 1
     return 0
+
+
+def _start_serving(settings: Settings) -> Future:
+    """``stream --mirror`` serves from the project's Postgres: on embedded defaults the server is
+    started here, while Spark starts, as ``lakehouse mirror`` starts it (``pg_ctl`` gives it a session
+    of its own: it outlives this job, even a kill -9 of it; ``lakehouse pg stop`` ends it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lakehouse.io import postgres
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lakehouse-pg-start")
+    try:
+        return pool.submit(postgres.ensure_running, settings)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _serving_started(serving: Future) -> None:
+    """Wait for :func:`_start_serving`. A server that cannot be reached (``LAKEHOUSE_PG_DSN`` down) is
+    said once and left to the mirror, which retries with back-off: the stream into Delta goes on."""
+    from lakehouse.io import postgres
+
+    try:
+        serving.result()
+    except postgres.PostgresUnavailable as exc:
+        console.print(f"[yellow]{exc}; the stream goes on, and the mirror retries with back-off[/]")
 
 
 # ---- backfill / mirror ----------------------------------------------------------------------------
@@ -643,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reset", action="store_true",
                    help="delete the checkpoints and the bronze/silver/gold tables first, then rebuild from the inboxes")
     s.add_argument("--mirror", action="store_true",
-                   help="also mirror into Postgres: continuously beside the stream (a Postgres outage does "
+                   help="also mirror into Postgres (the embedded server is started if it is not running, "
+                        "as `lakehouse mirror` does): continuously beside the stream (a Postgres outage does "
                         "not stop it; each events batch's new gold rows are published as soon as they are "
                         "computed, ahead of the mirror), and once more at the end; with --once, only at the "
                         "end. Live, the express lane also serves provisional transaction features of each "

@@ -111,6 +111,31 @@ def test_a_second_stream_on_the_same_data_is_refused_before_it_starts(tmp_path):
     assert free()
 
 
+@pytest.mark.slow
+def test_stream_mirror_starts_the_embedded_postgres_it_serves_from(tmp_path):
+    """`stream --mirror` on embedded defaults starts the server, as `lakehouse mirror` does (it once
+    streamed into Delta beside a Postgres nobody had started, then failed at its last mirror round);
+    the server outlives the job, as after `lakehouse pg start`: the rows are read after it ended."""
+    from lakehouse.config import Settings
+    from tests.conftest import pg_rows, stop_postgres, write_lines
+    from tests.integration.inbox_data import event_line
+
+    env = {"LAKEHOUSE_DATA": str(tmp_path / "data"), "LAKEHOUSE_SPARK_MASTER": "local[2]",
+           "LAKEHOUSE_SHUFFLE_PARTITIONS": "2", "LAKEHOUSE_STREAM_SCORING": "0"}
+    settings = Settings.from_env(env)
+    write_lines(settings.events_inbox, "e0.jsonl", [event_line(i) for i in range(20)] + ['{"event_id": '])
+    try:
+        res = run(["stream", "--once", "--mirror"], env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "unreachable" not in res.stderr
+        served = pg_rows(settings, "gold_transaction_features", "event_id")
+        assert list(served["event_id"]) == [f"e{i:06d}" for i in range(20)]
+        dq = pg_rows(settings, "silver_dq_batches", "batch_id")
+        assert list(dq["records_in"]) == [21] and list(dq["quarantined"]) == [1]
+    finally:
+        stop_postgres(settings)
+
+
 def test_bad_setting_is_one_clear_error(tmp_path):
     res = run(["info"], {"LAKEHOUSE_DATA": str(tmp_path), "LAKEHOUSE_MAX_FILES_PER_TRIGGER": "lots"})
     assert res.returncode == 2 and "LAKEHOUSE_MAX_FILES_PER_TRIGGER" in res.stderr
