@@ -282,3 +282,40 @@ def test_dbt_marts_end_to_end(spark, pg, tmp_path):
     for name, order in {**INCREMENTAL_MARTS, **TABLE_MARTS}.items():
         pd.testing.assert_frame_equal(incremental[name], _mart(settings, name, order), check_dtype=False,
                                       obj=name)
+
+
+def test_a_dbt_user_that_may_not_create_the_analyst_role_is_told_how_to_fix_it(pg):
+    """On a server of someone else's (``LAKEHOUSE_PG_DSN``), the dbt user may lack CREATEROLE. The build
+    once failed in both hooks with Postgres' own words (and "role ... does not exist" from the second);
+    now the run-start hook names the role, the user and the three fixes, once; each fix works."""
+    admin = postgres.connect(pg)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("create role lh_dbt login; grant create on database lakehouse to lh_dbt;"
+                        "grant usage on schema lakehouse to lh_dbt")
+        admin.commit()
+        parts = postgres.dsn_parts(postgres.resolve_dsn(pg))
+        limited = pg.replace(pg_dsn=f"host={parts['host']} port={parts['port']} user=lh_dbt dbname=lakehouse")
+        view = ["run", "--select", "stg_dq_batches"]
+
+        res = dbt.run(limited, view, capture=True, timeout=600)
+        assert res.returncode == 1, res.stdout[-3000:]
+        assert "Completed with 1 error" in res.stdout, res.stdout[-3000:]
+        assert ("the analyst role lakehouse_analyst does not exist and the dbt user lh_dbt may not create roles. "
+                "Fix: create it once as an admin (CREATE ROLE lakehouse_analyst NOLOGIN;), or ALTER ROLE lh_dbt "
+                "CREATEROLE;, or build without it: --vars '{analyst_role: \"\"}'") in res.stdout
+
+        res = dbt.run(limited, [*view, "--vars", "{analyst_role: ''}"], capture=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:]
+
+        with admin.cursor() as cur:
+            cur.execute("create role lakehouse_analyst nologin")
+        admin.commit()
+        res = dbt.run(limited, view, capture=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:]
+        with admin.cursor() as cur:
+            cur.execute("select has_schema_privilege('lakehouse_analyst', 'marts', 'usage'), "
+                        "has_schema_privilege('lakehouse_analyst', 'staging', 'usage')")
+            assert cur.fetchone() == (True, False)
+    finally:
+        admin.close()
