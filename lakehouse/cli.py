@@ -823,12 +823,16 @@ def main(argv: list[str] | None = None) -> int:
 def _user_error(exc: Exception, settings: Settings | None) -> Exception | None:
     """``exc`` when it is an error the user can fix with what its message says; a failure caused by a
     damaged Delta table as :class:`lakehouse.damage.DamagedTable`; else None (a bug: the trace)."""
-    names = {"JavaMissing", "CheckpointError", "PostgresUnavailable", "UserError", "ExpectationFailed",
-             "DbtUnavailable", "DamagedTable", "InboxFileGone", "StreamRunning"}
+    names = {"JavaMissing", "CheckpointError", "PostgresUnavailable", "PostgresPrivilege", "UserError",
+             "ExpectationFailed", "DbtUnavailable", "DamagedTable", "InboxFileGone", "StreamRunning"}
     if type(exc).__name__ in names:
         return exc
     if settings is None:
         return None
+    if type(exc).__name__ == "InsufficientPrivilege":  # psycopg2's, from a job's statement
+        from lakehouse.io import postgres
+
+        return postgres.privilege_error(exc, settings)
     from lakehouse import damage
 
     # a full disk first: its error may name a table's file, which is not damaged for that

@@ -105,6 +105,30 @@ class PostgresUnavailable(RuntimeError):
     """Postgres cannot be reached or started; the message names the problem and the fix."""
 
 
+class PostgresPrivilege(RuntimeError):
+    """The Postgres user lacks a privilege a job needs; the message names it and the grants that fix it."""
+
+
+def privilege_error(exc: Exception, settings) -> PostgresPrivilege:
+    """``exc`` (Postgres' ``insufficient_privilege``, SQLSTATE 42501) told as what to grant to whom.
+
+    The jobs create and alter the tables of ``settings.pg_schema`` (the mirror: tables, indexes,
+    triggers, functions) and dbt creates its own schemas, so the user needs to own the schema and to
+    be allowed to create schemas in the database."""
+    parts = dsn_parts(resolve_dsn(settings))
+    user, db = parts.get("user") or "?", parts.get("dbname") or "?"
+    target = settings.pg_schema
+    diag = getattr(exc, "diag", None)
+    said = (getattr(diag, "message_primary", None) or str(exc)).strip().splitlines()[0]
+    where = "(from LAKEHOUSE_PG_DSN) " if _is_external(settings) else ""
+    return PostgresPrivilege(
+        f"Postgres refused user {user!r} {where}in database {db!r}: {said}. The jobs create and change the "
+        f"tables of schema {target!r} and dbt creates schemas of its own, so the user must own that schema "
+        f"and may create schemas: as an admin, run `CREATE SCHEMA IF NOT EXISTS \"{target}\"; ALTER SCHEMA "
+        f"\"{target}\" OWNER TO \"{user}\"; GRANT CREATE ON DATABASE \"{db}\" TO \"{user}\";`, or point "
+        f"LAKEHOUSE_PG_DSN at the database's owner.")
+
+
 # ---- DSNs -------------------------------------------------------------------------------------
 def _is_external(settings) -> bool:
     return bool(settings.pg_dsn)
@@ -628,6 +652,8 @@ def _start_external(settings) -> str:
     conn = _connect_dsn(settings.pg_dsn, external=True, autocommit=True)
     try:
         _ensure_schema(conn, settings.pg_schema)
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        raise privilege_error(exc, settings) from None
     finally:
         conn.close()
     return settings.pg_dsn

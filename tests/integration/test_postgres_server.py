@@ -202,3 +202,63 @@ def test_dsn_parts_reads_key_value_and_url_forms():
     assert pg.dsn_parts("postgresql://postgres@/lakehouse?host=/tmp/x")["host"] == "/tmp/x"
     with pytest.raises(ValueError):
         pg.dsn_parts("this is not a dsn")
+
+
+def test_an_external_user_without_the_privileges_is_told_what_to_grant(settings, make_settings):
+    """Someone else's server, a login that may neither create the schema nor tables in one it may
+    use: one error naming the user, what Postgres refused and the grants; once granted, it works."""
+    import psycopg2.errors
+
+    from lakehouse import cli
+
+    dsn = pg.start(settings)  # an embedded server stands in for "someone else's" Postgres
+    admin = pg.connect(settings)
+    with admin.cursor() as cur:
+        cur.execute("CREATE ROLE ro LOGIN; CREATE SCHEMA theirs; GRANT USAGE ON SCHEMA theirs TO ro")
+    admin.commit()
+    parts = pg.dsn_parts(dsn)
+    ro_dsn = f"host={parts['host']} port={parts['port']} user=ro dbname=lakehouse"
+    mine = make_settings(settings.data_root.parent / "ro", LAKEHOUSE_PG_DSN=ro_dsn, LAKEHOUSE_PG_SCHEMA="ro_schema")
+    fix = ('as an admin, run `CREATE SCHEMA IF NOT EXISTS "{s}"; ALTER SCHEMA "{s}" OWNER TO "ro"; '
+           'GRANT CREATE ON DATABASE "lakehouse" TO "ro";`, or point LAKEHOUSE_PG_DSN at the database\'s owner.')
+    try:
+        with pytest.raises(pg.PostgresPrivilege) as err:
+            pg.ensure_running(mine)
+        assert str(err.value).startswith("Postgres refused user 'ro' (from LAKEHOUSE_PG_DSN) in database "
+                                         "'lakehouse': permission denied for database lakehouse. ")
+        assert str(err.value).endswith(fix.format(s="ro_schema"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")}
+        res = subprocess.run([sys.executable, "-m", "lakehouse.cli", "pg", "start"], capture_output=True, text=True,
+                             env={**env, "LAKEHOUSE_DATA": str(mine.data_root), "LAKEHOUSE_PG_DSN": ro_dsn,
+                                  "LAKEHOUSE_PG_SCHEMA": "ro_schema"}, timeout=120)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert fix.format(s="ro_schema") in " ".join(res.stderr.split())
+
+        # A schema it may use, not create in: a job's CREATE TABLE there, as the CLI tells it.
+        theirs = make_settings(settings.data_root.parent / "theirs", LAKEHOUSE_PG_DSN=ro_dsn,
+                               LAKEHOUSE_PG_SCHEMA="theirs")
+        assert pg.ensure_running(theirs) == ro_dsn
+        conn = pg.connect(theirs)
+        try:
+            with conn.cursor() as cur, pytest.raises(psycopg2.errors.InsufficientPrivilege) as raw:
+                cur.execute("CREATE TABLE theirs.t (id int)")
+        finally:
+            conn.close()
+        told = cli._user_error(raw.value, theirs)
+        assert isinstance(told, pg.PostgresPrivilege)
+        assert "permission denied for schema theirs. " in str(told) and str(told).endswith(fix.format(s="theirs"))
+
+        with admin.cursor() as cur:  # the grants the message names
+            cur.execute('CREATE SCHEMA IF NOT EXISTS "ro_schema"; ALTER SCHEMA "ro_schema" OWNER TO "ro"; '
+                        'GRANT CREATE ON DATABASE "lakehouse" TO "ro";')
+        admin.commit()
+        assert pg.ensure_running(mine) == ro_dsn
+        conn = pg.connect(mine)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("CREATE TABLE ro_schema.t (id int); CREATE SCHEMA ro_dbt_marts")
+            conn.commit()
+        finally:
+            conn.close()
+    finally:
+        admin.close()
