@@ -829,14 +829,13 @@ def _user_error(exc: Exception, settings: Settings | None) -> Exception | None:
         return exc
     if settings is None:
         return None
-    if type(exc).__name__ == "InsufficientPrivilege":  # psycopg2's, from a job's statement
-        from lakehouse.io import postgres
-
-        return postgres.privilege_error(exc, settings)
     from lakehouse import damage
+    from lakehouse.io import postgres
 
-    # a full disk first: its error may name a table's file, which is not damaged for that
-    return disk_full(exc, settings) or damage.explain(exc, settings)
+    # a privilege Postgres refused a job's statement; a full disk before a damaged table: its error
+    # may name a table's file, which is not damaged for that
+    return (postgres.privilege_refused(exc, settings) or disk_full(exc, settings)
+            or damage.explain(exc, settings))
 
 
 if __name__ == "__main__":

@@ -109,12 +109,15 @@ class PostgresPrivilege(RuntimeError):
     """The Postgres user lacks a privilege a job needs; the message names it and the grants that fix it."""
 
 
-def privilege_error(exc: Exception, settings) -> PostgresPrivilege:
-    """``exc`` (Postgres' ``insufficient_privilege``, SQLSTATE 42501) told as what to grant to whom.
+def privilege_refused(exc: BaseException, settings) -> PostgresPrivilege | None:
+    """``exc`` told as what to grant to whom, when it is Postgres' ``insufficient_privilege`` (SQLSTATE
+    42501: it would be refused again at every retry); None for any other error.
 
     The jobs create and alter the tables of ``settings.pg_schema`` (the mirror: tables, indexes,
     triggers, functions) and dbt creates its own schemas, so the user needs to own the schema and to
     be allowed to create schemas in the database."""
+    if not isinstance(exc, psycopg2.errors.InsufficientPrivilege):
+        return None
     parts = dsn_parts(resolve_dsn(settings))
     user, db = parts.get("user") or "?", parts.get("dbname") or "?"
     target = settings.pg_schema
@@ -653,7 +656,7 @@ def _start_external(settings) -> str:
     try:
         _ensure_schema(conn, settings.pg_schema)
     except psycopg2.errors.InsufficientPrivilege as exc:
-        raise privilege_error(exc, settings) from None
+        raise privilege_refused(exc, settings) from None
     finally:
         conn.close()
     return settings.pg_dsn
