@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import signal
 import sys
@@ -82,7 +83,10 @@ def cmd_generate(args, settings: Settings) -> int:
                  malformed_rate=args.malformed_rate)
     if args.file_events:
         knobs["file_events"] = args.file_events
-    config = GeneratorConfig(**{k: v for k, v in knobs.items() if v is not None})
+    try:
+        config = GeneratorConfig(**{k: v for k, v in knobs.items() if v is not None})
+    except ValueError as exc:  # a rate outside [0, 1], a start it cannot read ...
+        raise UserError(f"{exc}; see `lakehouse generate --help`") from None
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         task = progress.add_task("generate", total=None)
@@ -233,6 +237,20 @@ def _serving_started(serving: Future) -> None:
 
 # ---- backfill / mirror ----------------------------------------------------------------------------
 
+def _positive(kind: type):
+    """An argparse type: a number of ``kind`` above zero (a count, a duration, a rate)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _date(text: str):
     from datetime import date
 
@@ -247,6 +265,8 @@ def cmd_backfill(args, settings: Settings) -> int:
     from lakehouse.spark import build_spark
 
     date_from, date_to = _date(args.date_from), _date(args.date_to)
+    if date_to < date_from:
+        raise UserError(f"--to {date_to} is before --from {date_from}")
     console.print(f"[bold]backfill[/] gold for {date_from} .. {date_to} from silver ...")
     spark = build_spark(settings, app_name="lakehouse-backfill")
     t0 = time.time()
@@ -506,7 +526,10 @@ def cmd_dq_summary(args, settings: Settings) -> int:
 def cmd_dashboard(args, settings: Settings) -> int:
     from lakehouse import dashboard
 
+    from lakehouse.io import postgres
+
     target = Path(args.out) if args.out else settings.data_root / "reports" / "dashboard.html"
+    postgres.ensure_running(settings)  # the embedded server is started, as for `lakehouse dbt`
     console.print(f"[bold]dashboard[/] from Postgres schema {args.schema} ...")
     report = dashboard.write(settings, target, schema=args.schema)
     for panel in report["panels"]:
@@ -646,18 +669,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write synthetic card-payment events (with fraud scenarios and stream "
                                    "defects) to the events inbox and delayed fraud labels to the labels inbox.")
     g.add_argument("--seed", type=int, default=42, help="random seed; same seed and --start give identical files")
-    g.add_argument("--days", type=float, default=None, help="simulated days of traffic (backlog mode)")
-    g.add_argument("--events", type=int, default=None, help="target number of events instead of --days volume")
+    g.add_argument("--days", type=_positive(float), default=None, help="simulated days of traffic (backlog mode)")
+    g.add_argument("--events", type=_positive(int), default=None, help="target number of events instead of --days volume")
     g.add_argument("--start", default=None, help="simulation start, ISO date/time in UTC (default: today - days)")
-    g.add_argument("--users", type=int, default=None, help="number of simulated card holders")
-    g.add_argument("--merchants", type=int, default=None, help="number of simulated merchants")
+    g.add_argument("--users", type=_positive(int), default=None, help="number of simulated card holders")
+    g.add_argument("--merchants", type=_positive(int), default=None, help="number of simulated merchants")
     g.add_argument("--duplicate-rate", type=float, default=None, help="share of events re-delivered")
     g.add_argument("--late-rate", type=float, default=None, help="share of events delivered late")
     g.add_argument("--malformed-rate", type=float, default=None, help="share of malformed records")
-    g.add_argument("--file-events", type=int, default=None, help="lines per inbox file")
+    g.add_argument("--file-events", type=_positive(int), default=None, help="lines per inbox file")
     g.add_argument("--live", action="store_true", help="replay in real time instead of a backlog")
-    g.add_argument("--rate", type=float, default=100.0, help="live mode: events per second")
-    g.add_argument("--duration", type=float, default=60.0, help="live mode: seconds to run")
+    g.add_argument("--rate", type=_positive(float), default=100.0, help="live mode: events per second")
+    g.add_argument("--duration", type=_positive(float), default=60.0, help="live mode: seconds to run")
     g.add_argument("--summary", default=None, help="also write the JSON summary to this file")
     g.set_defaults(func=cmd_generate)
 
@@ -668,8 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "leaves gold to `lakehouse backfill`.")
     s.add_argument("--once", action="store_true", help="process what is in the inboxes, then exit (availableNow)")
     s.add_argument("--only", action="append", choices=list(QUERIES), help="run only this stream (repeatable)")
-    s.add_argument("--trigger-seconds", type=float, default=None, help="continuous mode: micro-batch interval")
-    s.add_argument("--max-files", type=int, default=None, help="inbox files per micro-batch at most")
+    s.add_argument("--trigger-seconds", type=_positive(float), default=None, help="continuous mode: micro-batch interval")
+    s.add_argument("--max-files", type=_positive(int), default=None, help="inbox files per micro-batch at most")
     s.add_argument("--reset", action="store_true",
                    help="delete the checkpoints and the bronze/silver/gold tables first, then rebuild from the inboxes")
     s.add_argument("--mirror", action="store_true",
@@ -715,8 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start Postgres, generate simulated days with fraud and stream defects, "
                                    "stream them (silver and gold per micro-batch), train and promote a model "
                                    "(MLflow), score, mirror into Postgres, dbt build, print a summary.")
-    d.add_argument("--days", type=float, default=16.0, help="simulated days to generate (the model needs 10+)")
-    d.add_argument("--users", type=int, default=400, help="simulated card holders")
+    d.add_argument("--days", type=_positive(float), default=16.0, help="simulated days to generate (the model needs 10+)")
+    d.add_argument("--users", type=_positive(int), default=400, help="simulated card holders")
     d.add_argument("--seed", type=int, default=7, help="random seed")
     d.set_defaults(func=cmd_demo)
 

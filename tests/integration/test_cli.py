@@ -134,6 +134,39 @@ def test_stream_mirror_starts_the_embedded_postgres_it_serves_from(tmp_path):
         stop_postgres(settings)
 
 
+@pytest.mark.parametrize("args,said", [
+    (["generate", "--days", "-1"], "argument --days: must be a finite number above 0, got -1"),
+    (["generate", "--events", "0"], "argument --events: must be a finite number above 0, got 0"),
+    (["generate", "--days", "inf"], "argument --days: must be a finite number above 0, got inf"),
+    (["generate", "--users", "x"], "argument --users: 'x' is not an integer"),
+    (["generate", "--late-rate", "2"], "late_rate must be within [0, 1], got 2.0; see `lakehouse generate --help`"),
+    (["stream", "--once", "--max-files", "0"], "argument --max-files: must be a finite number above 0, got 0"),
+    (["stream", "--trigger-seconds", "-1"], "argument --trigger-seconds: must be a finite number above 0, got -1"),
+    (["backfill", "--from", "2026-12-01", "--to", "2026-11-01"], "error: --to 2026-11-01 is before --from 2026-12-01"),
+    (["demo", "--days", "nan"], "argument --days: must be a finite number above 0, got nan"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_bad_argument_is_one_clear_error_before_anything_runs(tmp_path, args, said):
+    # Once: --max-files 0 was taken for "unset", a negative --days or a reversed backfill range ended
+    # in a trace (the backfill's after Spark had started), --events 0 wrote an empty feed.
+    res = run(args, {"LAKEHOUSE_DATA": str(tmp_path / "data")})
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert said in " ".join(res.stderr.split())
+    assert not any((tmp_path / "data" / d).exists() for d in ("inbox", "delta", "checkpoints", "postgres"))
+
+
+def test_the_dashboard_starts_the_embedded_postgres_it_reads(tmp_path):
+    from lakehouse.config import Settings
+    from tests.conftest import stop_postgres
+
+    env = {"LAKEHOUSE_DATA": str(tmp_path / "data")}
+    try:
+        res = run(["dashboard", "--out", str(tmp_path / "d.html")], env)
+        assert res.returncode == 0, res.stderr
+        assert "no data yet" in res.stderr and "<html" in (tmp_path / "d.html").read_text().lower()
+    finally:
+        stop_postgres(Settings.from_env(env))
+
+
 def test_bad_setting_is_one_clear_error(tmp_path):
     res = run(["info"], {"LAKEHOUSE_DATA": str(tmp_path), "LAKEHOUSE_MAX_FILES_PER_TRIGGER": "lots"})
     assert res.returncode == 2 and "LAKEHOUSE_MAX_FILES_PER_TRIGGER" in res.stderr
