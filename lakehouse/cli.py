@@ -68,7 +68,10 @@ def disk_full(exc: BaseException, settings: Settings) -> DiskFull | None:
 def _parse_start(text: str | None):
     if not text:
         return None
-    ts = datetime.fromisoformat(text)
+    try:
+        ts = datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"{text!r} is not a date or time; use ISO 8601, e.g. 2026-11-30 or 2026-11-30T12:00:00Z") from None
     return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
 
 
@@ -770,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--out", default=None, help="HTML file to write (default: <data>/reports/dashboard.html)")
     db.add_argument("--schema", default="marts", help="Postgres schema of the dbt marts")
     db.add_argument("--serve", action="store_true", help="then serve it on http://127.0.0.1:PORT until Ctrl-C")
-    db.add_argument("--port", type=int, default=8050, help="port for --serve")
+    db.add_argument("--port", type=_positive(int), default=8050, help="port for --serve")
     db.set_defaults(func=cmd_dashboard)
     tr = sub.add_parser("train", help="train the fraud model on a pinned snapshot, log it to MLflow, gate the champion",
                         description="Build the training set from gold_transaction_features and silver_labels at "
@@ -791,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--maturity-days", type=int, default=7,
                     help="default anchor: this many days before the newest event date (labels mature)")
     tr.add_argument("--alert-budget", type=float, default=0.005, help="share of transactions analysts can review")
-    tr.add_argument("--alerts-per-day", type=int, default=None, help="alert budget as alerts per day instead")
+    tr.add_argument("--alerts-per-day", type=_positive(int), default=None, help="alert budget as alerts per day instead")
     tr.add_argument("--review-cost", type=float, default=5.0, help="cost of reviewing one alert (USD)")
     tr.add_argument("--threshold-policy", choices=["budget", "cost"], default="budget",
                     help="which threshold scoring uses")
@@ -809,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the tracking store",
                         description="Run `mlflow ui` on the configured store (MLFLOW_TRACKING_URI or mlruns/).")
-    ui.add_argument("--port", type=int, default=5000, help="port to listen on")
+    ui.add_argument("--port", type=_positive(int), default=5000, help="port to listen on")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind")
     ui.set_defaults(func=cmd_ui)
 

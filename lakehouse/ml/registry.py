@@ -106,7 +106,17 @@ def load_reference(settings: Settings, run_id: str) -> dict:
 def run_snapshot(client, run_id: str) -> dict:
     """What training run ``run_id`` read: Delta versions of the features and labels, the split and the
     dataset hashes (its params), so that the same training set can be rebuilt."""
-    params = client.get_run(run_id).data.params
+    from mlflow.exceptions import MlflowException
+
+    try:
+        params = client.get_run(run_id).data.params
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ValueError(f"--as-of-run {run_id!r}: no such run in the MLflow store; the run ids are in "
+                         "`lakehouse ui` (experiment lakehouse-fraud) or in the output of `lakehouse train`") from None
+    if "features_version" not in params:
+        raise ValueError(f"--as-of-run {run_id!r} is not a `lakehouse train` run (it logged no snapshot)")
     labels = params.get("labels_version", "none")
     return {
         "features_version": int(params["features_version"]),

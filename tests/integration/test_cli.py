@@ -144,11 +144,15 @@ def test_stream_mirror_starts_the_embedded_postgres_it_serves_from(tmp_path):
     (["stream", "--trigger-seconds", "-1"], "argument --trigger-seconds: must be a finite number above 0, got -1"),
     (["backfill", "--from", "2026-12-01", "--to", "2026-11-01"], "error: --to 2026-11-01 is before --from 2026-12-01"),
     (["demo", "--days", "nan"], "argument --days: must be a finite number above 0, got nan"),
+    (["generate", "--start", "yesterday"], "'yesterday' is not a date or time; use ISO 8601, e.g. 2026-11-30 or"),
+    (["train", "--alerts-per-day", "-3"], "argument --alerts-per-day: must be a finite number above 0, got -3"),
+    (["train", "--as-of-run", "nosuchrun"], "--as-of-run 'nosuchrun': no such run in the MLflow store; the run ids"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_a_bad_argument_is_one_clear_error_before_anything_runs(tmp_path, args, said):
-    # Once: --max-files 0 was taken for "unset", a negative --days or a reversed backfill range ended
-    # in a trace (the backfill's after Spark had started), --events 0 wrote an empty feed.
-    res = run(args, {"LAKEHOUSE_DATA": str(tmp_path / "data")})
+    # Once: --max-files 0 was taken for "unset", a negative --days, a --start it cannot read, an unknown
+    # --as-of-run or a reversed backfill range ended in a trace (the backfill's after Spark had started),
+    # --events 0 wrote an empty feed.
+    res = run(args, {"LAKEHOUSE_DATA": str(tmp_path / "data"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert said in " ".join(res.stderr.split())
     assert not any((tmp_path / "data" / d).exists() for d in ("inbox", "delta", "checkpoints", "postgres"))
