@@ -7,6 +7,8 @@ else in the package hard-codes a path or a DSN.
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -43,24 +45,31 @@ def _default_cache() -> Path:
     return (root / ".cache") if root else Path.home() / ".cache" / "lakehouse"
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not an integer; unset it or give a whole number") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} is below {minimum}; unset it (default {default}) or give {minimum} or more")
+    return value
 
 
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+def _env_float(env: Mapping[str, str], name: str, default: float, above_zero: bool = False) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a number; unset it or give a number") from None
+    if not (math.isfinite(value) and (value > 0 if above_zero else value >= 0)):
+        raise ValueError(f"{name}={raw!r} is out of range; unset it (default {default:g}) or give a finite number "
+                         f"{'above 0' if above_zero else 'of 0 or more'}")
+    return value
 
 
 def _env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -135,13 +144,13 @@ class Settings:
             pg_dsn=env.get("LAKEHOUSE_PG_DSN") or None,
             pg_schema=env.get("LAKEHOUSE_PG_SCHEMA") or "lakehouse",
             spark_master=env.get("LAKEHOUSE_SPARK_MASTER") or "local[*]",
-            shuffle_partitions=_env_int(env, "LAKEHOUSE_SHUFFLE_PARTITIONS", 4),
+            shuffle_partitions=_env_int(env, "LAKEHOUSE_SHUFFLE_PARTITIONS", 4, minimum=1),
             driver_memory=env.get("LAKEHOUSE_DRIVER_MEMORY") or "4g",
-            max_files_per_trigger=_env_int(env, "LAKEHOUSE_MAX_FILES_PER_TRIGGER", 400),
-            trigger_seconds=_env_float(env, "LAKEHOUSE_TRIGGER_SECONDS", 2.0),
+            max_files_per_trigger=_env_int(env, "LAKEHOUSE_MAX_FILES_PER_TRIGGER", 400, minimum=1),
+            trigger_seconds=_env_float(env, "LAKEHOUSE_TRIGGER_SECONDS", 2.0, above_zero=True),
             future_tolerance_minutes=_env_int(env, "LAKEHOUSE_FUTURE_TOLERANCE_MINUTES", 5),
-            max_event_age_days=_env_int(env, "LAKEHOUSE_MAX_EVENT_AGE_DAYS", 365),
-            max_record_bytes=_env_int(env, "LAKEHOUSE_MAX_RECORD_BYTES", 100_000),
+            max_event_age_days=_env_int(env, "LAKEHOUSE_MAX_EVENT_AGE_DAYS", 365, minimum=1),
+            max_record_bytes=_env_int(env, "LAKEHOUSE_MAX_RECORD_BYTES", 100_000, minimum=1),
             redelivery_days=_env_int(env, "LAKEHOUSE_REDELIVERY_DAYS", 1),
             allowed_lateness_minutes=_env_int(env, "LAKEHOUSE_ALLOWED_LATENESS_MINUTES", 10),
             risk_refresh_seconds=_env_float(env, "LAKEHOUSE_RISK_REFRESH_SECONDS", 300.0),

@@ -171,9 +171,20 @@ def test_the_dashboard_starts_the_embedded_postgres_it_reads(tmp_path):
         stop_postgres(Settings.from_env(env))
 
 
-def test_bad_setting_is_one_clear_error(tmp_path):
-    res = run(["info"], {"LAKEHOUSE_DATA": str(tmp_path), "LAKEHOUSE_MAX_FILES_PER_TRIGGER": "lots"})
-    assert res.returncode == 2 and "LAKEHOUSE_MAX_FILES_PER_TRIGGER" in res.stderr
+@pytest.mark.parametrize("name,value,said", [
+    ("LAKEHOUSE_MAX_FILES_PER_TRIGGER", "lots", "'lots' is not an integer; unset it or give a whole number"),
+    ("LAKEHOUSE_MAX_FILES_PER_TRIGGER", "0", "'0' is below 1; unset it (default 400) or give 1 or more"),
+    ("LAKEHOUSE_SHUFFLE_PARTITIONS", "0", "'0' is below 1; unset it (default 4) or give 1 or more"),
+    ("LAKEHOUSE_ALLOWED_LATENESS_MINUTES", "-5", "'-5' is below 0; unset it (default 10) or give 0 or more"),
+    ("LAKEHOUSE_TRIGGER_SECONDS", "0", "'0' is out of range; unset it (default 2) or give a finite number above 0"),
+    ("LAKEHOUSE_RISK_REFRESH_SECONDS", "nan", "'nan' is out of range; unset it (default 300) or give a finite "
+                                              "number of 0 or more"),
+], ids=lambda v: v if isinstance(v, str) and v.startswith("LAKEHOUSE_") else None)
+def test_bad_setting_is_one_clear_error(tmp_path, name, value, said):
+    # Once a count of 0 or a negative lateness went through to Spark or to the features.
+    res = run(["info"], {"LAKEHOUSE_DATA": str(tmp_path), name: value})
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{name}={said}" in " ".join(res.stderr.split())
 
 
 @pytest.mark.slow
