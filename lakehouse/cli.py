@@ -254,6 +254,13 @@ def _positive(kind: type):
     return parse
 
 
+def _date_range(date_from, date_to):
+    """``(date_from, date_to)`` of an inclusive ``--from`` / ``--to`` range; refused when reversed."""
+    if date_to < date_from:
+        raise UserError(f"--to {date_to} is before --from {date_from}")
+    return date_from, date_to
+
+
 def _date(text: str):
     from datetime import date
 
@@ -267,9 +274,7 @@ def cmd_backfill(args, settings: Settings) -> int:
     from lakehouse import gold
     from lakehouse.spark import build_spark
 
-    date_from, date_to = _date(args.date_from), _date(args.date_to)
-    if date_to < date_from:
-        raise UserError(f"--to {date_to} is before --from {date_from}")
+    date_from, date_to = _date_range(_date(args.date_from), _date(args.date_to))
     console.print(f"[bold]backfill[/] gold for {date_from} .. {date_to} from silver ...")
     spark = build_spark(settings, app_name="lakehouse-backfill")
     t0 = time.time()
@@ -511,8 +516,7 @@ def cmd_dq_summary(args, settings: Settings) -> int:
     today = datetime.now(timezone.utc).date()
     date_from = _date(args.date or args.date_from) if (args.date or args.date_from) else today
     date_to = _date(args.date or args.date_to) if (args.date or args.date_to) else max(date_from, today)
-    if date_to < date_from:
-        raise UserError(f"--to {date_to} is before --from {date_from}")
+    date_from, date_to = _date_range(date_from, date_to)
     spark = build_spark(settings, app_name="lakehouse-dq-summary")
     summary = dq_summary.summarize(spark, settings, date_from, date_to)
     if args.out:
@@ -528,7 +532,6 @@ def cmd_dq_summary(args, settings: Settings) -> int:
 
 def cmd_dashboard(args, settings: Settings) -> int:
     from lakehouse import dashboard
-
     from lakehouse.io import postgres
 
     target = Path(args.out) if args.out else settings.data_root / "reports" / "dashboard.html"
@@ -589,9 +592,7 @@ def cmd_score(args, settings: Settings) -> int:
     from lakehouse.ml import scorer
     from lakehouse.spark import build_spark
 
-    date_from, date_to = _date(args.date_from), _date(args.date_to)
-    if date_to < date_from:
-        raise UserError(f"--to {date_to} is before --from {date_from}")
+    date_from, date_to = _date_range(_date(args.date_from), _date(args.date_to))
     spark = build_spark(settings, app_name="lakehouse-score")
     console.print(f"[bold]score[/] gold_transaction_features {date_from} .. {date_to} with the champion ...")
     t0 = time.time()

@@ -8,7 +8,6 @@ else in the package hard-codes a path or a DSN.
 from __future__ import annotations
 
 import math
-
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
