@@ -63,6 +63,33 @@ def disk_full(exc: BaseException, settings: Settings) -> DiskFull | None:
                     "other jobs can simply be run again.")
 
 
+_ADVICE = "set LAKEHOUSE_DATA to a folder you may write (it is created if missing), or give your user this one"
+
+
+def check_data_root(settings: Settings) -> None:
+    """Raise :class:`UserError` unless the data folder exists (or can be made) and takes a file: said
+    before Spark starts, rather than as an OS error's trace from whichever write comes first."""
+    import errno
+    import tempfile
+
+    root = settings.data_root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        why = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+        if isinstance(exc, FileExistsError) or (root.exists() and not root.is_dir()):
+            why = "it is a file, not a folder"
+        elif isinstance(exc, NotADirectoryError):
+            why = "a file is in the place of one of its parent folders"
+        raise UserError(f"cannot write the data folder {root} (LAKEHOUSE_DATA): {why}; {_ADVICE}.") from None
+
+
+#: Commands that write under the data folder (every Spark start does: its warehouse and Derby folders).
+_READS_ONLY = {"info", "ui"}
+
+
 # ---- generate -------------------------------------------------------------------------------------
 
 def _parse_start(text: str | None):
@@ -835,6 +862,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = Settings.from_env()
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        if args.command not in _READS_ONLY and not (args.command == "pg" and args.action != "start"):
+            check_data_root(settings)
         return args.func(args, settings)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -851,7 +880,8 @@ def _user_error(exc: Exception, settings: Settings | None) -> Exception | None:
     """``exc`` when it is an error the user can fix with what its message says; a failure caused by a
     damaged Delta table as :class:`lakehouse.damage.DamagedTable`; else None (a bug: the trace)."""
     names = {"JavaMissing", "CheckpointError", "PostgresUnavailable", "PostgresPrivilege", "UserError",
-             "ExpectationFailed", "DbtUnavailable", "DamagedTable", "InboxFileGone", "StreamRunning"}
+             "ExpectationFailed", "DbtUnavailable", "DamagedTable", "AccessRefused", "InboxFileGone",
+             "StreamRunning"}
     if type(exc).__name__ in names:
         return exc
     if settings is None:
@@ -862,7 +892,7 @@ def _user_error(exc: Exception, settings: Settings | None) -> Exception | None:
     # a privilege Postgres refused a job's statement; a full disk before a damaged table: its error
     # may name a table's file, which is not damaged for that
     return (postgres.privilege_refused(exc, settings) or disk_full(exc, settings)
-            or damage.explain(exc, settings))
+            or damage.refused(exc, settings) or damage.explain(exc, settings))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ before a reader starts: the stream, the backfill and the mirror call it.
 
 A backup of the folder is the first fix in every case. Nothing here repairs a table: a log entry
 cut short may have lost rows that only a rebuild brings back.
+
+A file the OS will not let the jobs read or write (a folder another user owns, a read-only file
+system) is not damage, though Java words it alike (``FileNotFoundException: ... (Permission
+denied)``): :func:`refused` tells it as :class:`AccessRefused`, and :func:`explain` never takes it for
+a damaged table, whose fixes would rebuild tables that are whole.
 """
 
 from __future__ import annotations
@@ -58,6 +63,63 @@ class DamagedTable(RuntimeError):
         self.table, self.path, self.file, self.reason = table, path, file, reason
         what = f"{file}: {reason}" if file else reason
         super().__init__(f"The Delta table {table} at {path} is damaged: {what}. Fix: {fix_for(table)}")
+
+
+class AccessRefused(RuntimeError):
+    """The OS refused the jobs a file or folder under the data folder; the message names it and the fix."""
+
+    def __init__(self, path: Path, why: str, settings: Settings):
+        self.path, self.why = path, why
+        root = settings.data_root
+        fix = ("move that file away" if "a file is in" in why else
+               f"give your user that folder back (e.g. `chown -R $(id -un) {root}`) and make it writable")
+        super().__init__(
+            f"the OS refused the jobs {path}: {why}. It is under the data folder {root} (LAKEHOUSE_DATA), and "
+            f"nothing is damaged: {fix}, or set LAKEHOUSE_DATA to another folder; then run the command again "
+            "(the stream resumes from its checkpoint).")
+
+
+#: The OS's words for a refused access, as Python's OSError and Java's exceptions give them.
+_DENIED = ("Permission denied", "Operation not permitted", "Read-only file system", "AccessDeniedException",
+           "ReadOnlyFileSystemException")
+#: The errno names of a refused write in Python: no permission, a read-only file system, a file in the
+#: place of a folder (EEXIST only then: a folder made twice is the code's doing).
+_REFUSED_ERRNO = {"EACCES": None, "EPERM": None, "EROFS": None,
+                  "ENOTDIR": "a file is in the place of one of its folders", "EEXIST": "a file is in its place"}
+
+
+def refused(exc: BaseException, settings: Settings) -> AccessRefused | None:
+    """``exc`` as an :class:`AccessRefused` when the OS refused a file or folder under the data folder
+    (a Python OSError, or a Java exception however deep in the trace); else None."""
+    import errno
+
+    if isinstance(exc, AccessRefused):
+        return exc
+    root = Path(os.path.realpath(settings.data_root))
+    roots = {str(settings.data_root).rstrip("/"), str(root).rstrip("/")}
+
+    def under(path: Path) -> bool:
+        return any(str(path) == r or str(path).startswith(r + "/") for r in roots)
+
+    if isinstance(exc, OSError):
+        code = errno.errorcode.get(exc.errno or 0)
+        for name in (exc.filename, exc.filename2):
+            if code in _REFUSED_ERRNO and isinstance(name, (str, Path)) and under(Path(name)) \
+                    and not (code == "EEXIST" and Path(name).is_dir()):
+                return AccessRefused(Path(name), _REFUSED_ERRNO[code] or exc.strerror, settings)
+    text = full_text(exc)
+    words = next((w for w in _DENIED if w in text), None)
+    if words is None:
+        return None
+    why = {"AccessDeniedException": "Permission denied",
+           "ReadOnlyFileSystemException": "Read-only file system"}.get(words, words)
+    # Java: `FileNotFoundException: PATH (Permission denied)`, `AccessDeniedException: PATH`; else the
+    # first path under the data folder the text names
+    for r in sorted(roots, key=len, reverse=True):
+        for m in re.finditer(re.escape(r) + _END, text):
+            if under(Path(m.group(0))):
+                return AccessRefused(Path(m.group(0).rstrip(".")), why, settings)
+    return None
 
 
 def fix_for(table: str) -> str:
@@ -214,6 +276,8 @@ def explain(exc: BaseException, settings: Settings) -> DamagedTable | None:
     """``exc`` as a :class:`DamagedTable` when a file of one of the project's tables caused it, else None."""
     if isinstance(exc, DamagedTable):
         return exc
+    if refused(exc, settings) is not None:  # worded like a missing file by Java, but nothing is damaged
+        return None
     text = full_text(exc)
     tables = {name: Path(os.path.realpath(settings.table_path(name))) for name in TABLES}
     found = find(text, tables) or find(text, {n: settings.table_path(n) for n in TABLES})

@@ -280,7 +280,7 @@ class MirrorLoop(threading.Thread):
                 self.last_error, delay = None, self.interval
             except Exception as exc:  # noqa: BLE001 -- the stream must go on; the ledger makes a retry safe
                 if self.last_error is None:
-                    told = (damage.explain(exc, self.settings)  # a damaged table, a refused privilege:
+                    told = (damage.refused(exc, self.settings) or damage.explain(exc, self.settings)
                             or postgres.privilege_refused(exc, self.settings))  # what fixes it, once
                     self.report(f"mirror: {told if told is not None else brief(exc)}; "
                                 "the stream goes on, retrying with back-off")

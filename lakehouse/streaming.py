@@ -1123,7 +1123,7 @@ def _await(query, settings: Settings) -> None:
         told = _TOLD.pop(str(checkpoint), None)
         if told is not None:
             raise told from exc
-        damaged = damage.explain(exc, settings)
+        damaged = damage.refused(exc, settings) or damage.explain(exc, settings)
         if damaged is not None:
             raise damaged from exc
         text = str(exc)

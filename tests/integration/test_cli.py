@@ -187,6 +187,17 @@ def test_bad_setting_is_one_clear_error(tmp_path, name, value, said):
     assert f"{name}={said}" in " ".join(res.stderr.split())
 
 
+@pytest.mark.parametrize("command", [["generate", "--days", "1"], ["stream", "--once"], ["pg", "start"],
+                                     ["demo", "--days", "1"]], ids=lambda c: c[0])
+def test_a_data_folder_that_cannot_be_written_is_one_clear_error(tmp_path, command):
+    # Once an OS error's trace from whichever write came first (the inbox, the checkpoints, Postgres' folder).
+    (tmp_path / "afile").write_text("")
+    res = run(command, {"LAKEHOUSE_DATA": str(tmp_path / "afile" / "data")})
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "starting Spark" not in res.stderr, res.stderr
+    assert (f"error: cannot write the data folder {tmp_path / 'afile' / 'data'} (LAKEHOUSE_DATA): a file is in the "
+            "place of one of its parent folders; set LAKEHOUSE_DATA to a folder") in " ".join(res.stderr.split())
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     """The README's main job, as a user runs it, on a small simulation: stream (gold in the stream),

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
 
 from lakehouse import streaming, summary
-from lakehouse.damage import EMPTY_COMMIT, DamagedTable
+from lakehouse.damage import EMPTY_COMMIT, AccessRefused, DamagedTable
 from lakehouse.io import delta
 from tests.conftest import write_lines
 from tests.integration.inbox_data import FILE_MTIME, event_line, label_line, write_feed
@@ -266,6 +268,59 @@ def test_a_damaged_table_is_one_error_naming_its_file_and_the_fix(spark, setting
     assert told.value.table == "silver_transactions" and told.value.reason == "it is missing"
     assert told.value.file in {str(f.relative_to(silver)) for f in gone}
     assert "lakehouse stream --reset" in str(told.value)
+
+
+class _Refusal:
+    """Make a folder refuse writes, root's included (``chattr +i``; for another user, mode 0555), and
+    give them back (at the latest when the test ends)."""
+
+    def __init__(self):
+        self.folders: list[Path] = []
+
+    def refuse(self, folder: Path) -> None:
+        if os.getuid() == 0:
+            res = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+            if res.returncode != 0:
+                pytest.skip(f"cannot make a folder refuse root's writes here: {res.stderr.strip()}")
+        else:
+            folder.chmod(0o555)
+        self.folders.append(folder)
+
+    def allow(self, folder: Path) -> None:
+        if os.getuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)
+        self.folders.remove(folder)
+
+
+@pytest.fixture
+def refusal():
+    made = _Refusal()
+    yield made
+    for folder in list(made.folders):
+        made.allow(folder)
+
+
+def test_a_table_folder_the_os_refuses_is_not_told_as_a_damaged_table(spark, settings, refusal):
+    """Java words a refused write like a missing file (`FileNotFoundException: ... (Operation not
+    permitted)`); it was told as a damaged table whose fix, `stream --reset`, rebuilds whole tables.
+    It is told as the access it is, and once the folder is writable again the batch lands once."""
+    write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(10)], mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    log = settings.table_path("silver_transactions") / "_delta_log"
+    write_lines(settings.events_inbox, "b.jsonl", [event_line(i) for i in range(10, 20)], mtime=FILE_MTIME + 1)
+    refusal.refuse(log)
+    with pytest.raises(AccessRefused) as told:
+        streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    assert told.value.path.parent == log and "nothing is damaged" in str(told.value)
+    assert told.value.why in ("Operation not permitted", "Permission denied")
+    refusal.allow(log)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    silver = delta.read(spark, settings.table_path("silver_transactions"))
+    assert sorted(r[0] for r in silver.select("event_id").collect()) == [f"e{i:06d}" for i in range(20)]
+    dq = delta.read(spark, settings.table_path("silver_dq_batches")).where("kind = 'events'")
+    assert dq.count() == 2 and dq.where("not reconciled").count() == 0
 
 
 def test_a_file_gone_before_its_batch_read_it_stops_the_stream_instead_of_vanishing(spark, settings,

@@ -186,6 +186,50 @@ def test_a_full_disk_is_told_as_one_line_not_as_a_damaged_table(tmp_path):
     assert cli.disk_full(RuntimeError("a bug"), settings) is None
 
 
+def test_a_refused_access_is_told_as_such_not_as_a_damaged_table(tmp_path):
+    import errno
+
+    settings = Settings.from_env({"LAKEHOUSE_DATA": str(tmp_path)})
+    log = tmp_path / "delta/silver/transactions/_delta_log"
+    # Java's words for a commit the OS refused (a folder of another user, or made immutable): the same
+    # exception as a missing file, which was told as a damaged table to rebuild with `stream --reset`
+    text = (f"py4j.protocol.Py4JJavaError: An error occurred while calling o1832.execute.\n: java.io."
+            f"FileNotFoundException: {log}/.00000000000000000002.json.842ab394.tmp (Operation not permitted)")
+    try:
+        try:
+            raise RuntimeError(text)
+        except RuntimeError as inner:
+            raise RuntimeError("[STREAM_FAILED] Query terminated with exception") from inner
+    except RuntimeError as exc:
+        told = cli._user_error(exc, settings)
+        assert damage.explain(exc, settings) is None
+    assert isinstance(told, damage.AccessRefused)
+    assert told.path == log / ".00000000000000000002.json.842ab394.tmp" and told.why == "Operation not permitted"
+    assert f"chown -R $(id -un) {tmp_path}" in str(told) and "nothing is damaged" in str(told)
+    java_nio = RuntimeError(f"java.nio.file.AccessDeniedException: {log}/00000000000000000003.json")
+    assert damage.refused(java_nio, settings).why == "Permission denied"
+    # Python's own: a folder of another user, a file in the place of a folder
+    denied = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "checkpoints/events"))
+    assert damage.refused(denied, settings).path == tmp_path / "checkpoints/events"
+    (tmp_path / "inbox").write_text("")
+    in_the_way = NotADirectoryError(errno.ENOTDIR, "Not a directory", str(tmp_path / "inbox/events"))
+    assert "move that file away" in str(damage.refused(in_the_way, settings))
+    # not refusals of the data folder: elsewhere, a folder made twice, another error
+    assert damage.refused(PermissionError(errno.EACCES, "Permission denied", "/etc/shadow"), settings) is None
+    assert damage.refused(FileExistsError(errno.EEXIST, "File exists", str(tmp_path)), settings) is None
+    assert damage.refused(RuntimeError(DATA_GONE), settings) is None
+
+
+def test_the_data_folder_is_checked_before_a_job_starts(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for root, why in ((tmp_path / "afile", "it is a file, not a folder"),
+                      (tmp_path / "afile" / "data", "a file is in the place of one of its parent folders")):
+        with pytest.raises(cli.UserError, match=f"cannot write the data folder {root} .LAKEHOUSE_DATA.: {why}"):
+            cli.check_data_root(Settings.from_env({"LAKEHOUSE_DATA": str(root)}))
+    cli.check_data_root(Settings.from_env({"LAKEHOUSE_DATA": str(tmp_path / "new" / "data")}))
+    assert (tmp_path / "new" / "data").is_dir() and not any((tmp_path / "new" / "data").iterdir())
+
+
 @pytest.mark.parametrize("data, problem", [
     (b'v1\n{"batchWatermarkMs":0,"batchTimestampMs":1}\n{"logOffset":0}\n', None),
     (b'v1\n{"batchWatermarkMs":0}\n-\n', None),  # a source with no offset yet
