@@ -102,6 +102,17 @@ def test_a_folder_with_a_space_is_found_too():
     assert found.file == "event_date=2026-11-20/part-00000-59ebfd6b.c000.snappy.parquet"
 
 
+def _query_failure(batch_error: str) -> RuntimeError:
+    """A streaming query's failure, raised over the batch's error (a Py4J error's text) as its cause."""
+    try:
+        try:
+            raise RuntimeError(batch_error)
+        except RuntimeError as inner:
+            raise RuntimeError("[STREAM_FAILED] Query terminated with exception") from inner
+    except RuntimeError as exc:
+        return exc
+
+
 def _commits(folder: Path, versions, checkpoint: int | None = None) -> Path:
     """A table folder whose log holds a JSON commit per version (and a checkpoint file, named by
     ``_last_checkpoint``)."""
@@ -150,13 +161,7 @@ def test_a_gap_error_names_no_file_so_the_table_is_found_by_its_log(tmp_path):
 
 def test_the_cli_tells_a_damaged_table_as_its_one_error_line():
     settings = Settings.from_env({"LAKEHOUSE_DATA": "/data/lake"})
-    try:
-        try:
-            raise RuntimeError(DATA_GONE)  # a Py4J error under the query's failure
-        except RuntimeError as inner:
-            raise RuntimeError("[STREAM_FAILED] Query terminated with exception") from inner
-    except RuntimeError as exc:
-        told = cli._user_error(exc, settings)
+    told = cli._user_error(_query_failure(DATA_GONE), settings)  # a Py4J error under the query's failure
     assert isinstance(told, damage.DamagedTable) and told.table == "gold_transaction_features"
     assert cli._user_error(RuntimeError("a bug"), settings) is None
     assert cli._user_error(RuntimeError(DATA_GONE), None) is None  # no settings, nothing to map it to
@@ -171,13 +176,7 @@ def test_a_full_disk_is_told_as_one_line_not_as_a_damaged_table(tmp_path):
             "/delta/silver/transactions.\nCaused by: java.io.IOException: No space left on device\n"
             "\tat java.base/java.io.FileOutputStream.writeBytes(Native Method)\n"
             "Caused by: java.io.FileNotFoundException: File does not exist")
-    try:
-        try:
-            raise RuntimeError(text)
-        except RuntimeError as inner:
-            raise RuntimeError("[STREAM_FAILED] Query terminated with exception") from inner
-    except RuntimeError as exc:
-        told = cli._user_error(exc, settings)
+    told = cli._user_error(_query_failure(text), settings)
     assert isinstance(told, cli.DiskFull)
     assert f"data folder {tmp_path}: " in str(told) and "GB free" in str(told) and "run the command again" in str(told)
     assert isinstance(cli._user_error(OSError(errno.ENOSPC, "No space left on device"), settings), cli.DiskFull)
@@ -195,14 +194,9 @@ def test_a_refused_access_is_told_as_such_not_as_a_damaged_table(tmp_path):
     # exception as a missing file, which was told as a damaged table to rebuild with `stream --reset`
     text = (f"py4j.protocol.Py4JJavaError: An error occurred while calling o1832.execute.\n: java.io."
             f"FileNotFoundException: {log}/.00000000000000000002.json.842ab394.tmp (Operation not permitted)")
-    try:
-        try:
-            raise RuntimeError(text)
-        except RuntimeError as inner:
-            raise RuntimeError("[STREAM_FAILED] Query terminated with exception") from inner
-    except RuntimeError as exc:
-        told = cli._user_error(exc, settings)
-        assert damage.explain(exc, settings) is None
+    exc = _query_failure(text)
+    told = cli._user_error(exc, settings)
+    assert damage.explain(exc, settings) is None
     assert isinstance(told, damage.AccessRefused)
     assert told.path == log / ".00000000000000000002.json.842ab394.tmp" and told.why == "Operation not permitted"
     assert f"chown -R $(id -un) {tmp_path}" in str(told) and "nothing is damaged" in str(told)
