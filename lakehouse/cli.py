@@ -35,10 +35,6 @@ class DiskFull(RuntimeError):
     """A write failed because a file system is full (of the data folder, Spark's scratch or Postgres')."""
 
 
-#: The words of a write on a full file system: the OS's (Java's IOException and Postgres keep them).
-_DISK_FULL = ("No space left on device", "Disk quota exceeded")
-
-
 def disk_full(exc: BaseException, settings: Settings) -> DiskFull | None:
     """``exc`` told as one line when a full file system caused it (however deep in a Java trace), with
     the free space of the folders the jobs write; else None."""
@@ -49,7 +45,7 @@ def disk_full(exc: BaseException, settings: Settings) -> DiskFull | None:
 
     text = damage.full_text(exc)
     if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) \
-            and not any(words in text for words in _DISK_FULL):
+            and not any(words in text for words in damage.DISK_FULL):
         return None
     free = []
     for what, folder in (("data folder", settings.data_root), ("Spark's scratch", scratch_root())):
@@ -88,6 +84,24 @@ def check_data_root(settings: Settings) -> None:
 
 #: Commands that write under the data folder (every Spark start does: its warehouse and Derby folders).
 _READS_ONLY = {"info", "ui"}
+
+
+def open_files_exhausted(exc: BaseException) -> UserError | None:
+    """``exc`` told as one line when the process ran out of file descriptors (Spark opens many: a
+    table's files, its log, the shuffle's); else None."""
+    import errno
+    import resource
+
+    from lakehouse import damage
+
+    if not (isinstance(exc, OSError) and exc.errno == errno.EMFILE) \
+            and "Too many open files" not in damage.full_text(exc):
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    more = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    return UserError(f"the job reached the limit of files a process may hold open ({soft}; `ulimit -n` shows it). "
+                     f"Raise it in the shell that runs the job (e.g. `ulimit -n {more}`) and run the command "
+                     "again: nothing is damaged, and the stream resumes from its checkpoint.")
 
 
 # ---- generate -------------------------------------------------------------------------------------
@@ -891,7 +905,7 @@ def _user_error(exc: Exception, settings: Settings | None) -> Exception | None:
 
     # a privilege Postgres refused a job's statement; a full disk before a damaged table: its error
     # may name a table's file, which is not damaged for that
-    return (postgres.privilege_refused(exc, settings) or disk_full(exc, settings)
+    return (postgres.privilege_refused(exc, settings) or disk_full(exc, settings) or open_files_exhausted(exc)
             or damage.refused(exc, settings) or damage.explain(exc, settings))
 
 

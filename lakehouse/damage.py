@@ -82,6 +82,11 @@ class AccessRefused(RuntimeError):
 #: The OS's words for a refused access, as Python's OSError and Java's exceptions give them.
 _DENIED = ("Permission denied", "Operation not permitted", "Read-only file system", "AccessDeniedException",
            "ReadOnlyFileSystemException")
+#: The OS's words for a limit of the machine a write or an open ran into (a full disk, a quota, the
+#: open-file limit): Java words them like a missing file too (``FileNotFoundException: ... (Too many
+#: open files)``), and the command's own message says what to do (``lakehouse.cli``).
+DISK_FULL = ("No space left on device", "Disk quota exceeded")
+MACHINE_LIMITS = (*DISK_FULL, "Too many open files")
 #: The errno names of a refused write in Python: no permission, a read-only file system, a file in the
 #: place of a folder (EEXIST only then: a folder made twice is the code's doing).
 _REFUSED_ERRNO = {"EACCES": None, "EPERM": None, "EROFS": None,
@@ -279,6 +284,8 @@ def explain(exc: BaseException, settings: Settings) -> DamagedTable | None:
     if refused(exc, settings) is not None:  # worded like a missing file by Java, but nothing is damaged
         return None
     text = full_text(exc)
+    if any(words in text for words in MACHINE_LIMITS):  # the machine's limit, not the table's damage
+        return None
     tables = {name: Path(os.path.realpath(settings.table_path(name))) for name in TABLES}
     found = find(text, tables) or find(text, {n: settings.table_path(n) for n in TABLES})
     if found is not None or not _GAP.search(text):

@@ -185,6 +185,25 @@ def test_a_full_disk_is_told_as_one_line_not_as_a_damaged_table(tmp_path):
     assert cli.disk_full(RuntimeError("a bug"), settings) is None
 
 
+def test_a_machine_limit_is_never_taken_for_a_damaged_table(tmp_path):
+    """The stream's query wait asks `explain` first: a full disk or the open-file limit, which Java words
+    like a missing file of a table, must reach the command's own message, not a rebuild's."""
+    settings = Settings.from_env({"LAKEHOUSE_DATA": str(tmp_path)})
+    part = tmp_path / "delta/silver/transactions/event_date=2026-11-20/part-00000-59ebfd6b.c000.snappy.parquet"
+    for why in ("No space left on device", "Too many open files"):
+        exc = _query_failure(f"org.apache.spark.SparkException: [FAILED_READ_FILE] Error while reading file "
+                             f"file:{part}.\nCaused by: java.io.FileNotFoundException: {part} ({why})")
+        assert damage.explain(exc, settings) is None, why
+    told = cli._user_error(exc, settings)
+    assert isinstance(told, cli.UserError) and "limit of files a process may hold open" in str(told)
+    assert "`ulimit -n " in str(told) and "nothing is damaged" in str(told)
+    # the same words without the limit: the damaged table it is
+    exc = _query_failure(f"[FAILED_READ_FILE] Error while reading file file:{part}.\n"
+                         f"Caused by: java.io.FileNotFoundException: {part} (No such file or directory)")
+    assert damage.explain(exc, settings).table == "silver_transactions"
+    assert cli.open_files_exhausted(RuntimeError("a bug")) is None
+
+
 def test_a_refused_access_is_told_as_such_not_as_a_damaged_table(tmp_path):
     import errno
 
