@@ -885,7 +885,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         told = _user_error(exc, settings)
         if told is not None:
-            console.print(f"[bold red]error:[/] {told}")
+            # one line, not wrapped at 80 columns: a path cut in two cannot be copied from a log
+            console.print(f"[bold red]error:[/] {told}", soft_wrap=True)
             return 2
         raise
 

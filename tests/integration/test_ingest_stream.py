@@ -323,6 +323,48 @@ def test_a_table_folder_the_os_refuses_is_not_told_as_a_damaged_table(spark, set
     assert dq.count() == 2 and dq.where("not reconciled").count() == 0
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB file system of its own (tmpfs; needs root and the right to mount, else the test skips)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {res.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_mid_batch_is_told_as_such_and_the_batch_lands_once_after(spark, settings, small_disk):
+    """A micro-batch's writes (Delta's files, the checkpoint's) on a disk that fills: the command says
+    the disk is full, nothing else; once space is freed, the batch lands once and reconciles."""
+    from lakehouse import cli
+
+    settings = settings.with_data_root(small_disk / "data")
+    write_lines(settings.events_inbox, "a.jsonl", [event_line(i) for i in range(10)], mtime=FILE_MTIME)
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    write_lines(settings.events_inbox, "b.jsonl", [event_line(i) for i in range(10, 20)], mtime=FILE_MTIME + 1)
+    filler = small_disk / "filler"
+    with filler.open("wb", buffering=0) as f:  # every byte left
+        try:
+            while True:
+                f.write(b"x" * 4096)
+        except OSError:
+            pass
+    with pytest.raises(Exception) as failed:
+        streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    told = cli._user_error(failed.value, settings)
+    assert isinstance(told, cli.DiskFull), repr(failed.value)[:2000]
+    assert f"data folder {settings.data_root}: 0.0 GB free" in str(told)
+    filler.unlink()
+    streaming.run_streams(spark, settings, once=True, kinds=("events",))
+    silver = delta.read(spark, settings.table_path("silver_transactions"))
+    assert sorted(r[0] for r in silver.select("event_id").collect()) == [f"e{i:06d}" for i in range(20)]
+    dq = delta.read(spark, settings.table_path("silver_dq_batches")).where("kind = 'events'")
+    assert dq.count() == 2 and dq.where("not reconciled").count() == 0
+
+
 def test_a_file_gone_before_its_batch_read_it_stops_the_stream_instead_of_vanishing(spark, settings,
                                                                                     monkeypatch):
     """The stream crashed after planning a batch; meanwhile a clean-up removed one of its files. Spark's
