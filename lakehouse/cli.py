@@ -59,9 +59,6 @@ def disk_full(exc: BaseException, settings: Settings) -> DiskFull | None:
                     "other jobs can simply be run again.")
 
 
-_ADVICE = "set LAKEHOUSE_DATA to a folder you may write (it is created if missing), or give your user this one"
-
-
 def check_data_root(settings: Settings) -> None:
     """Raise :class:`UserError` unless the data folder exists (or can be made) and takes a file: said
     before Spark starts, rather than as an OS error's trace from whichever write comes first."""
@@ -79,10 +76,12 @@ def check_data_root(settings: Settings) -> None:
             why = "it is a file, not a folder"
         elif isinstance(exc, NotADirectoryError):
             why = "a file is in the place of one of its parent folders"
-        raise UserError(f"cannot write the data folder {root} (LAKEHOUSE_DATA): {why}; {_ADVICE}.") from None
+        raise UserError(f"cannot write the data folder {root} (LAKEHOUSE_DATA): {why}; set LAKEHOUSE_DATA to a "
+                        "folder you may write (it is created if missing), or give your user this one.") from None
 
 
-#: Commands that write under the data folder (every Spark start does: its warehouse and Derby folders).
+#: Commands that never write under the data folder (:func:`check_data_root` is skipped for them, and
+#: for `pg` but `pg start`); every other does, if only as a Spark start's warehouse and Derby folders.
 _READS_ONLY = {"info", "ui"}
 
 
