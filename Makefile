@@ -19,7 +19,7 @@ SOAK_ARGS ?=
 PYTEST_WORKERS ?= 2
 XDIST  := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist worksteal)
 
-.PHONY: demo test bench soak install dev jars check-python check-java unit integration dags dashboard clean help dbt
+.PHONY: demo test test-slow test-all bench soak install dev jars check-python check-java unit integration dags dashboard clean help dbt
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -55,7 +55,16 @@ jars: $(JARS_STAMP)                      ## resolve and cache the Delta jars
 demo: install  ## run the main job end to end on embedded defaults
 	$(BIN)/lakehouse demo
 
-test: dev  ## run the whole test suite
+# Two tiers, by cost: `make test` leaves out the tests marked `slow` (each a minute or more on 2 cores:
+# kill -9 and restart, the DAG run, the demo, dbt, training, the gold stream's Spark route), so that it
+# stays under about 20 minutes; `make test-slow` runs those; CI (.ci/run) runs both.
+test: dev  ## run the test suite's fast tier (all but the tests marked slow)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
+
+test-slow: dev  ## run the slow tier (kill -9, the DAG run, demo, dbt, training, Spark route)
+	$(BIN)/python -m pytest $(XDIST) -m slow $(PYTEST_ARGS)
+
+test-all: dev  ## run every test in one go (both tiers)
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 unit: dev  ## unit tests only

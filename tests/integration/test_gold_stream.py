@@ -34,8 +34,15 @@ def settings(settings):
     return settings.replace(stream_gold=True)
 
 
-@pytest.mark.parametrize("driver_max_rows,files_per_batch", [(3_000_000, 1), (0, 1), (3_000_000, 2), (0, 2)],
-                         ids=["in-driver", "in-spark", "in-driver-one-batch", "in-spark-one-batch"])
+#: The Spark feature route (``features_driver_max_rows=0``), the fallback for a look-back of over 3M
+#: rows: its gold took 12 to 37 s for a batch of two events (against 3 to 11 s in the driver), so its
+#: variants are in the slow tier (`make test-slow`, run by CI).
+IN_SPARK = pytest.mark.slow
+
+
+@pytest.mark.parametrize("driver_max_rows,files_per_batch", [
+    pytest.param(3_000_000, 1, id="in-driver"), pytest.param(0, 1, id="in-spark", marks=IN_SPARK),
+    pytest.param(3_000_000, 2, id="in-driver-one-batch"), pytest.param(0, 2, id="in-spark-one-batch", marks=IN_SPARK)])
 def test_lateness_inside_updates_windows_and_beyond_is_recorded(spark, settings, driver_max_rows, files_per_batch):
     # An events batch's gold is computed in the driver while its look-back fits there, else in Spark.
     # The two files in one batch or in two: the same events are too late (the watermark moves on
@@ -75,8 +82,9 @@ def test_lateness_inside_updates_windows_and_beyond_is_recorded(spark, settings,
     assert dq["max_event_time"].iloc[0] == pd.Timestamp("2026-11-20 12:30:00")
 
 
-@pytest.mark.parametrize("driver_max_rows,files_per_batch", [(3_000_000, 1), (0, 1), (3_000_000, 3)],
-                         ids=["in-driver", "in-spark", "in-driver-one-batch"])
+@pytest.mark.parametrize("driver_max_rows,files_per_batch", [
+    pytest.param(3_000_000, 1, id="in-driver"), pytest.param(0, 1, id="in-spark", marks=IN_SPARK),
+    pytest.param(3_000_000, 3, id="in-driver-one-batch")])
 def test_files_landed_in_the_same_millisecond_do_not_judge_each_other(spark, settings, driver_max_rows,
                                                                        files_per_batch):
     # A backlog copied in bulk: files written within a millisecond (Spark records modification times
@@ -100,7 +108,8 @@ def test_files_landed_in_the_same_millisecond_do_not_judge_each_other(spark, set
     assert list(dq["too_late"]) == ([0, 0, 1] if files_per_batch == 1 else [1])
 
 
-@pytest.mark.parametrize("driver_max_rows", [3_000_000, 0], ids=["in-driver", "in-spark"])
+@pytest.mark.parametrize("driver_max_rows", [pytest.param(3_000_000, id="in-driver"),
+                                             pytest.param(0, id="in-spark", marks=IN_SPARK)])
 def test_lines_a_writer_finished_after_the_read_are_judged_with_their_file(spark, settings, driver_max_rows):
     # A writer is stopped mid-line while the stream reads a.jsonl; it finishes the file before b.jsonl
     # is written (modification times), but the watch copies the change only as a later batch runs. The
@@ -306,6 +315,7 @@ def test_the_kept_lookback_equals_a_fresh_collect(spark, settings, monkeypatch):
     assert tx.loc["e000009", "merchant_fraud_rate_1d"] == pytest.approx(3 / 8)
 
 
+@IN_SPARK
 def test_utc_midnight_and_the_dst_fold_are_right_in_any_local_time_zone(spark, settings, local_time_zone_new_york):
     # Gold's partitions are UTC dates and its watermark a UTC instant. PySpark hands collected
     # timestamps back as naive New York times here. The Spark route once took their date: 00:02 UTC on
