@@ -23,8 +23,10 @@ from rich.console import Console
 from lakehouse.config import QUERIES, TABLES, Settings
 from lakehouse.laps import wall_seconds
 
-console = Console(stderr=True)
-out = Console()
+# Off a terminal (a log file, Airflow's task log, a pipe or $(...)), rich wraps at 80 columns and would
+# cut a path or a DSN in two: there, each message stays one line.
+console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+out = Console(soft_wrap=not sys.stdout.isatty())
 
 
 class UserError(RuntimeError):

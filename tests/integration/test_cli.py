@@ -40,6 +40,16 @@ def test_info_json_lists_every_table_and_the_dsn(tmp_path):
     assert external["pg_mode"] == "external" and external["pg_dsn_resolved"] == "host=db.example port=5433 dbname=x"
 
 
+def test_output_read_by_a_program_keeps_each_path_on_its_line(tmp_path):
+    # A log or a pipe is no terminal: rich would wrap at 80 columns, a long path cut in two.
+    root = tmp_path / ("a-data-folder-whose-path-is-longer-than-a-terminal-line-" * 2)
+    res = run(["info"], {"LAKEHOUSE_DATA": str(root)})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(line.endswith(str(root / "delta" / "silver" / "transactions")) for line in lines), res.stdout
+    assert f"data root   {root}" in lines
+
+
 def test_missing_java_is_one_clear_error(tmp_path):
     res = run(["stream", "--once"], {"LAKEHOUSE_DATA": str(tmp_path), "JAVA_HOME": str(tmp_path / "nojava"),
                                      "PATH": os.path.dirname(sys.executable)})
