@@ -3,6 +3,7 @@ runs two pytest-xdist workers, each with its own)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from datetime import datetime
@@ -12,6 +13,11 @@ import pytest
 
 from lakehouse.config import Settings
 
+
+# py4j says "Closing down clientserver connection" at INFO from a finalizer as the worker exits,
+# after pytest closed the stream a test's logging handler writes to: a "--- Logging error ---" trace
+# at the end of every run. Its INFO lines say nothing a test needs.
+logging.getLogger("py4j").setLevel(logging.WARNING)
 
 #: How this machine starts Spark (where the jars and the class-data sharing archive are kept, whether
 #: the archive is mapped): the tests' session honours them, as every job's does.
