@@ -55,7 +55,7 @@ jars: $(JARS_STAMP)                      ## resolve and cache the Delta jars
 demo: install  ## run the main job end to end on embedded defaults
 	$(BIN)/lakehouse demo
 
-# Two tiers, by cost: `make test` leaves out the tests marked `slow` (each a minute or more on 2 cores:
+# Two tiers, by cost: `make test` leaves out the tests marked `slow` (most a minute or more on 2 cores:
 # kill -9 and restart, the DAG run, the demo, dbt, training, the gold stream's Spark route), so that it
 # stays under about 20 minutes; `make test-slow` runs those; CI (.ci/run) runs both.
 test: dev  ## run the test suite's fast tier (all but the tests marked slow)
