@@ -35,7 +35,7 @@ def settings(settings):
 
 
 #: The Spark feature route (``features_driver_max_rows=0``), the fallback for a look-back of over 3M
-#: rows: its gold took 12 to 37 s for a batch of two events (against 3 to 11 s in the driver), so its
+#: rows: its gold took 14 to 37 s for a batch of two events (against 3 to 11 s in the driver), so its
 #: variants are in the slow tier (`make test-slow`, run by CI).
 IN_SPARK = pytest.mark.slow
 
