@@ -96,7 +96,7 @@ def open_files_exhausted(exc: BaseException) -> UserError | None:
     from lakehouse import damage
 
     if not (isinstance(exc, OSError) and exc.errno == errno.EMFILE) \
-            and "Too many open files" not in damage.full_text(exc):
+            and damage.OPEN_FILES not in damage.full_text(exc):
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     more = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
@@ -886,7 +886,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         told = _user_error(exc, settings)
         if told is not None:
-            # one line, not wrapped at 80 columns: a path cut in two cannot be copied from a log
+            # one line on a terminal too (off one, the console never wraps): its path or command is
+            # copied from it whole
             console.print(f"[bold red]error:[/] {told}", soft_wrap=True)
             return 2
         raise

@@ -86,7 +86,8 @@ _DENIED = ("Permission denied", "Operation not permitted", "Read-only file syste
 #: open-file limit): Java words them like a missing file too (``FileNotFoundException: ... (Too many
 #: open files)``), and the command's own message says what to do (``lakehouse.cli``).
 DISK_FULL = ("No space left on device", "Disk quota exceeded")
-MACHINE_LIMITS = (*DISK_FULL, "Too many open files")
+OPEN_FILES = "Too many open files"
+MACHINE_LIMITS = (*DISK_FULL, OPEN_FILES)
 #: The errno names of a refused write in Python: no permission, a read-only file system, a file in the
 #: place of a folder (EEXIST only then: a folder made twice is the code's doing).
 _REFUSED_ERRNO = {"EACCES": None, "EPERM": None, "EROFS": None,
