@@ -12,6 +12,7 @@ from pyspark.sql import Row
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual, assertSchemaEqual
 
+from lakehouse.transforms import features as features_module
 from lakehouse.transforms.features import (
     FEATURE_COLUMNS,
     ID_COLUMNS,
@@ -204,12 +205,15 @@ def test_amount_sums_are_exact_whatever_the_history(spark):
     assert {w["amount_sum"] for w in windows.values()} >= {0.1, 0.2, 0.3}
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_sliced_equals_sorted_on_random_edges_ties_and_labels(spark, seed):
+@pytest.mark.parametrize("seed, keys", [(1, "collected"), (2, "collected"), (1, "joined")])
+def test_sliced_equals_sorted_on_random_edges_ties_and_labels(spark, seed, keys, monkeypatch):
     """The stream's sliced evaluation (edges of the look-back) against the sort of all of it, on
     random rows built to hit the edges: history rows exactly W before a target (and a microsecond
     either side) for every window, same-instant ties, labels reported before, at and after targets
-    and just before the span, and events beyond the look-back."""
+    and just before the span, and events beyond the look-back. The history is pruned to the targets'
+    keys by their values collected (few targets) or by a semi-join with them (many)."""
+    if keys == "joined":
+        monkeypatch.setattr(features_module, "INLINE_KEYS_MAX_TARGETS", 0)
     rng = random.Random(seed)
     lo = at(0, hour=10)  # the targets span [lo, lo + 50 min]
     windows = [timedelta(minutes=5), timedelta(hours=1), timedelta(days=1), timedelta(days=7), timedelta(days=30)]
@@ -320,12 +324,16 @@ def test_every_feature_equals_the_rules_read_literally(spark):
     assert set(want["e001"]) == set(FEATURE_COLUMNS)
 
 
-@pytest.mark.parametrize("mode", ["sorted", "sliced", "driver"])
-def test_late_events_are_seen_only_by_late_targets(spark, mode):
+@pytest.mark.parametrize("mode, keys", [("sorted", "collected"), ("sliced", "collected"), ("driver", "collected"),
+                                       ("sorted", "joined"), ("sliced", "joined")])
+def test_late_events_are_seen_only_by_late_targets(spark, mode, keys, monkeypatch):
     """``late_ids`` (gold's too-late events) in one pass: an on-time target gets the features of the
     history without the late events, a late target those of all of it -- the same values, to the
     bit, as two separate computations. Late events are among the targets and in the earlier history,
-    share users, merchants, countries and instants with on-time ones, and carry fraud labels."""
+    share users, merchants, countries and instants with on-time ones, and carry fraud labels. In
+    Spark, with the targets' keys collected and with them joined."""
+    if keys == "joined":
+        monkeypatch.setattr(features_module, "INLINE_KEYS_MAX_TARGETS", 0)
     rng = random.Random(7)
     lo = at(0, hour=10)
     instants = [lo + timedelta(minutes=rng.randrange(0, 40), seconds=rng.choice([0, 0, 30])) for _ in range(16)]
