@@ -595,9 +595,9 @@ def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFra
             if late_seen is None:
                 seen = history.join(late_ids.select("event_id"), "event_id", "left_anti")
                 late_history = history.join(late_ids.select("event_id"), "event_id", "left_semi")
-            elif late_seen:
-                seen = history.where(~F.col("event_id").isin(late_seen))
-                late_history = history.where(F.col("event_id").isin(late_seen))
+            else:  # none: a late target missing from history (it still gets its row) sees no late event
+                seen = history.where(~F.col("event_id").isin(late_seen)) if late_seen else history
+                late_history = history.where(F.col("event_id").isin(late_seen) if late_seen else F.lit(False))
         if late_keys is not None:
             late_of = lambda df: df.where(F.col("event_id").isin(late_keys["event_id"]))  # noqa: E731
     else:

@@ -363,6 +363,25 @@ def test_late_events_are_seen_only_by_late_targets(spark, mode, keys, monkeypatc
     assert all(mine[e] == blind[e] for e in late & set(mine))
 
 
+@pytest.mark.parametrize("mode", ["sorted", "sliced"])
+def test_a_late_target_missing_from_history_gets_its_row_both_ways(spark, mode, monkeypatch):
+    """A too-late target that ``history`` does not hold (the contract allows it: it gets its row) is
+    evaluated alike with the targets' keys collected and joined, beside an on-time one."""
+    lo = at(0, hour=10)
+    rows = [(f"e{i}", "u1", "m1", "FR", 10.0 + i, lo - timedelta(minutes=i)) for i in range(1, 6)]
+    history = tx_frame(spark, rows)
+    targets = history.where("event_id = 'e1'").unionByName(tx_frame(spark, [("x1", "u1", "m1", "FR", 7.0, lo)]))
+    late_ids = spark.createDataFrame([("x1",)], "event_id string")
+    lab = labels_frame(spark, [("e2", True, lo - timedelta(minutes=1))])
+    collected = evaluated(transaction_features(targets, history, lab, mode=mode, late_ids=late_ids))
+    monkeypatch.setattr(features_module, "INLINE_KEYS_MAX_TARGETS", 0)
+    joined = evaluated(transaction_features(targets, history, lab, mode=mode, late_ids=late_ids))
+    assert sorted(r["event_id"] for r in collected[1]) == ["e1", "x1"]
+    assert_same(collected, joined)
+    x1 = next(r for r in collected[1] if r["event_id"] == "x1")
+    assert x1["merchant_tx_count_1h"] == 5  # the history's five, at its time; itself not in history
+
+
 def test_mode_is_checked(spark):
     tx = tx_frame(spark, [("e1", "u1", "m1", "FR", 1.0, at())])
     with pytest.raises(ValueError, match="mode must be"):
