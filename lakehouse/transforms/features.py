@@ -287,6 +287,19 @@ def _late_in(rows: DataFrame, late_ids: DataFrame) -> list[str] | None:
     return None if len(got) > INLINE_KEYS_MAX_TARGETS else sorted(r[0] for r in got)
 
 
+def _split_late(history: DataFrame, late: DataFrame | list[str]) -> tuple[DataFrame, DataFrame]:
+    """``history`` split into what on-time targets see and the too-late events in it: ``late`` is
+    either the too-late events' ids as a DataFrame (joins) or those in the look-back already
+    collected (:func:`_late_in`), filters the scans apply."""
+    if isinstance(late, DataFrame):
+        ids = late.select("event_id")
+        return history.join(ids, "event_id", "left_anti"), history.join(ids, "event_id", "left_semi")
+    if not late:  # a late target missing from history (it still gets its row) sees no late event
+        return history, history.where(F.lit(False))
+    is_late = F.col("event_id").isin(late)
+    return history.where(~is_late), history.where(is_late)
+
+
 def _collected_keys(targets: DataFrame, late_ids: DataFrame | None
                     ) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, list[str]] | None]:
     """The event ids, users, merchants and countries of ``targets`` (one Spark job), as
@@ -590,22 +603,16 @@ def transaction_features(targets: DataFrame, history: DataFrame, labels: DataFra
     seen, late_history = history, None  # seen: what the on-time targets see
     if 0 < n <= INLINE_KEYS_MAX_TARGETS:
         all_keys, on_time_keys, late_keys = _collected_keys(targets, late_ids)
-        if late_ids is not None:
+        if late_ids is not None:  # by joins if the look-back holds too many of the too-late events
             late_seen = _late_in(_history_rows(history, *window), late_ids)
-            if late_seen is None:
-                seen = history.join(late_ids.select("event_id"), "event_id", "left_anti")
-                late_history = history.join(late_ids.select("event_id"), "event_id", "left_semi")
-            else:  # none: a late target missing from history (it still gets its row) sees no late event
-                seen = history.where(~F.col("event_id").isin(late_seen)) if late_seen else history
-                late_history = history.where(F.col("event_id").isin(late_seen) if late_seen else F.lit(False))
+            seen, late_history = _split_late(history, late_ids if late_seen is None else late_seen)
         if late_keys is not None:
             late_of = lambda df: df.where(F.col("event_id").isin(late_keys["event_id"]))  # noqa: E731
     else:
         all_keys = on_time_keys = late_keys = targets
         if late_ids is not None:
             late_ids = late_ids.select("event_id")
-            seen = history.join(late_ids, "event_id", "left_anti")
-            late_history = history.join(late_ids, "event_id", "left_semi")
+            seen, late_history = _split_late(history, late_ids)
             late_keys = targets.join(late_ids, "event_id", "left_semi")
             if n and not late_keys.isEmpty():
                 on_time_keys = targets.join(late_ids, "event_id", "left_anti")
