@@ -190,6 +190,11 @@ class Settings:
         return self.data_root / "checkpoints"
 
     @property
+    def staging_dir(self) -> Path:
+        """Where rows computed in the driver wait, as Parquet, for the Spark write that reads them."""
+        return self.data_root / "staging"
+
+    @property
     def pg_data_dir(self) -> Path:
         return self.data_root / "postgres"
 

@@ -37,7 +37,8 @@ of transactions in ``[max(e, r), e + 30d)``. The stream recomputes exactly those
 everything of the key from the earliest change on), then the five-minute windows of the users with
 new on-time events, then the daily risk from the earliest touched day on (the trailing baselines of
 the following 30 days depend on it). Each write is idempotent by (query app id, batch id).
-While the look-back fits in the driver (``settings.features_driver_max_rows``), an events batch is
+While the look-back fits in the driver (``settings.features_driver_max_rows``, lowered to what the
+driver's heap holds: :func:`lakehouse.spark.driver_rows_limit`), an events batch is
 computed there from one collect of it (:func:`driver_batch`: the same rules, the same values);
 beyond that, in Spark.
 
@@ -52,23 +53,29 @@ young although it has matured.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import os
 import threading
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType, TimestampType, DateType
 
 from lakehouse import damage
@@ -77,6 +84,7 @@ from lakehouse.io import delta
 from lakehouse.io import maintenance as mio
 from lakehouse.io.paths import copy_origin, local_path, source_entries
 from lakehouse.laps import Laps
+from lakehouse.spark import driver_rows_limit
 from lakehouse.transforms import driver_features, features
 from lakehouse.transforms.features import instant, micros_of
 from lakehouse.transforms import risk as risk_t
@@ -357,6 +365,31 @@ def _split_write(n_new: int, n_known: int) -> bool:
     return n_new > 0 and (n_known == 0 or (n_new >= 10_000 and n_new >= 4 * n_known))
 
 
+@contextmanager
+def staged(spark: SparkSession, rows: pa.Table, schema: StructType, folder: Path) -> Iterator[DataFrame]:
+    """``rows`` (computed in the driver) as a DataFrame of ``schema`` that Spark reads from a Parquet
+    file under ``folder``, removed on exit. ``spark.createDataFrame`` would hold every row in the
+    driver's heap for as long as the write runs (a 700k-event batch's feature rows did not fit in
+    spark-submit's default 1g); a file is read by the tasks a batch at a time, and on a cluster by
+    the executors (``LAKEHOUSE_DATA`` is shared storage). Files a killed process left are removed
+    by a later call once a day old."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in folder.glob("*.parquet"):
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > 86_400:
+                old.unlink()
+    file = folder / f"{os.getpid()}-{uuid.uuid4().hex}.parquet"
+    # The Arrow types Spark itself casts to in createDataFrame (timestamps in UTC).
+    pq.write_table(rows.cast(to_arrow_schema(schema, timezone="UTC")), file, compression="none",
+                   row_group_size=131_072)  # row groups: the splits the tasks read side by side
+    try:
+        yield spark.read.schema(schema).parquet(str(file))
+    finally:
+        with contextlib.suppress(OSError):
+            file.unlink()
+
+
 def _today() -> date:
     return datetime.now(timezone.utc).date()
 
@@ -439,7 +472,7 @@ def backfill(spark: SparkSession, settings: Settings, date_from: date, date_to: 
     written = {}
     try:
         for name, df in gold_frames(silver, _labels(spark, settings), late, date_from, date_to,
-                                    driver_max_rows=settings.features_driver_max_rows).items():
+                                    driver_max_rows=driver_rows_limit(spark, settings)).items():
             spec = GOLD_TABLES[name]
             df = df.persist()
             written[name] = df.count()
@@ -481,6 +514,7 @@ class GoldStream:
         # Whether an events batch's gold is computed in the driver (:meth:`_events_in_driver`); off
         # for the rest of the run once the look-back outgrows settings.features_driver_max_rows.
         self._in_driver = settings.features_driver_max_rows > 0
+        self._max_rows: int | None = None  # the bound on the driver's heap (:meth:`_driver_max_rows`)
         self._mark: tuple[str, int, int] | None = None  # (app id, batch id, watermark µs after it)
         self._written: dict[str, int] = {}  # the events batch's files' modification times (ms) as listed
         self._kept: _Kept | None = None  # the last events batch's look-back (:meth:`_kept_lookback`)
@@ -500,6 +534,12 @@ class GoldStream:
         again after one of its writes lost a commit race."""
         with self._lock:
             self._kept, self._mark = None, None
+
+    def _driver_max_rows(self, spark: SparkSession) -> int:
+        """The most look-back rows the driver route collects (:func:`lakehouse.spark.driver_rows_limit`)."""
+        if self._max_rows is None:
+            self._max_rows = driver_rows_limit(spark, self.settings)
+        return self._max_rows
 
     def _ensure(self, spark: SparkSession) -> None:
         if not self._ready:
@@ -564,7 +604,7 @@ class GoldStream:
         inserted; today, UTC, before any) on, collected as a batch of that day collects it, and that
         watermark. Read only (the gold tables may not exist yet); None when silver does not exist yet
         or the look-back is too large for the driver."""
-        limit = self.settings.features_driver_max_rows
+        limit = self._driver_max_rows(spark)
         if not self._in_driver or not delta.is_delta_table(self._path("silver_transactions")):
             return None
         schemas = self._schemas or _schemas_of(spark, self.settings)
@@ -679,12 +719,12 @@ class GoldStream:
         once (:func:`features.lookback_rows`); the batch's new transactions are found in it, the
         too-late ones recorded, and :func:`driver_batch` computes the same rows as the Spark route,
         written by the same MERGEs. Returns the new transactions' ids and the result, or None
-        when the look-back holds more than ``settings.features_driver_max_rows`` rows (nothing is
+        when the look-back holds more than :meth:`_driver_max_rows` rows (nothing is
         written then, and later batches go to Spark directly)."""
         first_day = date.fromisoformat(min(dates))  # no new transaction is earlier
         earliest = datetime.combine(first_day, datetime.min.time(), timezone.utc)
         lookback_from = features.lookback_start(earliest)
-        limit = self.settings.features_driver_max_rows
+        limit = self._driver_max_rows(spark)
         silver_version = delta.table_version(self._path("silver_transactions"))
         labels_version = delta.table_version(self._path("silver_labels"))  # before the labels are read
         table = self._kept_lookback(spark, silver, earliest, silver_version, labels_version, app_id, batch_id,
@@ -987,12 +1027,12 @@ class GoldStream:
         path, keys, part = self._path(name), spec["key"], spec["partition"]
 
         def merge(merge_fn, part_rows: pa.Table, txn_app: str) -> None:
-            df = spark.createDataFrame(part_rows, schema=self._schemas[name])
             days = sorted(pc.unique(pc.cast(part_rows[part], pa.string())).to_pylist())
             # The key fixes the span column (a transaction's time, a window's start): a row can match
             # only inside the rows' own span, so Delta skips the day's files outside it.
             span = pc.min_max(part_rows[spec["span"]].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())).as_py()
-            with delta.idempotent_dml(spark, txn_app, batch_id):
+            with staged(spark, part_rows, self._schemas[name], self.settings.staging_dir) as df, \
+                    delta.idempotent_dml(spark, txn_app, batch_id):
                 merge_fn(spark, df, path, keys, {part: days},
                          {spec["span"]: (instant(span["min"]), instant(span["max"]))})
 
@@ -1110,7 +1150,7 @@ class GoldStream:
                 if n:
                     # Materialized first: the MERGE source reads the target table and cached frames.
                     tx = transaction_rows(targets, history.where(_between("event_date", *feature_days)),
-                                          labels, late_ids, self.settings.features_driver_max_rows
+                                          labels, late_ids, self._driver_max_rows(spark)
                                           ).localCheckpoint()
                     laps("features")
                     with delta.idempotent_dml(spark, app_id, batch_id):

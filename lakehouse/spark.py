@@ -127,6 +127,50 @@ def check_java_options(options: str) -> list[str]:
     return [shlex.quote(word) for word in words]  # Spark splits them as a POSIX shell would
 
 
+def memory_bytes(size: str) -> int:
+    """A JVM memory size as Spark takes it (``4g``, ``512m``, ``1t``; a bare number is MiB) in bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)b?\s*", size.lower())
+    if match is None:
+        raise ValueError(f"not a memory size: {size!r} (say 4g or 4096m)")
+    return int(match.group(1)) * 1024 ** "kmgt".index(match.group(2) or "m") * 1024
+
+
+def driver_heap_bytes(spark) -> int:
+    """The driver JVM's largest heap (what ``--driver-memory`` or ``LAKEHOUSE_DRIVER_MEMORY`` gave it)."""
+    return int(spark.sparkContext._jvm.java.lang.Runtime.getRuntime().maxMemory())
+
+
+def _heap_share(spark, settings: Settings) -> float:
+    """The driver's heap as a share of the ``LAKEHOUSE_DRIVER_MEMORY`` the settings are sized for (at
+    most 1; 1 when that setting is not a size Spark takes)."""
+    try:
+        wanted = memory_bytes(settings.driver_memory)
+    except ValueError:
+        return 1.0
+    heap = driver_heap_bytes(spark)
+    return 1.0 if heap >= 0.9 * wanted else heap / wanted  # a JVM reports a little under -Xmx
+
+
+def driver_rows_limit(spark, settings: Settings) -> int:
+    """The most look-back rows the driver route may collect. ``settings.features_driver_max_rows``
+    (3M) fits a driver of ``LAKEHOUSE_DRIVER_MEMORY`` (4g, what a local start gives it); a driver
+    with less heap gets a bound as much smaller, and computes a larger look-back's features in Spark
+    instead of failing to collect it (spark-submit's default driver of 1g: 750k rows; with the 3M
+    bound, a 1M-event catch-up failed there with ``TaskResultLost``)."""
+    return int(settings.features_driver_max_rows * _heap_share(spark, settings))
+
+
+def _check_driver_heap(spark, settings: Settings) -> None:
+    """Under spark-submit the driver's heap is spark-submit's to set (its default is 1g): say so,
+    once, when it is smaller than the ``LAKEHOUSE_DRIVER_MEMORY`` a local start would give it."""
+    if _heap_share(spark, settings) < 1.0:
+        log.warning("lakehouse: the driver has %.1f GiB of heap, less than the %s it is sized for "
+                    "(LAKEHOUSE_DRIVER_MEMORY); pass --driver-memory %s to spark-submit. Until then "
+                    "look-backs of over %s rows are computed in Spark, more slowly.",
+                    driver_heap_bytes(spark) / 1024 ** 3, settings.driver_memory, settings.driver_memory,
+                    f"{driver_rows_limit(spark, settings):,}")
+
+
 def cds_archive(settings: Settings) -> Path:
     """Where the class-data sharing archive of this pyspark, Delta and Java is (or would be) kept.
 
@@ -352,6 +396,8 @@ def build_spark(settings: Settings, app_name: str = "lakehouse", cds_dump: Path 
     spark = builder.getOrCreate()
     if not under_spark_submit():
         _remember_jars(settings, spark)
+    else:
+        _check_driver_heap(spark, settings)
     spark.sparkContext.setLogLevel(os.environ.get("LAKEHOUSE_SPARK_LOG_LEVEL", "ERROR"))
     return spark
 

@@ -38,9 +38,13 @@ def test_stream_job_runs_under_spark_submit(spark, settings):
     # The driver and the Python workers must be this environment's interpreter (it has lakehouse).
     env.update(LAKEHOUSE_DATA=str(settings.data_root), PYSPARK_PYTHON=sys.executable,
                PYSPARK_DRIVER_PYTHON=sys.executable, LAKEHOUSE_STREAM_GOLD="0")
-    res = subprocess.run([*spark_submit_args(settings), str(ROOT / "jobs" / "stream.py"), "--once",
-                          "--only", "events"], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    # spark-submit's default driver (1g), less than the 4g lakehouse is sized for: the job says how to
+    # give it more, and computes larger look-backs in Spark meanwhile (a quarter of the bound).
+    res = subprocess.run([*spark_submit_args(settings), "--driver-memory", "1g", str(ROOT / "jobs" / "stream.py"),
+                          "--once", "--only", "events"], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    told = [line for line in (res.stdout + res.stderr).splitlines() if "pass --driver-memory 4g" in line]
+    assert len(told) == 1 and "over 750,000 rows are computed in Spark" in told[0], told
 
     silver = delta.read(spark, settings.table_path("silver_transactions"))
     assert silver.count() == 120 and silver.select("event_id").distinct().count() == 120

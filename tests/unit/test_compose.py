@@ -134,3 +134,13 @@ def test_env_file_is_ignored_and_example_is_complete(compose):
     assert referenced <= set(example), f"missing in .env.example: {referenced - set(example)}"
     tracked = subprocess.run(["git", "ls-files", ".env"], cwd=ROOT, capture_output=True, text=True)
     assert tracked.returncode != 0 or tracked.stdout.strip() == "", ".env must never be committed"
+
+
+def test_the_dags_spark_submit_gives_the_driver_the_heap_lakehouse_is_sized_for(compose):
+    from lakehouse.config import Settings
+    from lakehouse.spark import memory_bytes
+
+    words = compose["x-lakehouse-env"]["LAKEHOUSE_SPARK_SUBMIT"].split()
+    assert "--driver-memory" in words, "spark-submit's default driver has 1g"
+    given = words[words.index("--driver-memory") + 1]
+    assert memory_bytes(given) >= memory_bytes(Settings.from_env({}).driver_memory)
