@@ -57,6 +57,30 @@ def conn(pg_settings):
     c.close()
 
 
+@pytest.fixture
+def copies(monkeypatch) -> list[str]:
+    """The format of every COPY the mirror runs, in order."""
+    seen: list[str] = []
+    copy = mirror._copy
+
+    def recorded(cur, target, columns, data):
+        seen.append(data.format)
+        return copy(cur, target, columns, data)
+
+    monkeypatch.setattr(mirror, "_copy", recorded)
+    return seen
+
+
+@pytest.fixture(params=["binary", "csv"])
+def copy_format(request, monkeypatch, copies) -> str:
+    """Each test run twice: the rows COPYed in Postgres' binary format (every column of a type both
+    sides write alike), and as CSV (the path a column of any other type takes)."""
+    if request.param == "csv":
+        monkeypatch.setattr(mirror, "_column_types", lambda cur, schema, name: None)
+    yield request.param
+    assert copies and set(copies) == {request.param}
+
+
 def ts(text: str) -> pd.Timestamp:
     return pd.Timestamp(text, tz="UTC")
 
@@ -264,7 +288,7 @@ def test_a_write_outside_the_mirror_makes_the_ledger_forget_the_table(conn, pg_s
     conn.rollback()
 
 
-def test_duplicate_keys_in_one_batch_keep_the_last(conn):
+def test_duplicate_keys_in_one_batch_keep_the_last(conn, copy_format):
     rows = [
         ("t1", "c1", 1.0, 1, False, ts("2024-01-01"), "first t1"),
         ("t2", "c1", 2.0, 2, False, ts("2024-01-01"), "only t2"),
@@ -380,7 +404,7 @@ def test_a_large_first_load_builds_the_indexes_after_the_copy(conn, pg_settings,
     conn.rollback()
 
 
-def test_values_round_trip_exactly(conn):
+def test_values_round_trip_exactly(conn, copy_format):
     nasty = [
         'comma, "quotes", \'single\'',
         "line1\nline2\r\nline3\r",
@@ -435,7 +459,7 @@ def test_values_round_trip_exactly(conn):
     conn.rollback()
 
 
-def test_pyarrow_table_input(conn):
+def test_pyarrow_table_input(conn, copy_format):
     table = pa.table({
         "note": pa.array(["a", None]),  # column order differs from the table's; extra column ignored
         "txn_id": pa.array(["p1", "p2"]),
@@ -456,7 +480,7 @@ def test_pyarrow_table_input(conn):
     assert ledger(conn) == [("arrow", "scores", 5, 2)]
 
 
-def test_deletes_by_key(conn):
+def test_deletes_by_key(conn, copy_format):
     mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "s", 1)
     upd = frame([("t5", "c5", 5.0, 5, False, ts("2024-01-05"), "five")])
     n = mirror.upsert_batch(conn, SCHEMA, SCORES, upd, "s", 2,
@@ -471,6 +495,49 @@ def test_deletes_by_key(conn):
     assert ledger(conn) == [("s", "scores", 3, 0)]
     mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "s", 3, deletes=pd.DataFrame({"txn_id": ["t5"]}))
     assert [r[0] for r in contents(conn)] == ["t5"]
+
+
+def test_rows_go_as_csv_where_the_binary_format_would_not_carry_them(conn, copies):
+    # Binary COPY when every column's Arrow type pairs with the column's type in Postgres: text, integers,
+    # floats of the same width, booleans, dates, timestamps (a first load, then a staged upsert and deletes).
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1), "s", 1) == 3
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(BATCH1[:1]), "s", 2,
+                               deletes=pd.DataFrame({"txn_id": ["t3"]})) == 0
+    assert copies == ["binary", "binary", "binary"]
+
+    # jsonb: CSV, its text cast by Postgres.
+    copies.clear()
+    notes = MirrorTable(name="notes", columns=(("id", "text"), ("tags", "jsonb"), ("n", "integer")), key=("id",))
+    mirror.ensure_schema(conn, SCHEMA, [notes])
+    assert mirror.upsert_batch(conn, SCHEMA, notes, pa.table({"id": ["a"], "tags": ['{"k": [1, 2]}'],
+                                                              "n": pa.array([7], pa.int64())}), "j", 1) == 1
+    assert copies == ["csv"] and contents(conn, "notes") == [("a", {"k": [1, 2]}, 7)]
+
+    # An int64 too large for an integer column: CSV, so Postgres refuses it with its own words.
+    copies.clear()
+    with pytest.raises(psycopg2.errors.NumericValueOutOfRange, match="out of range for type integer"):
+        mirror.upsert_batch(conn, SCHEMA, notes, pa.table({"id": ["b"], "tags": [None],
+                                                           "n": pa.array([1 << 40], pa.int64())}), "j", 2)
+    conn.rollback()
+    assert copies == ["csv"] and contents(conn, "notes") == [("a", {"k": [1, 2]}, 7)]
+
+    # A column a view keeps in another type than declared (numeric for bigint): CSV, parsed by Postgres.
+    copies.clear()
+    with conn.cursor() as cur:
+        cur.execute(f"ALTER TABLE {SCHEMA}.scores ALTER COLUMN n_items TYPE numeric")
+        cur.execute(f"CREATE VIEW {SCHEMA}.scores_view AS SELECT txn_id, n_items FROM {SCHEMA}.scores")
+    conn.commit()
+    mirror.ensure_schema(conn, SCHEMA, [SCORES])
+    later = [("t1", "c1", 10.5, 41, False, ts("2024-01-01 10:00:00"), "first")]
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame(later), "s", 3) == 1
+    assert copies == ["csv"] and contents(conn)[0][3] == 41
+
+    # A connection whose client encoding is not UTF-8 reads a binary COPY's text in it: CSV, which says UTF8.
+    copies.clear()
+    conn.set_client_encoding("LATIN1")
+    assert mirror.upsert_batch(conn, SCHEMA, SCORES, frame([("t9", "c9", 1.0, 1, True, ts("2024-01-09"),
+                                                                "caf\u00e9")]), "s", 4) == 1
+    assert copies == ["csv"] and contents(conn)[-1][-1] == "caf\u00e9"
 
 
 def deleted_days(conn) -> dict[tuple[str, dt.date], dt.datetime]:
