@@ -733,15 +733,16 @@ def _copy_data(rows, table: MirrorTable, columns: tuple[str, ...], what: str, wi
     return CopyData(buf, data.num_rows, fmt)
 
 
-def _column_types(cur, schema: str, table_name: str) -> dict[str, str] | None:
-    """The columns of ``schema.table_name`` with their types, as Postgres has them now (``format_type``
+def _column_types(cur, relation: sql.Composable) -> dict[str, str] | None:
+    """The columns of the table ``relation`` with their types, as Postgres has them now (``format_type``
     names without modifiers: a column changed by hand, and kept so while a view reads it, included).
-    None when the connection's client encoding is not UTF-8: a binary COPY's text is read in it (a CSV
-    COPY names its own, ``ENCODING 'UTF8'``), so the rows go as CSV."""
+    Asked once this transaction holds a lock on it (it created it, or read it), so no ``ALTER`` can
+    change them before the COPY. None when the connection's client encoding is not UTF-8: a binary
+    COPY's text is read in it (a CSV COPY names its own, ``ENCODING 'UTF8'``), so the rows go as CSV."""
     if getattr(cur.connection, "encoding", None) != "UTF8":
         return None
     cur.execute("SELECT attname, atttypid::regtype::text FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-                "AND attnum > 0 AND NOT attisdropped", (_qualified(schema, table_name).as_string(cur),))
+                "AND attnum > 0 AND NOT attisdropped", (relation.as_string(cur),))
     return dict(cur.fetchall())
 
 
@@ -755,14 +756,15 @@ def _copy(cur, target: sql.Composable, columns: Iterable[str], data: CopyData) -
 # ---- the batch --------------------------------------------------------------------------------
 def _stage_rows(cur, schema: str, table: MirrorTable, rows) -> sql.Identifier | None:
     """COPY ``rows`` into a temporary staging table (dropped at commit); its name, None if no rows."""
-    data = _copy_data(rows, table, table.column_names, "rows", with_ordinal=True,
-                      pg_types=_column_types(cur, schema, table.name))
-    if data.rows == 0:
+    rows = _to_arrow(rows, table.column_names, "rows")
+    if rows.num_rows == 0:
         return None
     stage = sql.Identifier(f"_mirror_stage_{table.name}"[:MAX_IDENTIFIER])
     cur.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
         stage, _qualified(schema, table.name)))
     cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint").format(stage, sql.Identifier(ORD_COLUMN)))
+    data = _copy_data(rows, table, table.column_names, "rows", with_ordinal=True,
+                      pg_types=_column_types(cur, stage))
     _copy(cur, stage, (*table.column_names, ORD_COLUMN), data)
     return stage
 
@@ -777,7 +779,7 @@ def _load_empty(cur, schema: str, table: MirrorTable, rows) -> int | None:
     if cur.fetchone()[0]:
         return None
     data = _copy_data(rows, table, table.column_names, "rows", with_ordinal=False,
-                      pg_types=_column_types(cur, schema, table.name))
+                      pg_types=_column_types(cur, target))  # locked by the SELECT above
     n = data.rows
     if n == 0:
         return 0
@@ -875,14 +877,14 @@ def _delete_absent(cur, schema: str, table: MirrorTable, stage: sql.Identifier |
 
 def _apply_deletes(cur, schema: str, table: MirrorTable, deletes) -> int:
     """Delete the target rows whose key is in ``deletes``; returns how many were deleted."""
-    data = _copy_data(deletes, table, table.key, "deletes", with_ordinal=False,
-                      pg_types=_column_types(cur, schema, table.name))
-    if data.rows == 0:
+    deletes = _to_arrow(deletes, table.key, "deletes")
+    if deletes.num_rows == 0:
         return 0
     stage = sql.Identifier(f"_mirror_delete_{table.name}"[:MAX_IDENTIFIER])
     cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
         stage, _idents(table.key), _qualified(schema, table.name)))
-    _copy(cur, stage, table.key, data)
+    _copy(cur, stage, table.key, _copy_data(deletes, table, table.key, "deletes", with_ordinal=False,
+                                            pg_types=_column_types(cur, stage)))
     match = sql.SQL(" AND ").join(sql.SQL("t.{c} = d.{c}").format(c=sql.Identifier(c)) for c in table.key)
     cur.execute(sql.SQL("DELETE FROM {} AS t USING {} AS d WHERE {}").format(
         _qualified(schema, table.name), stage, match))

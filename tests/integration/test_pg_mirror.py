@@ -76,7 +76,7 @@ def copy_format(request, monkeypatch, copies) -> str:
     """Each test run twice: the rows COPYed in Postgres' binary format (every column of a type both
     sides write alike), and as CSV (the path a column of any other type takes)."""
     if request.param == "csv":
-        monkeypatch.setattr(mirror, "_column_types", lambda cur, schema, name: None)
+        monkeypatch.setattr(mirror, "_column_types", lambda cur, relation: None)
     yield request.param
     assert copies and set(copies) == {request.param}
 
