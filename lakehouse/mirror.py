@@ -141,7 +141,7 @@ def mirror_table(spark: SparkSession, settings: Settings, name: str,
     damaged = damage.check_log(name, path, since=done + 1 if incremental else None, until=version)
     if damaged is not None:
         raise damaged
-    # Arrow end to end (Spark -> pyarrow -> COPY CSV): no row-by-row Python conversion.
+    # Arrow end to end (Spark -> pyarrow -> COPY, binary or CSV): no row-by-row Python conversion.
     rows, gone = None, None
     if incremental:
         try:
