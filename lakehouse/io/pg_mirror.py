@@ -712,8 +712,8 @@ def _copy_data(rows, table: MirrorTable, columns: tuple[str, ...], what: str, wi
     if not data.num_rows:
         return CopyData(buf, 0, "csv")
     types = {**(pg_types or {}), ORD_COLUMN: "bigint"}
-    binary = [_binary_column(arr, types.get(name)) for arr, name in zip(arrays, names)] if pg_types else [None]
-    if all(arr is not None for arr in binary):
+    binary = [_binary_column(arr, types.get(name)) for arr, name in zip(arrays, names)] if pg_types else None
+    if binary is not None and all(arr is not None for arr in binary):
         from pgpq import ArrowToPostgresBinaryEncoder
 
         prepared = pa.Table.from_arrays(binary, names=names)
@@ -753,6 +753,15 @@ def _copy(cur, target: sql.Composable, columns: Iterable[str], data: CopyData) -
         data.buf, size=COPY_CHUNK)
 
 
+def _copy_rows(cur, target: sql.Composable, table: MirrorTable, columns: tuple[str, ...], rows, what: str,
+               with_ordinal: bool = False) -> None:
+    """COPY ``columns`` of ``rows`` (and the ordinal, ``with_ordinal``) into ``target``, a table this
+    transaction created (a staging table), in the format its column types as Postgres has them allow
+    (:func:`_copy_data`): the types are asked of the very table the rows go into."""
+    data = _copy_data(rows, table, columns, what, with_ordinal, pg_types=_column_types(cur, target))
+    _copy(cur, target, (*columns, ORD_COLUMN) if with_ordinal else columns, data)
+
+
 # ---- the batch --------------------------------------------------------------------------------
 def _stage_rows(cur, schema: str, table: MirrorTable, rows) -> sql.Identifier | None:
     """COPY ``rows`` into a temporary staging table (dropped at commit); its name, None if no rows."""
@@ -763,9 +772,7 @@ def _stage_rows(cur, schema: str, table: MirrorTable, rows) -> sql.Identifier | 
     cur.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
         stage, _qualified(schema, table.name)))
     cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint").format(stage, sql.Identifier(ORD_COLUMN)))
-    data = _copy_data(rows, table, table.column_names, "rows", with_ordinal=True,
-                      pg_types=_column_types(cur, stage))
-    _copy(cur, stage, (*table.column_names, ORD_COLUMN), data)
+    _copy_rows(cur, stage, table, table.column_names, rows, "rows", with_ordinal=True)
     return stage
 
 
@@ -778,6 +785,7 @@ def _load_empty(cur, schema: str, table: MirrorTable, rows) -> int | None:
     cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(target))
     if cur.fetchone()[0]:
         return None
+    # Encoded before the savepoint: not while the bulk load holds the table's exclusive lock.
     data = _copy_data(rows, table, table.column_names, "rows", with_ordinal=False,
                       pg_types=_column_types(cur, target))  # locked by the SELECT above
     n = data.rows
@@ -883,8 +891,7 @@ def _apply_deletes(cur, schema: str, table: MirrorTable, deletes) -> int:
     stage = sql.Identifier(f"_mirror_delete_{table.name}"[:MAX_IDENTIFIER])
     cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
         stage, _idents(table.key), _qualified(schema, table.name)))
-    _copy(cur, stage, table.key, _copy_data(deletes, table, table.key, "deletes", with_ordinal=False,
-                                            pg_types=_column_types(cur, stage)))
+    _copy_rows(cur, stage, table, table.key, deletes, "deletes")
     match = sql.SQL(" AND ").join(sql.SQL("t.{c} = d.{c}").format(c=sql.Identifier(c)) for c in table.key)
     cur.execute(sql.SQL("DELETE FROM {} AS t USING {} AS d WHERE {}").format(
         _qualified(schema, table.name), stage, match))
